@@ -1,0 +1,240 @@
+"""``attribute``: build the attribution graph of a prompt.
+
+Phases, in the order of Ameisen et al. 2025 ("Circuit Tracing", sections 2-3) and circuit-tracer's
+``attribute``:
+
+1. **trace**: clean run, feature activations, errors (:class:`ReplacementModel`).
+2. **targets**: logit targets and their demeaned unembedding vectors.
+3. **frozen graph**: one batched forward pass of the frozen local replacement model.
+4. **logit rows**: one backward pass per batch of logit targets gives every source's direct effect
+   on each target logit.
+5. **feature rows**: features are visited in order of their (partial) influence on the logits,
+   recomputed every ``update_interval`` batches, until ``max_feature_nodes`` are visited; each
+   backward pass gives the direct effects of every source on a batch of feature pre-activations.
+6. **assemble**: keep the visited features as feature nodes, add error, token and logit nodes.
+
+Edge weight source -> target = (source activation x decoder vector) . J▼ . (target input vector),
+with J▼ the Jacobian of the frozen model; for error nodes the error vector replaces the scaled
+decoder, for token nodes the embedding does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mechscope.attribution.targets import select_logit_targets
+from mechscope.errors import BadInputError
+from mechscope.graph.graph import Graph
+from mechscope.graph.prune import partial_influences
+from mechscope.replacement.replacement_model import FrozenReplacement, ReplacementModel, Trace
+
+__all__ = ["AttributionConfig", "attribute", "SourceVectors"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Settings of one attribution.
+
+    Attributes:
+        max_n_logits: at most this many logit targets (>= 1).
+        desired_logit_prob: add top tokens until their cumulative probability reaches this (0, 1].
+        targets: tokens to explain instead (each a single token); empty = top tokens.
+        batch_size: target rows per backward pass (>= 1).
+        max_feature_nodes: feature nodes kept, chosen by influence; ``None`` keeps every active one.
+        update_interval: batches between re-rankings of features by influence (>= 1).
+    """
+
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    targets: tuple[str, ...] = ()
+    batch_size: int = 64
+    max_feature_nodes: int | None = 8192
+    update_interval: int = 4
+
+    def __post_init__(self):
+        if self.max_n_logits < 1:
+            raise BadInputError(f"max_n_logits must be >= 1, got {self.max_n_logits}")
+        if not 0 < self.desired_logit_prob <= 1:
+            raise BadInputError(f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob}")
+        if self.batch_size < 1:
+            raise BadInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
+            raise BadInputError(f"max_feature_nodes must be >= 0, got {self.max_feature_nodes}")
+        if self.update_interval < 1:
+            raise BadInputError(f"update_interval must be >= 1, got {self.update_interval}")
+
+
+@dataclass
+class SourceVectors:
+    """What each source contributes, per layer, before the Jacobian.
+
+    Attributes:
+        layer_slices: per layer, the slice of ``trace.active`` holding that layer's features.
+        positions: per layer ``[n_layer]`` positions of its active features.
+        scaled_decoders: per layer ``[n_layer, n_out, d_model]`` activation x decoder vectors.
+        out_layers: per layer, the output layers of its features.
+        errors: ``[n_layers, pos, d_model]`` error vectors; embeddings: ``[pos, d_model]``.
+    """
+
+    layer_slices: list[slice]
+    positions: list[torch.Tensor]
+    scaled_decoders: list[torch.Tensor]
+    out_layers: list[range]
+    errors: torch.Tensor
+    embeddings: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, rm: ReplacementModel, trace: Trace) -> SourceVectors:
+        slices, positions, decoders, outs = [], [], [], []
+        layers = trace.active[:, 0]
+        for layer in range(rm.model.n_layers):
+            idx = (layers == layer).nonzero().flatten()
+            sl = slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) else slice(0, 0)
+            rows = trace.active[sl]
+            vectors = rm.transcoders.decoder_vectors(layer, rows[:, 2]).float()
+            slices.append(sl)
+            positions.append(rows[:, 1])
+            decoders.append(trace.active_values[sl][:, None, None] * vectors)  # (n, n_out, d)
+            outs.append(rm.transcoders.output_layers(layer))
+        return cls(slices, positions, decoders, outs, torch.stack(trace.errors), trace.run.embeddings.float())
+
+    @torch.no_grad()
+    def edges(self, grads: list[torch.Tensor], grad_embed: torch.Tensor, n_active: int) -> torch.Tensor:
+        """Direct effects ``[batch, n_active + n_layers * pos + pos]`` from source-site gradients.
+
+        Args:
+            grads: per layer ``[batch, pos, d_model]`` gradient at the MLP output site.
+            grad_embed: ``[batch, pos, d_model]`` gradient at the embedding.
+        """
+        batch, n_pos, _ = grad_embed.shape
+        n_layers = len(grads)
+        out = torch.empty(batch, n_active + n_layers * n_pos + n_pos)
+        for layer, sl in enumerate(self.layer_slices):
+            if sl.stop == sl.start:
+                continue
+            # active features of a layer are sorted by position: one (B, d) x (d, n_p) product
+            # per position block keeps the work at B * n * d
+            positions, counts = self.positions[layer].unique_consecutive(return_counts=True)
+            start = sl.start
+            for pos, count in zip(positions.tolist(), counts.tolist()):
+                block = out[:, start : start + count]
+                block.zero_()
+                local = slice(start - sl.start, start - sl.start + count)
+                for o, out_layer in enumerate(self.out_layers[layer]):
+                    block += grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T
+                start += count
+        g_all = torch.stack(grads, dim=1)  # (B, L, pos, d)
+        out[:, n_active : n_active + n_layers * n_pos] = torch.einsum("lpd,blpd->blp", self.errors, g_all).reshape(batch, -1)
+        out[:, n_active + n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
+        return out
+
+
+def _feature_rows(
+    rm: ReplacementModel, trace: Trace, frozen: FrozenReplacement, sources: SourceVectors,
+    idx: torch.Tensor, retain_graph: bool,
+) -> torch.Tensor:
+    """Rows of the edge matrix for active features ``idx`` (indices into ``trace.active``)."""
+    batch = frozen.batch
+    n_pos, d = trace.n_pos, rm.model.d_model
+    injections: dict[int, torch.Tensor] = {}
+    for b, j in enumerate(idx.tolist()):
+        layer, pos, feature = (int(v) for v in trace.active[j])
+        if layer not in injections:
+            injections[layer] = torch.zeros(batch, n_pos, d)
+        injections[layer][b, pos] = rm.transcoders.encoder_vectors(layer, torch.tensor([feature]))[0].float()
+    grads, grad_embed = frozen.gradients(injections, None, retain_graph=retain_graph)
+    return sources.edges(grads, grad_embed, len(trace.active))[: len(idx)]
+
+
+def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(), progress: bool = False) -> Graph:
+    """Attribution graph of ``prompt`` (unpruned; see :func:`mechscope.graph.prune.prune_graph`).
+
+    Raises:
+        BadInputError: empty or over-long prompt, or a target that is not a single token.
+    """
+    start = time.perf_counter()
+    # phase 1: trace
+    input_ids = rm.tokenize(prompt)
+    trace = rm.trace(input_ids)
+    n_active = len(trace.active)
+    # phase 2: targets
+    targets, vectors = select_logit_targets(
+        trace.run.logits, rm.model.W_U, rm.model.tokenizer, config.max_n_logits,
+        config.desired_logit_prob, config.targets,
+    )
+    n_logits = len(targets)
+    n_pos, n_layers = trace.n_pos, rm.model.n_layers
+    logit_offset = n_active + (n_layers + 1) * n_pos
+    n_visit = n_active if config.max_feature_nodes is None else min(config.max_feature_nodes, n_active)
+    logger.info("%d tokens, %d active features, visiting %d, %d logit targets", n_pos, n_active, n_visit, n_logits)
+    # phase 3: one frozen forward pass, reused by every backward pass
+    batch = max(1, min(config.batch_size, max(n_visit, n_logits)))
+    frozen = FrozenReplacement(rm, trace, batch)
+    sources = SourceVectors.build(rm, trace)
+    edge_matrix = torch.zeros(n_logits + n_visit, logit_offset)
+    row_to_node = torch.zeros(n_logits + n_visit, dtype=torch.long)
+    # phase 4: logit rows
+    for i in range(0, n_logits, batch):
+        chunk = vectors[i : i + batch]
+        inject = torch.zeros(batch, n_pos, rm.model.d_model)
+        inject[: len(chunk), -1] = chunk
+        grads, grad_embed = frozen.gradients({}, inject, retain_graph=True)
+        edge_matrix[i : i + len(chunk)] = sources.edges(grads, grad_embed, n_active)[: len(chunk)]
+        row_to_node[i : i + len(chunk)] = torch.arange(i, i + len(chunk)) + logit_offset
+    # phase 5: feature rows, visited by influence
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    filled, n_done = n_logits, 0
+    bar = tqdm(total=n_visit, disable=not progress, desc="attribution", unit="feature")
+    logit_probs = torch.tensor([t.prob for t in targets])
+    while n_done < n_visit:
+        if n_visit == n_active:
+            pending = torch.arange(n_active)
+        else:
+            influence = partial_influences(edge_matrix[:filled], logit_probs, row_to_node[:filled])
+            rank = torch.argsort(influence[:n_active], descending=True)
+            pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)]
+        for idx in pending.split(batch):
+            n_done += len(idx)
+            rows = _feature_rows(rm, trace, frozen, sources, idx, retain_graph=n_done < n_visit)
+            edge_matrix[filled : filled + len(idx)] = rows
+            row_to_node[filled : filled + len(idx)] = idx
+            visited[idx] = True
+            filled += len(idx)
+            bar.update(len(idx))
+    bar.close()
+    # phase 6: assemble the node set [selected features, errors, tokens, logits]
+    selected = visited.nonzero().flatten()
+    columns = torch.cat([selected, torch.arange(n_active, logit_offset)])
+    n_nodes = len(columns) + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    feature_rows = edge_matrix[n_logits:]
+    order = torch.argsort(row_to_node[n_logits:])
+    adjacency[: len(selected), : len(columns)] = feature_rows[order][:, columns]
+    adjacency[-n_logits:, : len(columns)] = edge_matrix[:n_logits][:, columns]
+    seconds = time.perf_counter() - start
+    logger.info("attribution took %.2fs", seconds)
+    return Graph(
+        prompt=prompt,
+        input_ids=input_ids,
+        input_tokens=rm.model.token_strings(input_ids),
+        model_id=rm.model.name,
+        transcoder_set=rm.transcoders.scan,
+        n_layers=n_layers,
+        active_features=trace.active,
+        activation_values=trace.active_values,
+        selected_features=selected,
+        logit_token_ids=torch.tensor([t.token_id for t in targets]),
+        logit_tokens=[t.token for t in targets],
+        logit_probabilities=logit_probs,
+        adjacency=adjacency,
+        config={**asdict(config), "targets": list(config.targets), "attribution_seconds": seconds,
+                "first_pos": trace.first_pos},
+    )

@@ -1,0 +1,139 @@
+"""``mechscope trace PROMPT``: attribution graph of a prompt, pruned, scored and exported.
+
+Writes ``OUT/<slug>.json`` (Neuronpedia exchange format) and ``OUT/<slug>/`` (internal graph:
+``graph.json`` + ``graph.safetensors``). All inputs are checked before anything is written, and
+each file is written atomically, so a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mechscope.attribution.attribute import AttributionConfig
+from mechscope.cli.options import default_of
+from mechscope.errors import BadInputError
+
+__all__ = ["trace"]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", "model_name", default="gemma-3-270m", show_default=True,
+              help="Offline name, model directory, .gguf file or Hugging Face id.")
+@click.option("--transcoders", "transcoders_name", default=None,
+              help="Shipped set name or set directory (default: the shipped set for the model).")
+@click.option("--target", "targets", multiple=True, help="Explain this token's logit (repeatable).")
+@click.option("--max-feature-nodes", type=int, default=default_of(AttributionConfig, "max_feature_nodes"),
+              show_default=True, help="Feature nodes kept, chosen by influence.")
+@click.option("--node-threshold", type=float, default=0.8, show_default=True)
+@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--batch-size", type=int, default=default_of(AttributionConfig, "batch_size"), show_default=True)
+@click.option("--max-n-logits", type=int, default=default_of(AttributionConfig, "max_n_logits"), show_default=True)
+@click.option("--desired-logit-prob", type=float, default=default_of(AttributionConfig, "desired_logit_prob"),
+              show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
+@click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
+          batch_size, max_n_logits, desired_logit_prob, max_prompt_tokens, no_prune, out_dir, as_json):
+    """Trace PROMPT: build, prune and export its attribution graph."""
+    started = time.perf_counter()
+    if not prompt.strip():
+        raise BadInputError("the prompt is empty; give some text to trace")
+    for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise BadInputError(f"{name} must be between 0 and 1, got {value}")
+    config = AttributionConfig(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+                               targets=tuple(targets), batch_size=batch_size,
+                               max_feature_nodes=max_feature_nodes)
+    if max_prompt_tokens < 1:
+        raise BadInputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+
+    import torch
+
+    from mechscope.attribution.attribute import attribute
+    from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
+    from mechscope.graph.io import save_graph
+    from mechscope.graph.prune import graph_scores, prune_graph
+    from mechscope.models.loading import load_model
+    from mechscope.paths import atomic_write_text
+    from mechscope.replacement.replacement_model import ReplacementModel
+    from mechscope.transcoders.io import default_transcoders_for, load_transcoder_set, resolve_transcoders
+
+    if transcoders_name is not None:
+        resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
+    model = load_model(model_name)
+    transcoders = load_transcoder_set(transcoders_name or default_transcoders_for(model.name))
+    rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
+    rm.tokenize(prompt)  # length check before the expensive part
+    with torch.inference_mode(False):
+        attribution_start = time.perf_counter()
+        graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
+        attribution_seconds = time.perf_counter() - attribution_start
+    pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
+    replacement_score, completeness_score = graph_scores(graph)
+    slug = slugify(prompt)
+    exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold)
+    validate_neuronpedia(exchange)
+    out = Path(out_dir)
+    graph_path = out / f"{slug}.json"
+    save_graph(graph, out / slug)
+    atomic_write_text(graph_path, json.dumps(exchange))
+
+    n_edges = int((graph.adjacency != 0).sum())
+    summary = {
+        "graph_path": str(graph_path),
+        "slug": slug,
+        "model": graph.model_id,
+        "transcoders": graph.transcoder_set,
+        "prompt_tokens": graph.input_tokens,
+        "logit_targets": [
+            {"token": t, "token_id": int(i), "prob": float(p)}
+            for t, i, p in zip(graph.logit_tokens, graph.logit_token_ids, graph.logit_probabilities)
+        ],
+        "n_nodes": graph.n_nodes,
+        "n_edges": n_edges,
+        "n_nodes_pruned": len(exchange["nodes"]),
+        "n_edges_pruned": len(exchange["links"]),
+        "replacement_score": replacement_score,
+        "completeness_score": completeness_score,
+        "seconds": time.perf_counter() - started,
+        "attribution_seconds": attribution_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    _print_summary(summary, graph, pruned)
+
+
+def _print_summary(summary: dict, graph, pruned) -> None:
+    echo = click.echo
+    echo(f"prompt tokens: {summary['prompt_tokens']}")
+    echo("top logits:")
+    for t in summary["logit_targets"]:
+        echo(f"  {t['token']!r:>16}  p={t['prob']:.3f}  (id {t['token_id']})")
+    echo(f"nodes: {summary['n_nodes']} -> {summary['n_nodes_pruned']} after pruning; "
+         f"edges: {summary['n_edges']} -> {summary['n_edges_pruned']}")
+    echo(f"replacement score: {summary['replacement_score']:.3f}   "
+         f"completeness score: {summary['completeness_score']:.3f}")
+    if pruned is not None and graph.n_features:
+        scores = pruned.cumulative_scores[: graph.n_features]
+        echo("most influential features (layer/pos/index, activation):")
+        for node in scores.argsort()[:10].tolist():
+            layer, pos, feature, act = graph.feature_of(node)
+            echo(f"  L{layer:<2} pos {pos:<3} #{feature:<6} act={act:.2f}  token {graph.input_tokens[pos]!r}")
+    echo(f"graph: {summary['graph_path']}")
+    echo(f"wall time: {summary['seconds']:.1f}s (attribution {summary['attribution_seconds']:.1f}s), "
+         f"peak RSS {summary['peak_rss_mb']:.0f} MB")

@@ -1,0 +1,63 @@
+"""``mechscope train``: train a transcoder for every layer, resumable.
+
+Run it again with the same settings after an interruption and it resumes from the last checkpoint
+in ``--checkpoint-dir`` (default ``<cache>/training/<name>``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mechscope.cli.options import default_of
+from mechscope.training.trainer import TrainConfig
+
+__all__ = ["train"]
+
+
+def _opt(name: str, type_, help_: str):
+    return click.option(f"--{name.replace('_', '-')}", name, type=type_, default=default_of(TrainConfig, name),
+                        show_default=True, help=help_)
+
+
+@click.command()
+@click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
+@click.option("--corpus", "corpus_path", default=None, help="Built corpus directory (default: the default corpus).")
+@click.option("--name", default="gemma-3-270m-plt-v1", show_default=True, help="Name of the set.")
+@click.option("--out", "out_dir", default=None, help="Where to write the set (default: <cache>/transcoders/NAME).")
+@click.option("--checkpoint-dir", default=None, help="Resumable state (default: <cache>/training/NAME).")
+@_opt("d_transcoder", int, "Features per layer.")
+@_opt("k", int, "TopK k during training.")
+@_opt("n_tokens", int, "Training tokens.")
+@_opt("batch_sequences", int, "Sequences per step.")
+@_opt("ctx_len", int, "Tokens per sequence (BOS included).")
+@_opt("lr", float, "Peak learning rate.")
+@_opt("eval_sequences", int, "Held-out sequences for evaluation.")
+@_opt("checkpoint_every_s", float, "Seconds between checkpoints.")
+@_opt("seed", int, "Seed.")
+@click.option("--no-skip", is_flag=True, help="No skip connection.")
+@click.option("--no-progress", is_flag=True)
+def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_progress, **fields):
+    """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration)."""
+    cfg = TrainConfig(skip_connection=not no_skip, **fields)
+
+    import torch
+
+    from mechscope.data.corpus import TokenStream, corpus_dir
+    from mechscope.models.loading import load_model
+    from mechscope.paths import cache_root
+    from mechscope.training.trainer import train_transcoders
+
+    corpus = Path(corpus_path) if corpus_path else corpus_dir()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(model_name)
+    train_stream = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "train", cfg.seed)
+    heldout = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed)
+    out = Path(out_dir) if out_dir else cache_root() / "transcoders" / name
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else cache_root() / "training" / name
+    _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress)
+    click.echo(f"{'layer':>5} {'FVU':>7} {'L0':>7} {'dead':>6}")
+    for m in metrics:
+        click.echo(f"{m.layer:>5} {m.fvu:>7.3f} {m.l0:>7.1f} {m.dead_fraction:>6.3f}")
+    click.echo(f"saved {out}")

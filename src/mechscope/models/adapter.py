@@ -1,0 +1,371 @@
+"""`ModelAdapter`: one narrow interface over Hugging Face causal LMs.
+
+mechscope needs few things from a host model: tokenize; run the body and read each layer's MLP
+input (what a transcoder reads) and MLP output (what it reconstructs); run the body again with
+attention patterns and norm scales frozen and MLP outputs replaced (the local replacement model);
+the unembedding ``W_U`` and the final norm. Each architecture family is a subclass in its own file
+that names where those sites are (``gemma3.py``, ``llama.py``, ...).
+
+Site conventions (the same ones Gemma Scope 2 and circuit-tracer use):
+
+- *MLP input* ``x``: the input of the layer's ``mlp`` module (for Gemma the output of
+  ``pre_feedforward_layernorm``; for Llama ``post_attention_layernorm``; for GPT-2 ``ln_2``).
+- *MLP output* ``y``: what the MLP block adds to the residual stream (for Gemma the output of
+  ``post_feedforward_layernorm``; elsewhere the ``mlp`` module's output).
+- *Embedding*: the input of the first decoder layer (token embedding with any scale, plus learned
+  positions for GPT-2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from mechscope.errors import BadInputError
+from mechscope.models.attention import PatternState, use_mechscope_attention
+
+__all__ = ["ModelAdapter", "CleanRun", "FrozenState"]
+
+
+@dataclass
+class CleanRun:
+    """Everything recorded on one real forward pass of one prompt (batch 1).
+
+    Attributes:
+        input_ids: ``[pos]`` token ids, BOS included where the tokenizer adds one.
+        embeddings: ``[pos, d_model]`` residual stream entering layer 0.
+        mlp_inputs: per layer ``[pos, d_model]``, the transcoder input sites.
+        mlp_outputs: per layer ``[pos, d_model]``, the transcoder output sites.
+        final_hidden: ``[pos, d_model]`` output of the final norm (input of ``W_U``).
+        logits: ``[vocab]`` next-token logits at the last position.
+        frozen: attention patterns and norm scales, for the local replacement model.
+    """
+
+    input_ids: Int[torch.Tensor, "pos"]
+    embeddings: Float[torch.Tensor, "pos d_model"]
+    mlp_inputs: list[Float[torch.Tensor, "pos d_model"]]
+    mlp_outputs: list[Float[torch.Tensor, "pos d_model"]]
+    final_hidden: Float[torch.Tensor, "pos d_model"]
+    logits: Float[torch.Tensor, "vocab"]
+    frozen: FrozenState
+
+
+@dataclass
+class FrozenState:
+    """Attention patterns and norm scales of one forward pass.
+
+    ``patterns[layer]`` is ``[1, n_heads, pos, pos]``; ``norm_scales[id(module)]`` is
+    ``[1, pos, 1]``, the reciprocal root-mean-square (or standard deviation for LayerNorm) that
+    the norm divided by. Ameisen et al. 2025, "Circuit Tracing", section "Local replacement model".
+    """
+
+    patterns: dict[int, torch.Tensor] = field(default_factory=dict)
+    norm_scales: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base adapter; subclasses name the architecture's modules.
+
+    Args:
+        hf_model: a ``transformers`` causal LM (``...ForCausalLM``), in eval mode.
+        tokenizer: its tokenizer.
+        name: the name the model was loaded by (recorded in graphs).
+
+    Subclasses set ``family`` and override :meth:`layer_norms`, :meth:`mlp_output_modules`,
+    :meth:`normalize` and, where needed, :meth:`final_norm`.
+    """
+
+    family: str = "base"
+    #: model_type values of ``config.json`` this adapter handles
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, hf_model: nn.Module, tokenizer, name: str):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = hf_model.config
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def body(self) -> nn.Module:
+        """The decoder without the LM head (``model.model`` / ``model.transformer``)."""
+        return self.hf.base_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.body.layers
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.W_U.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "vocab d_model"]:
+        """Unembedding matrix, rows are tokens (``lm_head.weight``)."""
+        return self.hf.get_output_embeddings().weight
+
+    def final_norm(self) -> nn.Module:
+        return self.body.norm
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention module of every layer, in layer order."""
+        return [layer.self_attn for layer in self.layers]
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.layers[layer].mlp
+
+    def mlp_output_modules(self, layer: int) -> list[str]:
+        """Attribute names on the decoder layer whose composition writes the MLP output to the
+        residual stream, in call order (``["mlp"]``, or ``["mlp", "post_feedforward_layernorm"]``)."""
+        return ["mlp"]
+
+    def layer_norms(self, layer: int) -> list[nn.Module]:
+        """Norm modules of a layer that act on the residual stream (not q/k norms, not the
+        post-MLP norm, which is part of the MLP output site)."""
+        raise NotImplementedError
+
+    def normalize(self, module: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Apply norm ``module`` to ``x`` with a given (frozen) ``scale`` of shape ``[..., 1]``."""
+        raise NotImplementedError
+
+    def norm_scale(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The scale ``module`` divides by, as a multiplier ``[..., 1]`` (RMSNorm default)."""
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+        return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+    def all_norms(self) -> list[nn.Module]:
+        return [m for layer in range(self.n_layers) for m in self.layer_norms(layer)] + [
+            self.final_norm()
+        ]
+
+    def output_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final-norm output (applies Gemma 2 style final soft-capping if set)."""
+        logits = final_hidden @ self.W_U.T
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ----------------------------------------------------------------- tokenize
+    def tokenize(self, prompt: str) -> Int[torch.Tensor, "pos"]:
+        """Token ids of ``prompt``, with the BOS token the tokenizer adds (Gemma: id 2).
+
+        Raises:
+            BadInputError: for an empty prompt.
+        """
+        if not prompt or not prompt.strip():
+            raise BadInputError("the prompt is empty; give some text to trace")
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (len(ids) == 0 or ids[0] != bos) and self.prepends_bos:
+            ids = torch.cat([torch.tensor([bos]), ids])
+        return ids
+
+    #: whether mechscope makes sure position 0 is BOS (and so gives it no feature nodes)
+    prepends_bos: bool = True
+
+    def has_bos(self, input_ids: torch.Tensor) -> bool:
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and len(input_ids) > 0 and int(input_ids[0]) == bos
+
+    def token_strings(self, input_ids: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode([int(t)]) for t in input_ids]
+
+    # ----------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[list]:
+        handles: list = []
+        try:
+            yield handles
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run_body(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def mlp_output_site(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.mlp_output_modules(layer)[-1])
+
+    @torch.no_grad()
+    def run_with_mlp_sites(
+        self, input_ids: Int[torch.Tensor, "batch pos"], layers: list[int] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Forward pass of the body recording MLP inputs and outputs.
+
+        Returns:
+            ``(mlp_inputs, mlp_outputs)``, per requested layer ``[batch, pos, d_model]``.
+        """
+        layers = list(range(self.n_layers)) if layers is None else layers
+        ins: dict[int, torch.Tensor] = {}
+        outs: dict[int, torch.Tensor] = {}
+        with self._hooks() as handles:
+            for layer in layers:
+                handles.append(
+                    self.mlp(layer).register_forward_pre_hook(
+                        lambda m, args, layer=layer: ins.__setitem__(layer, args[0])
+                    )
+                )
+                handles.append(
+                    self.mlp_output_site(layer).register_forward_hook(
+                        lambda m, args, out, layer=layer: outs.__setitem__(layer, out)
+                    )
+                )
+            self._run_body(input_ids)
+        return [ins[layer] for layer in layers], [outs[layer] for layer in layers]
+
+    @torch.no_grad()
+    def clean_run(self, input_ids: Int[torch.Tensor, "pos"]) -> CleanRun:
+        """Real forward pass of one prompt, recording every site and the frozen state."""
+        frozen = FrozenState()
+        ins: dict[int, torch.Tensor] = {}
+        outs: dict[int, torch.Tensor] = {}
+        embed: list[torch.Tensor] = []
+        with self._hooks() as handles, use_mechscope_attention(self, record=frozen.patterns):
+            handles.append(
+                self.layers[0].register_forward_pre_hook(
+                    lambda m, args, kwargs: embed.append(_hidden_arg(args, kwargs)),
+                    with_kwargs=True,
+                )
+            )
+            for layer in range(self.n_layers):
+                handles.append(
+                    self.mlp(layer).register_forward_pre_hook(
+                        lambda m, args, layer=layer: ins.__setitem__(layer, args[0][0])
+                    )
+                )
+                handles.append(
+                    self.mlp_output_site(layer).register_forward_hook(
+                        lambda m, args, out, layer=layer: outs.__setitem__(layer, out[0])
+                    )
+                )
+            for norm in self.all_norms():
+                handles.append(
+                    norm.register_forward_pre_hook(
+                        lambda m, args: frozen.norm_scales.__setitem__(
+                            id(m), self.norm_scale(m, args[0])
+                        )
+                    )
+                )
+            final = self._run_body(input_ids[None])[0]
+        return CleanRun(
+            input_ids=input_ids,
+            embeddings=embed[0][0],
+            mlp_inputs=[ins[layer] for layer in range(self.n_layers)],
+            mlp_outputs=[outs[layer] for layer in range(self.n_layers)],
+            final_hidden=final,
+            logits=self.output_logits(final[-1]),
+            frozen=frozen,
+        )
+
+    def patched_forward(
+        self,
+        input_ids: Int[torch.Tensor, "pos"],
+        embeddings: Float[torch.Tensor, "batch pos d_model"],
+        mlp_replacements: list[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        frozen: FrozenState | None = None,
+        on_mlp_input: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Forward pass of the body with its MLP blocks replaced and, optionally, frozen.
+
+        With ``frozen`` given this is the local replacement model of Ameisen et al. 2025
+        ("Circuit Tracing", section 2.3): attention patterns and norm scales are replayed from the
+        clean run instead of recomputed. Together with MLP outputs that do not depend on their
+        input (stop-gradients) the map from embeddings and MLP outputs to any later site is then
+        linear, so gradients of this pass are the Jacobian J▼ attribution edges are made of.
+        Without ``frozen`` attention and norms are live (interventions, the replacement model's
+        logits).
+
+        Args:
+            input_ids: ``[pos]`` the prompt (positions and masks come from it).
+            embeddings: ``[batch, pos, d_model]`` residual stream entering layer 0.
+            mlp_replacements: per layer, maps the MLP input ``[batch, pos, d_model]`` to the MLP
+                output (the whole block: for Gemma after ``post_feedforward_layernorm``);
+                ``None`` keeps the real MLPs.
+            frozen: patterns and norm scales to replay, or ``None`` for live ones.
+            on_mlp_input: called with ``(layer, mlp_input)`` at each replaced layer.
+
+        Returns:
+            ``[batch, pos, d_model]`` output of the final norm.
+        """
+        batch = embeddings.shape[0]
+        ids = input_ids[None].expand(batch, -1)
+        saved: list[tuple[nn.Module, str, nn.Module]] = []
+        attention = (
+            use_mechscope_attention(self, frozen=frozen.patterns) if frozen else contextlib.nullcontext()
+        )
+        with self._hooks() as handles, attention:
+            handles.append(
+                self.layers[0].register_forward_pre_hook(
+                    lambda m, args, kwargs: _replace_hidden_arg(args, kwargs, embeddings),
+                    with_kwargs=True,
+                )
+            )
+            for norm in self.all_norms() if frozen else []:
+                scale = frozen.norm_scales[id(norm)]
+                handles.append(
+                    norm.register_forward_hook(
+                        lambda m, args, out, scale=scale: self.normalize(m, args[0], scale)
+                    )
+                )
+            for layer in range(self.n_layers) if mlp_replacements is not None else []:
+                block = self.layers[layer]
+                names = self.mlp_output_modules(layer)
+                replacement = _Replacement(layer, mlp_replacements[layer], on_mlp_input)
+                saved.append((block, names[0], getattr(block, names[0])))
+                setattr(block, names[0], replacement)
+                for extra in names[1:]:
+                    saved.append((block, extra, getattr(block, extra)))
+                    setattr(block, extra, nn.Identity())
+            try:
+                return self._run_body(ids)
+            finally:
+                for block, attr, module in reversed(saved):
+                    setattr(block, attr, module)
+
+
+    def frozen_forward(self, input_ids, frozen: FrozenState, embeddings, mlp_replacements, on_mlp_input=None):
+        """The local replacement model's forward pass: :meth:`patched_forward` with ``frozen``."""
+        return self.patched_forward(input_ids, embeddings, mlp_replacements, frozen, on_mlp_input)
+
+
+class _Replacement(nn.Module):
+    """Stands in for a layer's MLP block during :meth:`ModelAdapter.patched_forward`."""
+
+    def __init__(self, layer: int, fn, on_input):
+        super().__init__()
+        self.layer, self.fn, self.on_input = layer, fn, on_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_input is not None:
+            self.on_input(self.layer, x)
+        return self.fn(x)
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden_arg(args: tuple, kwargs: dict, hidden: torch.Tensor):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -1,0 +1,40 @@
+"""Where mechscope keeps caches: converted models, corpora, checkpoints.
+
+The cache root is ``$MECHSCOPE_HOME`` when set, else ``~/.cache/mechscope``. Nothing is created at
+import time; callers create the sub-directories they write.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text"]
+
+
+def cache_root() -> Path:
+    """Return the cache root directory (not created)."""
+    env = os.environ.get("MECHSCOPE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mechscope"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see a
+    half-written file and a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,217 @@
+"""The local replacement model: a model's MLPs replaced by transcoders, made exact by error nodes.
+
+For one prompt (Ameisen et al. 2025, "Circuit Tracing", sections 2.2-2.3):
+
+- a clean forward pass records every layer's MLP input ``x`` and output ``y``, the attention
+  patterns and the norm scales;
+- the transcoders encode ``x`` into feature activations ``a`` and reconstruct ``y_hat``;
+- the *error* ``y - y_hat`` is kept as a node, so that the replacement (features + errors) reproduces
+  the model's MLP outputs, and with them its logits, exactly;
+- with attention patterns and norm scales frozen, the map from the *sources* (token embeddings,
+  feature decoder outputs, errors) to every later site is linear: :class:`FrozenReplacement` builds
+  that graph once, batched, and returns gradients at the source sites for injected target vectors.
+
+Position 0 holds the BOS token when the tokenizer prepends one; like circuit-tracer, it gets no
+feature or error nodes (its MLP outputs are constants of the replacement model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+
+from mechscope.errors import BadInputError, IncompatibleTranscodersError
+from mechscope.models.adapter import CleanRun, ModelAdapter
+from mechscope.transcoders.transcoder import TranscoderSet
+
+__all__ = ["ReplacementModel", "Trace", "FrozenReplacement"]
+
+
+@dataclass
+class Trace:
+    """A prompt traced through the replacement model.
+
+    Attributes:
+        run: the clean forward pass.
+        activations: per layer ``[pos, d_transcoder]`` feature activations (zero at skipped pos).
+        reconstructions: per layer ``[pos, d_model]`` transcoder outputs (with ``b_dec`` and skip).
+        errors: per layer ``[pos, d_model]`` ``y - y_hat`` (zero at skipped positions).
+        first_pos: first position that has feature and error nodes (1 when position 0 is BOS).
+        active: ``[n_active, 3]`` (layer, pos, feature) of every active feature, sorted.
+        active_values: ``[n_active]`` their activations.
+    """
+
+    run: CleanRun
+    activations: list[Float[torch.Tensor, "pos d_transcoder"]]
+    reconstructions: list[Float[torch.Tensor, "pos d_model"]]
+    errors: list[Float[torch.Tensor, "pos d_model"]]
+    first_pos: int
+    active: Int[torch.Tensor, "n_active 3"]
+    active_values: Float[torch.Tensor, "n_active"]
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.run.input_ids)
+
+
+class ReplacementModel:
+    """A model adapter paired with a transcoder set.
+
+    Raises:
+        IncompatibleTranscodersError: the set's ``d_model`` or layer count differs from the model's.
+    """
+
+    def __init__(self, model: ModelAdapter, transcoders: TranscoderSet, max_prompt_tokens: int = 1024):
+        if transcoders.d_model != model.d_model or transcoders.n_layers != model.n_layers:
+            raise IncompatibleTranscodersError(
+                f"transcoder set {transcoders.scan!r} has d_model={transcoders.d_model}, "
+                f"{transcoders.n_layers} layers; model {model.name!r} has d_model={model.d_model}, "
+                f"{model.n_layers} layers"
+            )
+        self.model, self.transcoders = model, transcoders
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def tokenize(self, prompt: str) -> Int[torch.Tensor, "pos"]:
+        """Token ids of ``prompt``.
+
+        Raises:
+            BadInputError: empty prompt or longer than ``max_prompt_tokens``.
+        """
+        ids = self.model.tokenize(prompt)
+        if len(ids) > self.max_prompt_tokens:
+            raise BadInputError(
+                f"the prompt has {len(ids)} tokens, over the limit of {self.max_prompt_tokens}; "
+                "shorten it or raise the limit (--max-prompt-tokens)"
+            )
+        return ids
+
+    @torch.no_grad()
+    def trace(self, input_ids: Int[torch.Tensor, "pos"]) -> Trace:
+        """Clean run, feature activations, reconstructions and errors of one prompt."""
+        run = self.model.clean_run(input_ids)
+        first = 1 if self.model.has_bos(input_ids) else 0
+        acts, recons, errors, rows, values = [], [], [], [], []
+        for layer in range(self.model.n_layers):
+            x = run.mlp_inputs[layer].float()
+            a = self.transcoders.encode(layer, x)
+            a[:first] = 0
+            acts.append(a)
+        recons = self.transcoders.reconstruct(acts, [x.float() for x in run.mlp_inputs])
+        for layer in range(self.model.n_layers):
+            err = run.mlp_outputs[layer].float() - recons[layer]
+            err[:first] = 0
+            errors.append(err)
+            pos, feat = acts[layer].nonzero(as_tuple=True)
+            rows.append(torch.stack([torch.full_like(pos, layer), pos, feat], dim=1))
+            values.append(acts[layer][pos, feat])
+        return Trace(run, acts, recons, errors, first, torch.cat(rows), torch.cat(values))
+
+    @torch.no_grad()
+    def replacement_logits(self, trace: Trace) -> Float[torch.Tensor, "vocab"]:
+        """Last-position logits of the replacement model (live attention and norms; MLPs replaced
+        by transcoders recomputed from their live inputs, plus the frozen error terms). Equals the
+        model's logits up to float error, a check of the whole replacement."""
+        first = trace.first_pos
+
+        def replacement(layer: int):
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                a = self.transcoders.encode(layer, x)
+                out = self._decode_one(layer, a, x) + trace.errors[layer]
+                out[:, :first] = trace.run.mlp_outputs[layer][:first]
+                return out
+
+            return fn
+
+        if not all(len(self.transcoders.output_layers(layer)) == 1 for layer in range(self.model.n_layers)):
+            raise NotImplementedError("replacement_logits is defined here for per-layer transcoders")
+        final = self.model.patched_forward(
+            trace.run.input_ids,
+            trace.run.embeddings[None],
+            [replacement(layer) for layer in range(self.model.n_layers)],
+        )
+        return self.model.output_logits(final[0, -1])
+
+    def _decode_one(self, layer: int, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        zeros = [torch.zeros_like(acts)] * self.model.n_layers
+        zeros[layer] = acts
+        inputs = [x] * self.model.n_layers
+        return self.transcoders.reconstruct(zeros, inputs)[layer]
+
+
+class FrozenReplacement:
+    """The frozen local replacement model, built once for a batch of ``batch`` copies of a prompt.
+
+    Sources are leaves of the autograd graph: the embedding ``[batch, pos, d_model]`` and, per
+    layer, the MLP output without its skip path. A layer's MLP output is
+    ``leaf + W_skip x`` where ``x`` is the (live, linear) MLP input; at positions before
+    ``first_pos`` it is the clean output, a constant. :meth:`gradients` back-propagates injected
+    vectors at MLP inputs and at the final-norm output (logit directions) to those leaves.
+    """
+
+    def __init__(self, rm: ReplacementModel, trace: Trace, batch: int):
+        model, tcs = rm.model, rm.transcoders
+        run, first = trace.run, trace.first_pos
+        self.batch, self.n_layers = batch, model.n_layers
+        self.embed_leaf = run.embeddings.float()[None].expand(batch, -1, -1).clone().requires_grad_(True)
+        self.mlp_leaves = []
+        replacements = []
+        for layer in range(model.n_layers):
+            x = run.mlp_inputs[layer].float()
+            skip = tcs.skip(layer, x)
+            constant = run.mlp_outputs[layer].float() - (skip if skip is not None else 0.0)
+            if skip is not None:
+                constant[:first] = run.mlp_outputs[layer][:first].float()
+            leaf = constant[None].expand(batch, -1, -1).clone().requires_grad_(True)
+            self.mlp_leaves.append(leaf)
+            replacements.append(self._replacement(tcs, layer, leaf, first))
+        self.mlp_inputs: dict[int, torch.Tensor] = {}
+        with torch.enable_grad():
+            self.final = model.frozen_forward(
+                run.input_ids,
+                run.frozen,
+                self.embed_leaf,
+                replacements,
+                on_mlp_input=lambda layer, x: self.mlp_inputs.__setitem__(layer, x),
+            )
+
+    @staticmethod
+    def _replacement(tcs: TranscoderSet, layer: int, leaf: torch.Tensor, first: int):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            skip = tcs.skip(layer, x)
+            if skip is None:
+                return leaf
+            skip = torch.cat([torch.zeros_like(skip[:, :first]), skip[:, first:]], dim=1)
+            return leaf + skip
+
+        return fn
+
+    def gradients(
+        self,
+        mlp_input_injections: dict[int, Float[torch.Tensor, "batch pos d_model"]],
+        final_injection: Float[torch.Tensor, "batch pos d_model"] | None,
+        retain_graph: bool = True,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Back-propagate injected vectors to the source sites.
+
+        Args:
+            mlp_input_injections: layer -> ``[batch, pos, d_model]`` vectors dotted with that
+                layer's MLP input (feature encoder rows for feature targets).
+            final_injection: ``[batch, pos, d_model]`` vectors dotted with the final-norm output
+                (demeaned unembedding rows for logit targets), or ``None``.
+
+        Returns:
+            ``(per-layer gradients at MLP outputs [batch, pos, d_model], gradient at the embedding)``.
+        """
+        outputs, grads = [], []
+        for layer, vec in mlp_input_injections.items():
+            outputs.append(self.mlp_inputs[layer])
+            grads.append(vec.to(self.mlp_inputs[layer].dtype))
+        if final_injection is not None:
+            outputs.append(self.final)
+            grads.append(final_injection.to(self.final.dtype))
+        inputs = [*self.mlp_leaves, self.embed_leaf]
+        result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True)
+        result = [torch.zeros_like(i) if r is None else r for r, i in zip(result, inputs)]
+        return result[:-1], result[-1]

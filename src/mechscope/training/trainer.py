@@ -1,0 +1,382 @@
+"""Train a per-layer transcoder for every layer in one pass over streamed activations.
+
+Method (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; Ameisen et al. 2025 note that
+TopK training followed by JumpReLU threshold calibration is a valid shortcut):
+
+1. Stream ``[batch, ctx_len]`` sequences from the corpus, run the model body once per batch and
+   read every layer's MLP input and output (BOS position dropped).
+2. Per layer, work in normalised units (inputs and outputs divided by their RMS norm, measured on
+   the first batch), encode with TopK(k), decode, add the skip connection, and minimise
+   ``||y - y_hat||^2 / Var(y)`` plus AuxK: the residual is also fitted by the top ``aux_k``
+   *dead* features (not fired in ``dead_after_tokens`` tokens), weight ``aux_coef``.
+   Decoder rows are kept at unit norm.
+3. Checkpoint (safetensors + JSON, atomic directory swap) every ``checkpoint_every_s`` seconds;
+   the token stream is a function of the sequence index, so resume is exact.
+4. At the end, calibrate a JumpReLU threshold per feature so each feature fires as often as it did
+   under TopK, fold the normalisation into the weights, evaluate FVU / L0 / dead fraction on
+   held-out text and save the set in circuit-tracer's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mechscope.data.corpus import TokenStream
+from mechscope.errors import BadInputError
+from mechscope.models.adapter import ModelAdapter
+from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
+from mechscope.transcoders.io import save_transcoder_set
+from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+
+__all__ = ["TrainConfig", "train_transcoders", "TopKTrainee"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (every field is saved with the checkpoint).
+
+    Attributes:
+        d_transcoder: features per layer.
+        k: active features per token during TopK training (>= 1).
+        skip_connection: learn a linear skip ``W_skip``.
+        n_tokens: training tokens (BOS positions excluded).
+        batch_sequences: sequences per step; tokens per step = batch_sequences * (ctx_len - 1).
+        ctx_len: tokens per sequence including BOS.
+        lr: peak Adam learning rate; linear warm-up over ``warmup_steps``, linear decay over the
+            last ``decay_fraction`` of training.
+        aux_k, aux_coef, dead_after_tokens: AuxK dead-feature loss (Gao et al. 2024, section A.2).
+        eval_sequences: held-out sequences for the evaluation.
+        checkpoint_every_s: seconds between checkpoints.
+        seed: initialisation and data order.
+        minibatches: optimizer steps per activation batch (each on a slice of it), so a short
+            run still takes enough steps.
+        encoder_init_scale: initial encoder row norm (decoder rows start at unit norm).
+        skip_init: ``lstsq`` (ridge fit on the first batch) or ``zero``.
+    """
+
+    d_transcoder: int = 1792
+    k: int = 56
+    skip_connection: bool = True
+    n_tokens: int = 3_200_000
+    batch_sequences: int = 16
+    ctx_len: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    decay_fraction: float = 0.2
+    aux_k: int = 256
+    aux_coef: float = 1 / 32
+    dead_after_tokens: int = 200_000
+    eval_sequences: int = 256
+    checkpoint_every_s: float = 300.0
+    seed: int = 0
+    minibatches: int = 4
+    encoder_init_scale: float = 0.1
+    skip_init: str = "lstsq"
+
+    def __post_init__(self):
+        for name in ("d_transcoder", "k", "n_tokens", "batch_sequences", "eval_sequences"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k > self.d_transcoder:
+            raise BadInputError(f"k={self.k} exceeds d_transcoder={self.d_transcoder}")
+        if self.ctx_len < 2:
+            raise BadInputError(f"ctx_len must be >= 2, got {self.ctx_len}")
+        if self.minibatches < 1 or self.minibatches > self.tokens_per_step:
+            raise BadInputError(f"minibatches must be in [1, {self.tokens_per_step}], got {self.minibatches}")
+        if self.skip_init not in ("lstsq", "zero"):
+            raise BadInputError(f"skip_init must be 'lstsq' or 'zero', got {self.skip_init!r}")
+        if not 0 < self.lr < 1:
+            raise BadInputError(f"lr must be in (0, 1), got {self.lr}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_sequences * (self.ctx_len - 1)
+
+    @property
+    def n_steps(self) -> int:
+        """Optimizer steps: ``minibatches`` per activation batch."""
+        return math.ceil(self.n_tokens / self.tokens_per_step) * self.minibatches
+
+
+class TopKTrainee(nn.Module):
+    """One layer's transcoder while training, in normalised units.
+
+    Parameters: ``W_enc, W_dec [d_transcoder, d_model]``, ``b_enc``, ``b_dec``, ``W_skip``.
+    Buffers: ``in_scale``/``out_scale`` (RMS norms of inputs/outputs), ``last_fired`` (tokens
+    since each feature last fired).
+    """
+
+    def __init__(self, d_model: int, cfg: TrainConfig, generator: torch.Generator):
+        super().__init__()
+        W = torch.randn(cfg.d_transcoder, d_model, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_transcoder))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.W_skip = nn.Parameter(torch.zeros(d_model, d_model)) if cfg.skip_connection else None
+        self.register_buffer("in_scale", torch.ones(()))
+        self.register_buffer("out_scale", torch.ones(()))
+        self.register_buffer("last_fired", torch.zeros(cfg.d_transcoder))
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set normalisers, ``b_dec`` and ``W_skip`` from a first batch of raw activations
+        ``[n, d_model]``: ``W_skip`` starts as the ridge-regression fit of ``y`` on ``x``, so
+        features only need to learn what the best linear map misses; encoder rows start small
+        so the initial features add little noise."""
+        d = x.shape[-1]
+        self.in_scale.fill_(float(x.norm(dim=-1).mean()) / math.sqrt(d))
+        self.out_scale.fill_(float(y.norm(dim=-1).mean()) / math.sqrt(d))
+        x_n, y_n = x / self.in_scale, y / self.out_scale
+        self.b_dec.copy_(y_n.mean(0))
+        self.W_enc.mul_(self.cfg.encoder_init_scale)
+        if self.W_skip is not None and self.cfg.skip_init == "lstsq":
+            xc, yc = x_n - x_n.mean(0), y_n - y_n.mean(0)
+            gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d)
+            self.W_skip.copy_(torch.linalg.solve(gram, xc.T @ yc).T)  # y ~ x @ W_skip.T
+            self.b_dec.copy_(y_n.mean(0) - x_n.mean(0) @ self.W_skip.T)
+
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n @ self.W_enc.T + self.b_enc
+
+    def decode_sparse(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+
+    def skip(self, x_n: torch.Tensor) -> torch.Tensor:
+        return 0.0 if self.W_skip is None else x_n @ self.W_skip.T
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(loss, y_hat_normalised, fired_mask [d_transcoder])`` for raw ``x, y [n, d]``."""
+        x_n, y_n = x / self.in_scale, y / self.out_scale
+        pre = self.pre_activations(x_n)
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        vals = vals.clamp(min=0)
+        y_hat = self.decode_sparse(idx, vals) + self.b_dec + self.skip(x_n)
+        variance = (y_n - y_n.mean(0)).pow(2).sum(-1).mean().detach()
+        mse = (y_hat - y_n).pow(2).sum(-1).mean() / variance
+        fired = torch.zeros(pre.shape[-1], dtype=torch.bool)
+        fired[idx[vals > 0]] = True
+        loss = mse
+        dead = self.last_fired >= self.cfg.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead and self.cfg.aux_coef > 0:
+            residual = (y_n - y_hat).detach()
+            aux_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_vals, aux_idx = aux_pre.topk(min(self.cfg.aux_k, n_dead), dim=-1)
+            aux_hat = self.decode_sparse(aux_idx, aux_vals.clamp(min=0))
+            aux = (aux_hat - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
+            loss = loss + self.cfg.aux_coef * torch.nan_to_num(aux, nan=0.0)
+        return loss, y_hat.detach(), fired
+
+    @torch.no_grad()
+    def after_step(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Count tokens since each feature last fired."""
+        self.last_fired += n_tokens
+        self.last_fired[fired] = 0
+
+    @torch.no_grad()
+    def to_transcoder(self, threshold: torch.Tensor) -> PerLayerTranscoder:
+        """Fold normalisation into a JumpReLU :class:`PerLayerTranscoder` in raw units."""
+        d_transcoder, d_model = self.W_enc.shape
+        tc = PerLayerTranscoder(d_model, d_transcoder, "jumprelu", skip_connection=self.W_skip is not None)
+        tc.W_enc.copy_(self.W_enc / self.in_scale)
+        tc.b_enc.copy_(self.b_enc)
+        tc.W_dec.copy_(self.W_dec * self.out_scale)
+        tc.b_dec.copy_(self.b_dec * self.out_scale)
+        if self.W_skip is not None:
+            tc.W_skip.copy_(self.W_skip * (self.out_scale / self.in_scale))
+        tc.activation_function.threshold.copy_(threshold)
+        return tc
+
+
+# ----------------------------------------------------------------------------- phases
+def _optimizer_step(trainees, opt, xs, ys, lr: float, running: list[float]) -> None:
+    """One Adam step on every layer's transcoder; ``running`` keeps an EMA of each layer's loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    for layer, tr in enumerate(trainees):
+        loss, _, fired = tr.loss(xs[layer], ys[layer])
+        loss.backward()
+        running[layer] = 0.98 * running[layer] + 0.02 * float(loss.detach())
+        tr.after_step(fired, xs[layer].shape[0])
+    opt.step()
+    with torch.no_grad():
+        for tr in trainees:
+            tr.W_dec /= tr.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def _activations(adapter: ModelAdapter, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ids = torch.as_tensor(batch)
+    ins, outs = adapter.run_with_mlp_sites(ids)
+    d = adapter.d_model
+    # drop BOS (position 0): (B, T, d) -> (B*(T-1), d)
+    return ([x[:, 1:].reshape(-1, d).float() for x in ins], [y[:, 1:].reshape(-1, d).float() for y in outs])
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    decay_start = cfg.n_steps * (1 - cfg.decay_fraction)
+    decay = 1.0 if step < decay_start else max(0.0, (cfg.n_steps - step) / (cfg.n_steps - decay_start))
+    return cfg.lr * warm * max(decay, 0.02)
+
+
+def _save_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer, state: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in trainees.state_dict().items()}
+    for i, s in opt.state_dict()["state"].items():
+        for key, value in s.items():
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).contiguous()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(path / "state.safetensors"))
+    trainees.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = opt.state_dict()
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = value
+    opt_state["state"] = per_param
+    opt.load_state_dict(opt_state)
+    return json.loads((path / "state.json").read_text())
+
+
+@torch.no_grad()
+def _calibrate_and_evaluate(
+    adapter: ModelAdapter, trainees: nn.ModuleList, calib: TokenStream, heldout: TokenStream, cfg: TrainConfig
+) -> tuple[list[PerLayerTranscoder], list[LayerMetrics]]:
+    """JumpReLU thresholds matching TopK firing rates on calibration text, then held-out metrics."""
+    n_layers = len(trainees)
+    pre_chunks: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    fire_counts = [torch.zeros(cfg.d_transcoder) for _ in range(n_layers)]
+    n_calib = 0
+    for i, (_, batch) in enumerate(calib.batches(cfg.batch_sequences)):
+        if i * cfg.batch_sequences >= cfg.eval_sequences:
+            break
+        xs, _ = _activations(adapter, batch)
+        for layer, tr in enumerate(trainees):
+            pre = tr.pre_activations(xs[layer] / tr.in_scale)
+            vals, idx = pre.topk(cfg.k, dim=-1)
+            fire_counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float()
+            pre_chunks[layer].append(pre.half())
+        n_calib += xs[0].shape[0]
+    transcoders = []
+    for layer, tr in enumerate(trainees):
+        pre = torch.cat(pre_chunks[layer]).float()  # (n_calib, d_transcoder)
+        rate = fire_counts[layer] / n_calib
+        sorted_pre = pre.sort(dim=0).values
+        rank = ((1 - rate) * (n_calib - 1)).round().long().clamp(0, n_calib - 1)
+        threshold = sorted_pre.gather(0, rank[None]).squeeze(0)
+        threshold = torch.where(rate > 0, threshold, sorted_pre[-1] + 1.0).clamp(min=0)
+        transcoders.append(tr.to_transcoder(threshold))
+        pre_chunks[layer] = []
+    accs = [MetricsAccumulator(layer, cfg.d_transcoder) for layer in range(n_layers)]
+    for i, (_, batch) in enumerate(heldout.batches(cfg.batch_sequences)):
+        if i * cfg.batch_sequences >= cfg.eval_sequences:
+            break
+        xs, ys = _activations(adapter, batch)
+        for layer, tc in enumerate(transcoders):
+            acts = tc.encode(xs[layer])
+            accs[layer].update(ys[layer], tc.decode(acts, xs[layer]), acts)
+    return transcoders, [a.result() for a in accs]
+
+
+def train_transcoders(
+    adapter: ModelAdapter,
+    train_stream: TokenStream,
+    heldout_stream: TokenStream,
+    cfg: TrainConfig,
+    out: Path,
+    checkpoint_dir: Path,
+    progress: bool = True,
+) -> tuple[PerLayerTranscoderSet, list[LayerMetrics]]:
+    """Train, checkpoint, resume, calibrate, evaluate and save a transcoder set.
+
+    Args:
+        out: directory the finished set is written to (circuit-tracer layout).
+        checkpoint_dir: where the resumable state lives (resumes if it holds a checkpoint made
+            with the same config).
+
+    Returns:
+        the set and per-layer held-out metrics (also written into ``config.yaml``).
+
+    Raises:
+        BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    trainees = nn.ModuleList(TopKTrainee(adapter.d_model, cfg, generator) for _ in range(adapter.n_layers))
+    opt = torch.optim.Adam(trainees.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    ckpt = checkpoint_dir / "checkpoint"
+    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": []}
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["config"] != asdict(cfg):
+            raise BadInputError(
+                f"{ckpt} holds a run with a different config; delete it or use another --checkpoint-dir"
+            )
+        state = _load_checkpoint(ckpt, trainees, opt)
+        logger.info("resumed at step %d (%d tokens)", state["step"], state["tokens"])
+    stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
+    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress, desc="training", unit="step")
+    last_save = time.monotonic()
+    running = [1.0] * adapter.n_layers
+    while state["step"] < cfg.n_steps:
+        index, batch = next(stream)
+        xs, ys = _activations(adapter, batch)
+        if state["step"] == 0:
+            for tr, x, y in zip(trainees, xs, ys):
+                tr.initialize(x, y)
+        for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
+            _optimizer_step(trainees, opt, [x[part] for x in xs], [y[part] for y in ys], _lr(cfg, state["step"]), running)
+            state["step"] += 1
+        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0])
+        bar.update(cfg.minibatches)
+        if state["step"] % 100 < cfg.minibatches:
+            dead = [float((tr.last_fired >= cfg.dead_after_tokens).float().mean()) for tr in trainees]
+            state["history"].append({"step": state["step"], "tokens": state["tokens"],
+                                     "loss": [round(r, 4) for r in running], "dead": [round(d, 4) for d in dead]})
+            bar.set_postfix(loss=f"{sum(running) / len(running):.3f}", dead=f"{max(dead):.2f}")
+        if time.monotonic() - last_save > cfg.checkpoint_every_s or state["step"] >= cfg.n_steps:
+            _save_checkpoint(ckpt, trainees, opt, state)
+            last_save = time.monotonic()
+            logger.info("checkpoint at step %d, %d tokens", state["step"], state["tokens"])
+    bar.close()
+    calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1)
+    transcoders, metrics = _calibrate_and_evaluate(adapter, trainees, calib, heldout_stream, cfg)
+    result = PerLayerTranscoderSet(transcoders, model_name=adapter.name, scan=out.name)
+    extra = {
+        "training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "TopK + AuxK, JumpReLU calibrated"},
+        "heldout_metrics": [m.as_dict() for m in metrics],
+    }
+    save_transcoder_set(result, out, dtype=torch.bfloat16, extra_config=extra)
+    return result, metrics

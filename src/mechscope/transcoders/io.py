@@ -1,0 +1,235 @@
+"""Save and load transcoder sets.
+
+Layouts read and written:
+
+- **circuit-tracer / mechscope** (the native one): a directory with ``config.yaml`` and
+  ``layer_{i}.safetensors`` per layer holding ``W_enc [d_transcoder, d_model]``,
+  ``W_dec [d_transcoder, d_model]``, ``b_enc [d_transcoder]``, ``b_dec [d_model]``, optionally
+  ``activation_function.threshold [d_transcoder]`` (JumpReLU) and ``W_skip [d_model, d_model]``.
+  ``config.yaml`` carries ``model_kind: transcoder_set``, ``model_name``, ``scan``,
+  ``feature_input_hook: mlp.hook_in``, ``feature_output_hook: hook_mlp_out``, ``transcoders``
+  (the layer files) and, for TopK sets, ``activation: topk`` and ``k`` — the keys circuit-tracer's
+  ``load_transcoders`` reads.
+- **Gemma Scope 2** (read only): per layer a ``params.safetensors`` with ``w_enc [d_model, d_sae]``,
+  ``w_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``, ``threshold`` and optionally
+  ``affine_skip_connection [d_model, d_model]`` (applied as ``x @ A``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
+from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+
+__all__ = [
+    "save_transcoder_set",
+    "load_transcoder_set",
+    "load_gemma_scope_2",
+    "shipped_sets",
+    "resolve_transcoders",
+    "default_transcoders_for",
+]
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+#: the set used when a model is traced without ``--transcoders``
+DEFAULTS = {"google/gemma-3-270m": "gemma-3-270m-plt-v1"}
+
+
+def shipped_sets() -> list[str]:
+    """Names of the transcoder sets that ship inside the package."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.yaml").exists())
+
+
+def default_transcoders_for(model_id: str) -> str:
+    """Name of the shipped set for a model id.
+
+    Raises:
+        BadInputError: when mechscope ships no set for the model.
+    """
+    if model_id not in DEFAULTS:
+        raise BadInputError(
+            f"no default transcoder set for model {model_id!r}; pass --transcoders "
+            f"(shipped sets: {', '.join(shipped_sets()) or 'none'})"
+        )
+    return DEFAULTS[model_id]
+
+
+def resolve_transcoders(name_or_path: str) -> Path:
+    """Directory of a shipped set name or a local set directory.
+
+    Raises:
+        UnknownNameError: neither a shipped name nor a directory with ``config.yaml``.
+    """
+    if name_or_path in shipped_sets():
+        return SHIPPED_DIR / name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path)):
+        return path
+    raise UnknownNameError("transcoder set", name_or_path, shipped_sets())
+
+
+def save_transcoder_set(
+    transcoders: PerLayerTranscoderSet,
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a set in circuit-tracer's layout, atomically (temp directory, then rename).
+
+    Args:
+        dtype: storage dtype of the weights (bfloat16 halves the size; loading upcasts).
+        extra_config: more keys for ``config.yaml`` (training metadata, metrics).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    first = transcoders[0]
+    config = {
+        "model_kind": "transcoder_set",
+        "model_name": transcoders.model_name,
+        "scan": transcoders.scan or path.name,
+        "feature_input_hook": transcoders.feature_input_hook,
+        "feature_output_hook": transcoders.feature_output_hook,
+        "transcoders": [f"layer_{i}.safetensors" for i in range(transcoders.n_layers)],
+        "d_model": transcoders.d_model,
+        "d_transcoder": first.d_transcoder,
+        "n_layers": transcoders.n_layers,
+        "skip_connection": first.W_skip is not None,
+    }
+    if first.activation == "topk":
+        config.update(activation="topk", k=first.activation_function.k)
+    elif first.activation == "relu":
+        config["activation"] = "relu"
+    else:
+        config["activation"] = "jumprelu"
+    config.update(extra_config or {})
+    try:
+        for i, tc in enumerate(transcoders.transcoders):
+            tensors = {k: v.detach().to(dtype).contiguous() for k, v in tc.state_dict().items()}
+            save_file(tensors, str(tmp / f"layer_{i}.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    except BaseException:  # a failed or interrupted save leaves neither a half set nor its temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise CorruptFileError(f"transcoder file {file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
+
+
+def _transcoder_from_tensors(
+    tensors: dict[str, torch.Tensor], activation: str, k: int | None, file: Path
+) -> PerLayerTranscoder:
+    required = ("W_enc", "W_dec", "b_enc", "b_dec")
+    missing = [key for key in required if key not in tensors]
+    if missing:
+        raise CorruptFileError(f"{file} lacks tensors {missing}; has {sorted(tensors)}")
+    d_transcoder, d_model = tensors["W_enc"].shape
+    if "activation_function.threshold" in tensors and activation not in ("topk", "relu"):
+        activation = "jumprelu"
+    tc = PerLayerTranscoder(d_model, d_transcoder, activation, k, skip_connection="W_skip" in tensors)
+    state = {key: value.float() for key, value in tensors.items()}
+    try:
+        tc.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CorruptFileError(f"{file} has tensors of unexpected shapes: {e}") from e
+    return tc
+
+
+def load_transcoder_set(name_or_path: str | os.PathLike) -> PerLayerTranscoderSet:
+    """Load a shipped set by name, a circuit-tracer-layout directory, or a Gemma Scope 2 directory.
+
+    Raises:
+        UnknownNameError: the name is neither shipped nor a directory.
+        CorruptFileError: a layer file is missing, truncated or has the wrong tensors.
+    """
+    path = resolve_transcoders(str(name_or_path))
+    if not (path / "config.yaml").exists():
+        return load_gemma_scope_2(path)
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise CorruptFileError(f"cannot parse {path / 'config.yaml'}: {e}") from e
+    if config.get("model_kind", "transcoder_set") != "transcoder_set":
+        raise BadInputError(
+            f"{path} holds a {config.get('model_kind')!r}; mechscope reads model_kind 'transcoder_set'"
+        )
+    files = config.get("transcoders") or sorted(
+        (p.name for p in path.glob("layer_*.safetensors")), key=lambda n: int(n[6:].split(".")[0])
+    )
+    activation = config.get("activation") or "jumprelu"
+    k = config.get("k")
+    transcoders = []
+    for name in files:
+        file = Path(name) if Path(name).is_absolute() else path / Path(name).name
+        transcoders.append(_transcoder_from_tensors(_read_safetensors(file), activation, k, file))
+    result = PerLayerTranscoderSet(
+        transcoders, model_name=config.get("model_name", ""), scan=config.get("scan", path.name)
+    )
+    return result.requires_grad_(False)
+
+
+def _is_gemma_scope_2(path: Path) -> bool:
+    return any(path.glob("**/params.safetensors"))
+
+
+def load_gemma_scope_2(path: str | os.PathLike, model_name: str = "") -> PerLayerTranscoderSet:
+    """Load Gemma Scope 2 per-layer transcoders from ``path/**/layer_{i}*/params.safetensors``.
+
+    Gemma Scope 2 stores ``w_enc`` as ``[d_model, d_sae]`` (transposed here to circuit-tracer's
+    ``W_enc [d_sae, d_model]``) and the affine skip as ``[d_in, d_out]`` (``W_skip = A.T``).
+    """
+    path = Path(path)
+    files = sorted(path.glob("**/params.safetensors"), key=_layer_number)
+    if not files:
+        raise UnknownNameError("transcoder set", str(path), shipped_sets())
+    transcoders = []
+    for file in files:
+        raw = _read_safetensors(file)
+        missing = [key for key in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if key not in raw]
+        if missing:
+            raise CorruptFileError(f"{file} lacks Gemma Scope tensors {missing}; has {sorted(raw)}")
+        tensors = {
+            "W_enc": raw["w_enc"].T.contiguous(),
+            "W_dec": raw["w_dec"],
+            "b_enc": raw["b_enc"],
+            "b_dec": raw["b_dec"],
+            "activation_function.threshold": raw["threshold"],
+        }
+        if "affine_skip_connection" in raw:
+            tensors["W_skip"] = raw["affine_skip_connection"].T.contiguous()
+        transcoders.append(_transcoder_from_tensors(tensors, "jumprelu", None, file))
+    return PerLayerTranscoderSet(transcoders, model_name=model_name, scan=path.name).requires_grad_(False)
+
+
+def _layer_number(file: Path) -> int:
+    for part in reversed(file.parts):
+        if part.startswith("layer_"):
+            digits = "".join(ch for ch in part[6:] if ch.isdigit() or ch == "_").split("_")[0]
+            if digits.isdigit():
+                return int(digits)
+    raise BadInputError(f"cannot tell the layer of {file}; expected a 'layer_<i>' directory")

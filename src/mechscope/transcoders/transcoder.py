@@ -1,0 +1,173 @@
+"""Per-layer transcoders and the `TranscoderSet` interface that cross-layer transcoders share.
+
+A per-layer transcoder (PLT) at layer ``l`` reads the MLP input ``x`` and reconstructs the MLP
+output: ``a = act(W_enc x + b_enc)``, ``y_hat = W_dec^T a + b_dec (+ W_skip x)``
+(Dunefsky et al. 2024; skip connection: Paulo et al. 2025, arXiv:2501.18823). A cross-layer
+transcoder (CLT) has features at layer ``l`` that decode into every layer ``>= l``
+(Ameisen et al. 2025). Both answer the same questions through :class:`TranscoderSet`:
+``encode(layer, x)``, ``output_layers(layer)``, ``decoder_vectors(layer, features)``
+(``[n, n_output_layers, d_model]``) and ``reconstruct(acts, mlp_inputs)``, so attribution never asks
+which kind it has.
+
+Orientation follows circuit-tracer's files: ``W_enc`` and ``W_dec`` are both
+``[d_transcoder, d_model]`` and ``W_skip`` is ``[d_model, d_model]`` applied as ``x @ W_skip.T``.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from mechscope.transcoders.activations import make_activation
+
+__all__ = ["PerLayerTranscoder", "TranscoderSet", "PerLayerTranscoderSet"]
+
+
+class PerLayerTranscoder(nn.Module):
+    """One layer's transcoder.
+
+    Args:
+        d_model: residual width.
+        d_transcoder: number of features.
+        activation: ``relu`` | ``jumprelu`` | ``topk``.
+        k: TopK's k.
+        skip_connection: whether to learn ``W_skip``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_transcoder: int,
+        activation: str = "jumprelu",
+        k: int | None = None,
+        skip_connection: bool = False,
+    ):
+        super().__init__()
+        self.d_model, self.d_transcoder = d_model, d_transcoder
+        self.W_enc = nn.Parameter(torch.zeros(d_transcoder, d_model))
+        self.b_enc = nn.Parameter(torch.zeros(d_transcoder))
+        self.W_dec = nn.Parameter(torch.zeros(d_transcoder, d_model))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.W_skip = nn.Parameter(torch.zeros(d_model, d_model)) if skip_connection else None
+        self.activation_function = make_activation(activation, d_transcoder, k)
+
+    @property
+    def activation(self) -> str:
+        return self.activation_function.name
+
+    def pre_activations(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_transcoder"]:
+        return x @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_transcoder"]:
+        return self.activation_function(self.pre_activations(x))
+
+    def skip(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"] | None:
+        return None if self.W_skip is None else x @ self.W_skip.T
+
+    def decode(
+        self, acts: Float[torch.Tensor, "... d_transcoder"], x: Float[torch.Tensor, "... d_model"]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        out = acts @ self.W_dec + self.b_dec
+        skip = self.skip(x)
+        return out if skip is None else out + skip
+
+    def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"]:
+        return self.decode(self.encode(x), x)
+
+
+class TranscoderSet(nn.Module):
+    """Interface of a set of transcoders covering every layer of a model.
+
+    Attributes:
+        n_layers, d_model: shape of the model the set was trained on.
+        model_name: Hugging Face id of that model; ``scan``: the set's identifier.
+    """
+
+    n_layers: int
+    d_model: int
+    model_name: str
+    scan: str
+    feature_input_hook = "mlp.hook_in"
+    feature_output_hook = "hook_mlp_out"
+
+    def d_transcoder(self, layer: int) -> int:
+        raise NotImplementedError
+
+    def output_layers(self, layer: int) -> range:
+        """Layers that features of ``layer`` write to (``[layer]`` for a PLT)."""
+        raise NotImplementedError
+
+    def encode(self, layer: int, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_transcoder"]:
+        raise NotImplementedError
+
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encoder_vectors(self, layer: int, features: Int[torch.Tensor, "n"]) -> Float[torch.Tensor, "n d_model"]:
+        raise NotImplementedError
+
+    def encoder_bias(self, layer: int, features: Int[torch.Tensor, "n"]) -> Float[torch.Tensor, "n"]:
+        raise NotImplementedError
+
+    def decoder_vectors(
+        self, layer: int, features: Int[torch.Tensor, "n"]
+    ) -> Float[torch.Tensor, "n n_out d_model"]:
+        raise NotImplementedError
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Linear skip path into ``layer``'s output, or ``None``."""
+        raise NotImplementedError
+
+    def reconstruct(
+        self,
+        acts: list[Float[torch.Tensor, "... d_transcoder"]],
+        mlp_inputs: list[Float[torch.Tensor, "... d_model"]],
+    ) -> list[Float[torch.Tensor, "... d_model"]]:
+        """Transcoder output at every layer from every layer's feature activations."""
+        raise NotImplementedError
+
+
+class PerLayerTranscoderSet(TranscoderSet):
+    """One :class:`PerLayerTranscoder` per layer."""
+
+    def __init__(self, transcoders: list[PerLayerTranscoder], model_name: str = "", scan: str = ""):
+        super().__init__()
+        self.transcoders = nn.ModuleList(transcoders)
+        self.n_layers = len(transcoders)
+        self.d_model = transcoders[0].d_model
+        self.model_name, self.scan = model_name, scan
+
+    def __getitem__(self, layer: int) -> PerLayerTranscoder:
+        return self.transcoders[layer]
+
+    @property
+    def activation(self) -> str:
+        return self.transcoders[0].activation
+
+    def d_transcoder(self, layer: int) -> int:
+        return self.transcoders[layer].d_transcoder
+
+    def output_layers(self, layer: int) -> range:
+        return range(layer, layer + 1)
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.transcoders[layer].encode(x)
+
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.transcoders[layer].pre_activations(x)
+
+    def encoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.transcoders[layer].W_enc[features]
+
+    def encoder_bias(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.transcoders[layer].b_enc[features]
+
+    def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.transcoders[layer].W_dec[features][:, None, :]  # (n, 1, d_model)
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return self.transcoders[layer].skip(x)
+
+    def reconstruct(self, acts, mlp_inputs):
+        return [tc.decode(a, x) for tc, a, x in zip(self.transcoders, acts, mlp_inputs)]

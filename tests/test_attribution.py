@@ -1,0 +1,171 @@
+"""The science of attribution, checked on tiny random models of every family.
+
+- the replacement model with its error terms reproduces the model's logits;
+- each feature's pre-activation equals the sum of its incoming edges plus its bias (the encoder
+  bias plus the frozen model's response to the constant terms: ``b_dec`` and model biases);
+- edges predict the effect of doubling a source in the frozen model (an independent forward pass);
+- batched and selected-feature paths equal the plain ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_PROMPT
+
+from mechscope.attribution.attribute import AttributionConfig, attribute
+from mechscope.graph.graph import NodeKind
+from mechscope.replacement.replacement_model import ReplacementModel
+
+
+def _frozen_sites(rm: ReplacementModel, trace, embeddings, mlp_constants):
+    """Frozen forward pass (patterns and norm scales from the clean run) with MLP outputs
+    ``constant + W_skip x`` (skip only at positions with nodes). Returns per-layer MLP inputs and
+    the final-norm output, each ``[pos, d_model]``. Written independently of FrozenReplacement."""
+    first = trace.first_pos
+    inputs = {}
+
+    def replacement(layer):
+        def fn(x):
+            out = mlp_constants[layer][None].clone()
+            skip = rm.transcoders.skip(layer, x)
+            if skip is not None:
+                out[:, first:] += skip[:, first:]
+            return out
+
+        return fn
+
+    final = rm.model.frozen_forward(
+        trace.run.input_ids, trace.run.frozen, embeddings[None],
+        [replacement(layer) for layer in range(rm.model.n_layers)],
+        on_mlp_input=lambda layer, x: inputs.__setitem__(layer, x[0]),
+    )
+    return inputs, final[0]
+
+
+def _clean_constants(rm, trace):
+    """Per layer, the MLP output minus its skip path, so the frozen pass reproduces the clean run."""
+    constants = []
+    for layer in range(rm.model.n_layers):
+        out = trace.run.mlp_outputs[layer].clone()
+        skip = rm.transcoders.skip(layer, trace.run.mlp_inputs[layer])
+        if skip is not None:
+            out[trace.first_pos :] -= skip[trace.first_pos :]
+        constants.append(out)
+    return constants
+
+
+@pytest.fixture(params=[False, True], ids=["no-skip", "skip"])
+def skip(request):
+    return request.param
+
+
+def _setup(tiny_adapter, make_tiny_transcoders, family, skip=False, **kwargs):
+    adapter = tiny_adapter(family)
+    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=skip, **kwargs))
+    return rm
+
+
+def test_replacement_reproduces_logits(tiny_adapter, make_tiny_transcoders, family, skip):
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
+    trace = rm.trace(rm.tokenize(TINY_PROMPT))
+    assert len(trace.active) > 0
+    assert torch.allclose(rm.replacement_logits(trace), trace.run.logits, atol=1e-4, rtol=0)
+    # the errors are real: without them the logits differ
+    assert float(torch.stack(trace.errors).abs().max()) > 1e-3
+
+
+def test_preactivation_is_sum_of_edges_plus_bias(tiny_adapter, make_tiny_transcoders, family, skip):
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
+    graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=16))
+    trace = rm.trace(graph.input_ids)
+    assert graph.n_features == len(trace.active)
+    # the constant part of the frozen model: every source zeroed, b_dec (and clean BOS outputs) kept
+    constants = []
+    for layer in range(rm.model.n_layers):
+        c = rm.transcoders[layer].b_dec.expand(trace.n_pos, -1).clone()
+        c[: trace.first_pos] = trace.run.mlp_outputs[layer][: trace.first_pos]
+        constants.append(c)
+    zero_inputs, _ = _frozen_sites(rm, trace, torch.zeros_like(trace.run.embeddings), constants)
+    checked = 0
+    for node in range(graph.n_features):
+        layer, pos, feature, activation = graph.feature_of(node)
+        pre = rm.transcoders.pre_activations(layer, trace.run.mlp_inputs[layer][pos])[feature]
+        bias = rm.transcoders[layer].b_enc[feature] + rm.transcoders[layer].W_enc[feature] @ zero_inputs[layer][pos]
+        total = graph.adjacency[node].sum() + bias
+        assert torch.allclose(total, pre, atol=1e-4, rtol=1e-4), (node, float(total), float(pre))
+        assert activation == pytest.approx(float(pre), rel=1e-5)
+        checked += 1
+    assert checked > 10
+
+
+def _target_value(rm, graph, node, inputs, final):
+    kind = graph.node_kind(node)
+    if kind == NodeKind.FEATURE:
+        layer, pos, feature, _ = graph.feature_of(node)
+        return rm.transcoders.pre_activations(layer, inputs[layer][pos])[feature]
+    k = node - graph.logit_offset
+    W_U = rm.model.W_U
+    vector = W_U[graph.logit_token_ids[k]] - W_U.mean(0)
+    return vector @ final[-1]
+
+
+def test_edges_predict_doubling_a_source(tiny_adapter, make_tiny_transcoders, family, skip):
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
+    graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
+    trace = rm.trace(graph.input_ids)
+    constants = _clean_constants(rm, trace)
+    base_inputs, base_final = _frozen_sites(rm, trace, trace.run.embeddings, constants)
+    gen = torch.Generator().manual_seed(0)
+    feature_sources = torch.randperm(graph.n_features, generator=gen)[:6].tolist()
+    error_sources = [graph.error_offset + graph.n_pos * layer + trace.first_pos + 1 for layer in range(graph.n_layers)]
+    token_sources = [graph.token_offset + p for p in range(graph.n_pos)]
+    targets = list(range(graph.logit_offset, graph.n_nodes)) + torch.randperm(graph.n_features, generator=gen)[:20].tolist()
+    compared = 0
+    for source in feature_sources + error_sources[:2] + token_sources[-3:]:
+        embeddings = trace.run.embeddings.clone()
+        doubled = [c.clone() for c in constants]
+        kind = graph.node_kind(source)
+        if kind == NodeKind.FEATURE:
+            layer, pos, feature, activation = graph.feature_of(source)
+            doubled[layer][pos] += activation * rm.transcoders[layer].W_dec[feature]
+        elif kind == NodeKind.ERROR:
+            layer, pos = graph.error_of(source)
+            doubled[layer][pos] += trace.errors[layer][pos]
+        else:
+            embeddings[source - graph.token_offset] *= 2
+        inputs, final = _frozen_sites(rm, trace, embeddings, doubled)
+        for target in targets:
+            effect = _target_value(rm, graph, target, inputs, final) - _target_value(rm, graph, target, base_inputs, base_final)
+            edge = graph.adjacency[target, source]
+            scale = max(float(edge.abs()), float(effect.abs()), 1e-3)
+            assert abs(float(effect - edge)) <= 1e-3 * scale + 1e-6, (source, target, float(effect), float(edge))
+            compared += int(float(edge.abs()) > 1e-4)
+    assert compared > 20  # the check saw real, non-zero edges
+
+
+def test_batch_size_and_feature_selection_do_not_change_edges(tiny_adapter, make_tiny_transcoders):
+    rm = _setup(tiny_adapter, make_tiny_transcoders, "gemma3", skip=True)
+    full = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=64))
+    small_batches = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=5))
+    assert torch.allclose(full.adjacency, small_batches.adjacency, atol=1e-5, rtol=1e-5)
+    n = 20
+    partial = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=n, batch_size=7))
+    assert partial.n_features == n
+    # the selected features' rows and the logit rows are the full graph's, on the kept columns
+    columns = torch.cat([partial.selected_features, torch.arange(full.n_features, full.n_nodes - full.n_logits)])
+    rows = torch.cat([partial.selected_features, torch.arange(full.n_nodes - full.n_logits, full.n_nodes)])
+    partial_rows = torch.cat([torch.arange(n), torch.arange(partial.n_nodes - partial.n_logits, partial.n_nodes)])
+    assert torch.allclose(partial.adjacency[partial_rows][:, : len(columns)], full.adjacency[rows][:, columns], atol=1e-5)
+    # they are the most influential ones, not the first ones
+    assert not torch.equal(partial.selected_features, torch.arange(n))
+
+
+def test_logit_targets(tiny_adapter, make_tiny_transcoders):
+    rm = _setup(tiny_adapter, make_tiny_transcoders, "llama")
+    graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_n_logits=3, desired_logit_prob=0.999, max_feature_nodes=8))
+    probs = torch.softmax(rm.model.clean_run(graph.input_ids).logits, -1)
+    assert graph.n_logits == 3
+    assert torch.equal(graph.logit_token_ids, probs.topk(3).indices)
+    named = attribute(rm, TINY_PROMPT, AttributionConfig(targets=("t",), max_feature_nodes=8))
+    assert named.logit_tokens == ["t"]

@@ -1,0 +1,120 @@
+"""The ``mechscope trace`` contract on a tiny model saved to disk: JSON keys, files, bad input.
+
+Bad input must give a clear message, exit code 2 and no output files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_adapter, make_tiny_transcoders
+
+from mechscope.cli.main import main
+from mechscope.export.neuronpedia import validate_neuronpedia
+from mechscope.graph.io import load_graph
+from mechscope.transcoders.io import save_transcoder_set
+
+JSON_KEYS = {"graph_path", "slug", "model", "transcoders", "prompt_tokens", "logit_targets", "n_nodes",
+             "n_edges", "n_nodes_pruned", "n_edges_pruned", "replacement_score", "completeness_score",
+             "seconds", "attribution_seconds", "peak_rss_mb"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    adapter = make_tiny_adapter("llama")
+    adapter.hf.save_pretrained(root / "model")
+    adapter.tokenizer.save_pretrained(root / "model")
+    save_transcoder_set(make_tiny_transcoders(adapter, skip=True), root / "tcs")
+    other = make_tiny_adapter("gemma3")  # 3 layers: does not fit the 2-layer llama
+    save_transcoder_set(make_tiny_transcoders(other), root / "tcs-gemma3")
+    return root
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def trace_args(tiny_dirs, out, *extra, prompt="a cat sat"):
+    return ["trace", prompt, "--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / "tcs"),
+            "--out", str(out), *extra]
+
+
+def test_trace_json_contract(tiny_dirs, tmp_path, capsys):
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--json", "--max-feature-nodes", "30"), capsys)
+    assert code == 0, err
+    summary = json.loads(out)  # exactly one JSON object on stdout
+    assert set(summary) == JSON_KEYS
+    assert summary["slug"] == "a-cat-sat"
+    assert summary["prompt_tokens"][0] == "<bos>"
+    assert summary["n_nodes_pruned"] <= summary["n_nodes"] and summary["n_edges_pruned"] <= summary["n_edges"]
+    assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
+    probs = [t["prob"] for t in summary["logit_targets"]]
+    assert probs == sorted(probs, reverse=True) and set(summary["logit_targets"][0]) == {"token", "token_id", "prob"}
+    data = json.loads((tmp_path / "graphs" / "a-cat-sat.json").read_text())
+    validate_neuronpedia(data)
+    assert summary["graph_path"] == str(tmp_path / "graphs" / "a-cat-sat.json")
+    graph = load_graph(tmp_path / "graphs" / "a-cat-sat")
+    assert graph.n_nodes == summary["n_nodes"] and graph.n_features == 30
+
+
+def test_trace_summary_and_no_prune(tiny_dirs, tmp_path, capsys):
+    code, out, err = run(trace_args(tiny_dirs, tmp_path, "--no-prune", "--target", "t", "--target", "a"), capsys)
+    assert code == 0, err
+    assert "replacement score" in out and "most influential" not in out
+    data = json.loads((tmp_path / "a-cat-sat.json").read_text())
+    assert [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"][0].startswith('Output "t"')
+    graph = load_graph(tmp_path / "a-cat-sat")
+    assert len(data["nodes"]) == graph.n_nodes
+
+
+@pytest.mark.parametrize(
+    "argv_fn, message",
+    [
+        (lambda d, o: trace_args(d, o, prompt="   "), "prompt is empty"),
+        (lambda d, o: trace_args(d, o, "--max-prompt-tokens", "4"), "over the limit of 4"),
+        (lambda d, o: trace_args(d, o, "--target", "ca"), "not a single token"),
+        (lambda d, o: trace_args(d, o, "--node-threshold", "2"), "--node-threshold"),
+        (lambda d, o: trace_args(d, o, "--batch-size", "0"), "batch_size"),
+        (lambda d, o: ["trace", "x", "--model", str(d / "model"), "--transcoders", "no-such-set", "--out", str(o)],
+         "unknown transcoder set 'no-such-set'"),
+        (lambda d, o: ["trace", "x", "--model", str(d / "model"), "--transcoders", str(d / "tcs-gemma3"),
+                       "--out", str(o)], "3 layers"),
+        (lambda d, o: ["trace", "x", "--model", "./no/such/dir", "--out", str(o)], "does not exist"),
+    ],
+    ids=["empty", "too-long", "multi-token-target", "threshold", "batch", "unknown-set", "mismatch", "bad-path"],
+)
+def test_bad_input_exits_2_without_output(tiny_dirs, tmp_path, capsys, argv_fn, message):
+    out_dir = tmp_path / "out"
+    code, out, err = run(argv_fn(tiny_dirs, out_dir), capsys)
+    assert code == 2
+    assert message in err and err.startswith("error: ")
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_corrupt_transcoder_file(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs / "tcs", broken)
+    layer = broken / "layer_1.safetensors"
+    layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    code, _, err = run(["trace", "x", "--model", str(tiny_dirs / "model"), "--transcoders", str(broken),
+                        "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "truncated" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_name_lists_known_models(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["trace", "x", "--model", "no-such-model", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "unknown model 'no-such-model'" in err and "gemma-3-270m" in err and "smollm2-135m-instruct" in err

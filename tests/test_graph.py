@@ -1,0 +1,119 @@
+"""Graph pruning, scores, save/load and the Neuronpedia export, on tiny-model graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import TINY_PROMPT
+
+from mechscope.attribution.attribute import AttributionConfig, attribute
+from mechscope.errors import BadInputError, CorruptFileError
+from mechscope.export.neuronpedia import cantor_pair, slugify, to_neuronpedia, validate_neuronpedia
+from mechscope.graph.io import load_graph, save_graph
+from mechscope.graph.prune import compute_influence, graph_scores, normalize_matrix, prune_graph
+from mechscope.replacement.replacement_model import ReplacementModel
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_adapter, make_tiny_transcoders):
+    adapter = tiny_adapter("gemma3")
+    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    return attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
+
+
+def test_influence_equals_the_neumann_series(graph):
+    A = normalize_matrix(graph.adjacency)
+    w = graph.logit_weights()
+    n = A.shape[0]
+    dense = w @ (torch.linalg.inv(torch.eye(n) - A.double()).float() - torch.eye(n))
+    assert torch.allclose(compute_influence(A, w), dense, atol=1e-5)
+
+
+def test_pruning_keeps_more_as_thresholds_rise(graph):
+    node_counts, edge_counts = [], []
+    for threshold in (0.3, 0.5, 0.7, 0.8, 0.9, 0.99):
+        pruned = prune_graph(graph, node_threshold=threshold, edge_threshold=0.98)
+        node_counts.append(int(pruned.node_mask.sum()))
+    for threshold in (0.5, 0.8, 0.9, 0.98, 0.999):
+        pruned = prune_graph(graph, node_threshold=0.8, edge_threshold=threshold)
+        edge_counts.append(int(pruned.edge_mask.sum()))
+    assert node_counts == sorted(node_counts) and node_counts[0] < node_counts[-1]
+    assert edge_counts == sorted(edge_counts) and edge_counts[0] < edge_counts[-1]
+
+
+def test_pruning_invariants(graph):
+    pruned = prune_graph(graph, 0.8, 0.98)
+    keep_from = graph.token_offset
+    assert pruned.node_mask[keep_from:].all()  # tokens and logits always kept
+    # kept edges join kept nodes, kept features have an incoming and an outgoing edge
+    rows, cols = pruned.edge_mask.nonzero(as_tuple=True)
+    assert pruned.node_mask[rows].all() and pruned.node_mask[cols].all()
+    for node in pruned.node_mask[: graph.n_features].nonzero().flatten().tolist():
+        assert pruned.edge_mask[node].any() and pruned.edge_mask[:, node].any()
+    assert ((pruned.cumulative_scores >= 0) & (pruned.cumulative_scores <= 1 + 1e-6)).all()
+    with pytest.raises(BadInputError, match="node_threshold"):
+        prune_graph(graph, node_threshold=1.5)
+
+
+def test_scores_are_fractions_and_hit_one_without_errors(graph):
+    replacement, completeness = graph_scores(graph)
+    assert 0 < replacement < 1 and 0 < completeness < 1
+    perfect = dataclasses.replace(graph, adjacency=graph.adjacency.clone())
+    perfect.adjacency[:, perfect.error_offset : perfect.token_offset] = 0
+    assert graph_scores(perfect) == pytest.approx((1.0, 1.0))
+
+
+def test_save_load_round_trip(graph, tmp_path):
+    save_graph(graph, tmp_path / "g")
+    loaded = load_graph(tmp_path / "g")
+    for name, value in graph.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(loaded, name)), name
+        else:
+            assert value == getattr(loaded, name), name
+    (tmp_path / "g" / "graph.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CorruptFileError):
+        load_graph(tmp_path / "g")
+
+
+def test_node_ids_follow_the_conventions(graph):
+    ids = [graph.node_id(i) for i in range(graph.n_nodes)]
+    assert len(set(ids)) == len(ids)
+    layer, pos, feature, _ = graph.feature_of(0)
+    assert ids[0] == f"{layer}_{feature}_{pos}"
+    assert ids[graph.error_offset] == "0_-1_0"
+    assert ids[graph.token_offset] == f"E_{int(graph.input_ids[0])}_0"
+    assert ids[graph.logit_offset] == f"{graph.n_layers + 1}_{int(graph.logit_token_ids[0])}_{graph.n_pos - 1}"
+    assert cantor_pair(3, 5) == 41 and cantor_pair(0, 0) == 0
+
+
+def test_export_validates_and_matches_pruning(graph):
+    pruned = prune_graph(graph, 0.8, 0.98)
+    data = to_neuronpedia(graph, pruned, slugify(TINY_PROMPT), 0.8, 0.98, labels={}, supernodes=[["grp", "E_2_0"]])
+    validate_neuronpedia(data)
+    assert json.loads(json.dumps(data)) == data  # plain JSON
+    assert len(data["nodes"]) == int(pruned.node_mask.sum())
+    assert len(data["links"]) == int((pruned.edge_mask & (graph.adjacency != 0)).sum())
+    types = {n["feature_type"] for n in data["nodes"]}
+    assert types <= {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    assert {"cross layer transcoder", "embedding", "logit"} <= types
+    assert data["qParams"]["supernodes"] == [["grp", "E_2_0"]]
+    weight = {(l["source"], l["target"]): l["weight"] for l in data["links"]}
+    index = graph.node_index()
+    source, target = next(iter(weight))
+    assert weight[(source, target)] == pytest.approx(float(graph.adjacency[index[target], index[source]]))
+    broken = {**data, "links": data["links"] + [{"source": "nope", "target": data["nodes"][0]["node_id"], "weight": 1.0}]}
+    with pytest.raises(BadInputError, match="not in the graph"):
+        validate_neuronpedia(broken)
+    with pytest.raises(BadInputError, match="schema"):
+        validate_neuronpedia({"metadata": {}, "qParams": {}, "nodes": [], "links": []})
+
+
+def test_unpruned_export_keeps_every_node(graph):
+    data = to_neuronpedia(graph, None, "all")
+    validate_neuronpedia(data)
+    assert len(data["nodes"]) == graph.n_nodes
+    assert len(data["links"]) == int((graph.adjacency != 0).sum())

@@ -1,0 +1,59 @@
+"""End to end on the embedded Gemma 3 270M with the shipped transcoder set (marked slow; runs in CI).
+
+The first run dequantizes the GGUF model from the PyPI package into the cache (about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechscope.export.neuronpedia import validate_neuronpedia
+from mechscope.transcoders.io import shipped_sets
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        "gemma-3-270m-plt-v1" not in shipped_sets(),
+        reason="the shipped set gemma-3-270m-plt-v1 is not in this checkout (still training)",
+    ),
+]
+
+PROMPT = "Fact: Michael Jordan plays the sport of"
+
+
+@pytest.fixture(scope="module")
+def replacement_model():
+    from mechscope.models.loading import load_model
+    from mechscope.replacement.replacement_model import ReplacementModel
+    from mechscope.transcoders.io import load_transcoder_set
+
+    torch.set_num_threads(2)
+    return ReplacementModel(load_model("gemma-3-270m"), load_transcoder_set("gemma-3-270m-plt-v1"))
+
+
+def test_shipped_set_reproduces_the_model(replacement_model):
+    rm = replacement_model
+    trace = rm.trace(rm.tokenize(PROMPT))
+    logits = rm.replacement_logits(trace)
+    assert torch.allclose(logits, trace.run.logits, atol=1e-3, rtol=1e-4)
+    # the features explain most of each MLP output (FVU well below 1 on this prompt)
+    for layer in range(rm.model.n_layers):
+        y = trace.run.mlp_outputs[layer][1:]
+        fvu = (trace.errors[layer][1:].pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+        assert fvu < 0.6, (layer, fvu)
+
+
+def test_trace_cli_on_the_default_model(tmp_path, capsys):
+    from mechscope.cli.main import main
+
+    main(["trace", PROMPT, "--out", str(tmp_path), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["logit_targets"][0]["token"] == " basketball"
+    assert summary["model"] == "google/gemma-3-270m"
+    assert summary["transcoders"] == "gemma-3-270m-plt-v1"
+    assert 0 < summary["replacement_score"] < 1 and 0 < summary["completeness_score"] <= 1
+    assert summary["n_nodes_pruned"] < summary["n_nodes"]
+    validate_neuronpedia(json.loads((tmp_path / f"{summary['slug']}.json").read_text()))

@@ -1,0 +1,421 @@
+"""Model adapters: the sites they record and the frozen (local replacement) forward pass.
+
+Every test runs on the tiny random models of ``conftest.py``, one per family: Gemma 3 (sliding and
+full attention layers), Gemma 2 (attention and final-logit soft-capping), Llama (grouped-query
+attention), Qwen 2 (q/k/v biases), Qwen 3 (q/k norms) and GPT-2 (LayerNorm, learned positions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SLIDING_WINDOW, TINY_PROMPT, make_tiny_adapter, tiny_config
+
+from mechscope.errors import BadInputError, UnknownNameError
+from mechscope.models import load_model, loading
+from mechscope.models.gemma2 import Gemma2Adapter
+from mechscope.models.gemma3 import Gemma3Adapter
+from mechscope.models.gpt2 import GPT2Adapter
+from mechscope.models.llama import LlamaAdapter
+from mechscope.models.qwen import QwenAdapter
+from mechscope.paths import cache_root
+
+EXPECTED_CLASS = {
+    "gemma3": Gemma3Adapter,
+    "gemma2": Gemma2Adapter,
+    "llama": LlamaAdapter,
+    "qwen2": QwenAdapter,
+    "qwen3": QwenAdapter,
+    "gpt2": GPT2Adapter,
+}
+
+
+@contextlib.contextmanager
+def attn_implementation(hf, name: str):
+    """Run ``hf`` with Hugging Face's own ``eager`` or ``sdpa`` attention for the duration."""
+    previous = hf.config._attn_implementation
+    hf.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        hf.config._attn_implementation = previous
+
+
+def constant_mlps(outputs: list[torch.Tensor], delta: torch.Tensor | None = None, layer: int = 0):
+    """MLP replacements returning the recorded ``[pos, d_model]`` outputs as constants (the same
+    for every batch row), plus ``delta`` (``[pos, d_model]``) at ``layer``."""
+    fns = []
+    for i, out in enumerate(outputs):
+        value = out if delta is None or i != layer else out + delta
+        fns.append(lambda x, value=value: value[None].expand(x.shape[0], -1, -1))
+    return fns
+
+
+# ------------------------------------------------------------------------------ clean run
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_clean_run_logits_match_hugging_face(tiny_adapter, family, implementation):
+    """mechscope's attention (recording patterns) reproduces HF eager and sdpa attention, with
+    sliding windows, soft-capping, grouped-query heads, biases and q/k norms."""
+    adapter = tiny_adapter(family)
+    if implementation == "sdpa" and getattr(adapter.config, "attn_logit_softcapping", None):
+        pytest.skip("HF sdpa attention does not support soft-capping (eager is the reference)")
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    with torch.no_grad(), attn_implementation(adapter.hf, implementation):
+        expected = adapter.hf(ids[None]).logits[0, -1]
+    assert run.logits.shape == (adapter.vocab_size,)
+    torch.testing.assert_close(run.logits, expected, atol=1e-5, rtol=0)
+    # the context manager leaves the model's own attention in place
+    assert adapter.hf.config._attn_implementation != "mechscope"
+
+
+def test_clean_run_shapes(tiny_adapter, family):
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    pos, d_model, n_layers = len(ids), adapter.d_model, adapter.n_layers
+    assert run.embeddings.shape == (pos, d_model)
+    assert run.final_hidden.shape == (pos, d_model)
+    assert len(run.mlp_inputs) == len(run.mlp_outputs) == n_layers
+    assert all(x.shape == (pos, d_model) for x in run.mlp_inputs + run.mlp_outputs)
+    n_heads = adapter.config.num_attention_heads
+    assert sorted(run.frozen.patterns) == list(range(n_layers))
+    assert all(p.shape == (1, n_heads, pos, pos) for p in run.frozen.patterns.values())
+    assert len(run.frozen.norm_scales) == len(adapter.all_norms())
+
+
+def test_recorded_patterns_are_causal_distributions(tiny_adapter, family):
+    adapter = tiny_adapter(family)
+    run = adapter.clean_run(adapter.tokenize(TINY_PROMPT))
+    for pattern in run.frozen.patterns.values():
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+        assert (pattern.triu(1) == 0).all()
+
+
+def test_gemma3_sliding_window_masks_distant_keys(tiny_adapter):
+    """Sliding layers attend to at most ``sliding_window`` keys; full layers reach further."""
+    adapter = tiny_adapter("gemma3")
+    run = adapter.clean_run(adapter.tokenize(TINY_PROMPT))
+    layer_types = adapter.config.layer_types
+    assert {"sliding_attention", "full_attention"} <= set(layer_types)
+    pos = run.input_ids.shape[0]
+    q, k = torch.arange(pos)[:, None], torch.arange(pos)[None, :]
+    outside = q - k >= SLIDING_WINDOW
+    assert outside.any()
+    for layer, kind in enumerate(layer_types):
+        pattern = run.frozen.patterns[layer][0]  # (heads, q, k)
+        beyond = pattern[:, outside]
+        if kind == "sliding_attention":
+            assert (beyond == 0).all()
+        else:
+            assert (beyond > 0).all()
+
+
+def test_gemma2_softcapping_is_active():
+    """The softcaps of the tiny Gemma 2 change its logits, so the logit test above covers them."""
+    adapter = make_tiny_adapter("gemma2")
+    ids = adapter.tokenize(TINY_PROMPT)
+    capped = adapter.clean_run(ids)
+    final_cap = adapter.config.final_logit_softcapping
+    assert capped.logits.abs().max() < final_cap
+    uncapped_logits = capped.final_hidden[-1] @ adapter.W_U.T
+    assert (capped.logits - uncapped_logits).abs().max() > 1e-2
+    for attention in adapter.attention_modules():  # read from the config at construction
+        attention.attn_logit_softcapping = None
+    uncapped = adapter.clean_run(ids)
+    assert (capped.final_hidden - uncapped.final_hidden).abs().max() > 1e-3
+
+
+def test_run_with_mlp_sites_matches_clean_run(tiny_adapter, family):
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    ins, outs = adapter.run_with_mlp_sites(ids[None])
+    assert len(ins) == len(outs) == adapter.n_layers
+    # run_with_mlp_sites uses the model's own attention (sdpa), clean_run mechscope's eager one
+    for layer in range(adapter.n_layers):
+        torch.testing.assert_close(ins[layer][0], run.mlp_inputs[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(outs[layer][0], run.mlp_outputs[layer], atol=1e-5, rtol=0)
+    some_ins, some_outs = adapter.run_with_mlp_sites(ids[None], layers=[adapter.n_layers - 1])
+    torch.testing.assert_close(some_outs[0][0], run.mlp_outputs[-1], atol=1e-5, rtol=0)
+    assert len(some_ins) == 1
+
+
+def test_mlp_output_site_is_what_the_block_adds(tiny_adapter, family):
+    """The residual stream after layer 0 = its input + attention part + recorded MLP output."""
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    zero = [torch.zeros_like(y) for y in run.mlp_outputs]
+    # with every MLP output zeroed, adding back layer 0's recorded output at layer 0 restores
+    # the clean run's MLP-1 input exactly (the MLP output is additive in the residual stream)
+    with_mlp0 = constant_mlps(zero, delta=run.mlp_outputs[0], layer=0)
+    seen: dict[int, torch.Tensor] = {}
+    adapter.patched_forward(
+        ids, run.embeddings[None], with_mlp0, frozen=None,
+        on_mlp_input=lambda layer, x: seen.__setitem__(layer, x[0]),
+    )
+    torch.testing.assert_close(seen[1], run.mlp_inputs[1], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------ replacement passes
+def test_frozen_forward_reproduces_clean_run(tiny_adapter, family):
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    mlps = [lambda x, y=y: y[None] for y in run.mlp_outputs]
+    seen: dict[int, torch.Tensor] = {}
+    out = adapter.frozen_forward(
+        ids, run.frozen, run.embeddings[None], mlps,
+        on_mlp_input=lambda layer, x: seen.__setitem__(layer, x[0]),
+    )
+    assert out.shape == (1, len(ids), adapter.d_model)
+    torch.testing.assert_close(out[0], run.final_hidden, atol=1e-5, rtol=0)
+    assert sorted(seen) == list(range(adapter.n_layers))
+    for layer in range(adapter.n_layers):
+        torch.testing.assert_close(seen[layer], run.mlp_inputs[layer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapter.output_logits(out[0, -1]), run.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_patched_forward_with_real_mlps_reproduces_clean_run(tiny_adapter, family, frozen):
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    out = adapter.patched_forward(
+        ids, run.embeddings[None], None, frozen=run.frozen if frozen else None
+    )
+    torch.testing.assert_close(out[0], run.final_hidden, atol=1e-5, rtol=0)
+    # the real MLPs are back in place afterwards
+    ins, outs = adapter.run_with_mlp_sites(ids[None])
+    torch.testing.assert_close(outs[-1][0], run.mlp_outputs[-1], atol=1e-5, rtol=0)
+
+
+def test_patched_forward_restores_modules(tiny_adapter, family):
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    before = [dict(block.named_children()) for block in adapter.layers]
+    mlps = constant_mlps(run.mlp_outputs)
+    adapter.frozen_forward(ids, run.frozen, run.embeddings[None], mlps)
+    after = [dict(block.named_children()) for block in adapter.layers]
+    assert all(b[name] is a[name] for b, a in zip(before, after) for name in b)
+    assert all(getattr(m, "_mechscope_state", None) is None for m in adapter.attention_modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in adapter.hf.modules())
+
+
+def _perturbation(adapter, run, pos: int, seed: int = 1) -> torch.Tensor:
+    """A ``[pos, d_model]`` perturbation at one position, as large as the residual stream there."""
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.zeros_like(run.embeddings)
+    scale = run.embeddings[pos].norm()
+    delta[pos] = torch.randn(adapter.d_model, generator=gen) * scale / adapter.d_model**0.5
+    return delta
+
+
+def _perturbed_forward(adapter, run, source: str, frozen: bool):
+    """``f(delta)``: the final-norm output ``[pos, d_model]`` with ``delta`` added to the embedding
+    or to layer 0's MLP output, all MLP outputs held at their clean values."""
+
+    def forward(delta: torch.Tensor) -> torch.Tensor:
+        embeddings = run.embeddings + delta if source == "embedding" else run.embeddings
+        mlps = constant_mlps(run.mlp_outputs, delta if source == "mlp" else None, layer=0)
+        state = run.frozen if frozen else None
+        return adapter.patched_forward(run.input_ids, embeddings[None], mlps, frozen=state)[0]
+
+    return forward
+
+
+@pytest.mark.parametrize("source", ["mlp", "embedding"])
+def test_frozen_forward_is_linear_and_live_forward_is_not(tiny_adapter, family, source):
+    """Frozen attention patterns and norm scales make the residual stream linear in the MLP
+    outputs and embeddings (the premise of attribution edges); the live model is not."""
+    adapter = tiny_adapter(family)
+    run = adapter.clean_run(adapter.tokenize(TINY_PROMPT))
+    pos = 3
+    delta = _perturbation(adapter, run, pos)
+
+    f = _perturbed_forward(adapter, run, source, frozen=True)
+    f0, f1, f2 = f(0 * delta), f(delta), f(2 * delta)
+    torch.testing.assert_close(f0, run.final_hidden, atol=1e-5, rtol=0)
+    assert (f1 - f0)[pos:].abs().max() > 1e-2  # the perturbation reaches the output
+    torch.testing.assert_close(f2 - f0, 2 * (f1 - f0), rtol=1e-4, atol=1e-5)
+    assert ((f1 - f0)[:pos] == 0).all()  # causal: earlier positions do not move
+
+    live = _perturbed_forward(adapter, run, source, frozen=False)
+    f0, f1, f2 = live(0 * delta), live(delta), live(2 * delta)
+    assert ((f2 - f0) - 2 * (f1 - f0)).abs().max() > 1e-2 * (f1 - f0).abs().max()
+
+
+def test_frozen_forward_batch_rows_are_independent(tiny_adapter, family):
+    """Batched frozen passes (used for batched backward passes) equal one pass per row."""
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    delta = _perturbation(adapter, run, pos=2)
+    from_mlp = _perturbed_forward(adapter, run, "mlp", frozen=True)
+    embeddings = torch.stack([run.embeddings, run.embeddings + delta, run.embeddings])
+    extra = torch.stack([torch.zeros_like(delta), torch.zeros_like(delta), delta])  # (3, pos, d)
+    mlps = [lambda x, y=run.mlp_outputs[0]: y[None] + extra]  # (3, pos, d_model)
+    mlps += [lambda x, y=y: y[None].expand(3, -1, -1) for y in run.mlp_outputs[1:]]
+    out = adapter.frozen_forward(ids, run.frozen, embeddings, mlps)
+    assert out.shape == (3, len(ids), adapter.d_model)
+    torch.testing.assert_close(out[0], run.final_hidden, atol=1e-5, rtol=0)
+    from_embedding = _perturbed_forward(adapter, run, "embedding", frozen=True)
+    torch.testing.assert_close(out[1], from_embedding(delta), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[2], from_mlp(delta), atol=1e-5, rtol=0)
+
+
+def test_frozen_forward_gradient_is_its_linear_map(tiny_adapter, family):
+    """Backward through the frozen pass gives exactly the linear map: ``<grad, delta>`` equals
+    ``<g, f(delta) - f(0)>`` for an output direction ``g`` (stop-gradients on patterns and norm
+    scales, so gradients are the Jacobian attribution uses)."""
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    run = adapter.clean_run(ids)
+    pos = 2
+    delta = _perturbation(adapter, run, pos)
+    g = torch.randn(run.final_hidden.shape, generator=torch.Generator().manual_seed(2))
+    embeddings = run.embeddings.clone()[None].requires_grad_(True)
+    out = adapter.frozen_forward(ids, run.frozen, embeddings, constant_mlps(run.mlp_outputs))
+    (out[0] * g).sum().backward()
+    f = _perturbed_forward(adapter, run, "embedding", frozen=True)
+    with torch.no_grad():
+        expected = (g * (f(delta) - f(0 * delta))).sum()
+    torch.testing.assert_close((embeddings.grad[0] * delta).sum(), expected, rtol=1e-4, atol=1e-5)
+    assert not any(p.grad is not None for p in adapter.hf.parameters())
+
+
+# ------------------------------------------------------------------------------ tokenize
+@pytest.mark.parametrize("prompt", ["", "   ", " \n\t "])
+def test_tokenize_rejects_empty_prompt(tiny_adapter, family, prompt):
+    with pytest.raises(BadInputError, match="empty"):
+        tiny_adapter(family).tokenize(prompt)
+
+
+def test_tokenize_prepends_bos_once(tiny_adapter, family):
+    """BOS comes first whether the tokenizer adds it (Gemma, Llama) or not (GPT-2)."""
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenize(TINY_PROMPT)
+    bos = adapter.tokenizer.bos_token_id
+    assert ids.dtype == torch.long and ids.ndim == 1
+    assert int(ids[0]) == bos and int((ids == bos).sum()) == 1
+    assert adapter.has_bos(ids)
+    assert len(ids) == len(TINY_PROMPT) + 1
+    assert "".join(adapter.token_strings(ids)[1:]) == TINY_PROMPT
+
+
+# ------------------------------------------------------------------------------ loading
+def test_adapter_class_for_each_family(family):
+    assert loading.adapter_class_for(tiny_config(family).model_type) is EXPECTED_CLASS[family]
+
+
+def test_adapter_class_for_unknown_lists_known_architectures():
+    with pytest.raises(UnknownNameError) as info:
+        loading.adapter_class_for("unknown")
+    message = str(info.value)
+    assert "'unknown'" in message
+    for model_type in ("gemma3_text", "gemma2", "llama", "mistral", "qwen2", "qwen3", "gpt2"):
+        assert model_type in message
+    assert isinstance(info.value, BadInputError)
+
+
+def test_load_model_from_local_directory(tmp_path, tiny_adapter, family):
+    original = tiny_adapter(family)
+    directory = tmp_path / f"tiny-{family}"
+    original.hf.save_pretrained(directory)
+    original.tokenizer.save_pretrained(directory)
+
+    loaded = load_model(str(directory))
+    assert type(loaded) is EXPECTED_CLASS[family]
+    assert loaded.name == str(directory)
+    assert loaded.dtype == torch.float32
+    ids = original.tokenize(TINY_PROMPT)
+    if family != "qwen2":
+        # transformers 5 always loads model_type qwen2 with its byte-level Qwen2Tokenizer, which
+        # replaces the tiny character-level pre-tokenizer; real Qwen2 tokenizers round-trip
+        torch.testing.assert_close(loaded.tokenize(TINY_PROMPT), ids)
+    torch.testing.assert_close(
+        loaded.clean_run(ids).logits, original.clean_run(ids).logits, atol=1e-6, rtol=0
+    )
+
+
+def test_load_model_missing_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInputError, match="nope"):
+        load_model("./nope")
+
+
+def test_load_model_directory_without_config(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(BadInputError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_load_model_bad_paths(tmp_path):
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+    with pytest.raises(BadInputError, match="neither a directory nor a .gguf"):
+        load_model(str(not_a_model))
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+# ------------------------------------------------------------------------------ cache root
+def test_cache_root_follows_mechscope_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home"
+    monkeypatch.setenv("MECHSCOPE_HOME", "~/elsewhere")
+    assert cache_root() == Path.home() / "elsewhere"
+    monkeypatch.delenv("MECHSCOPE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "mechscope"
+
+
+def test_gguf_conversion_cache_lives_under_mechscope_home(tmp_path, monkeypatch):
+    """A .gguf path is converted into ``$MECHSCOPE_HOME/models/`` (conversion stubbed out)."""
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    targets: list[Path] = []
+    monkeypatch.setattr(loading, "_convert_gguf", lambda gguf, out: targets.append(out) or out)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    source, model_id = loading.resolve_model_dir(str(gguf))
+    assert model_id == "tiny"
+    assert Path(source).parent == tmp_path / "home" / "models"
+    assert Path(source).name.startswith("tiny-")
+    assert loading.resolve_model_dir(str(gguf))[0] == source  # same file, same cache entry
+
+
+# ------------------------------------------------------------------------------ shared fixtures
+@pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_tiny_transcoders_fire_and_fit_the_model(
+    tiny_adapter, make_tiny_transcoders, family, activation, skip
+):
+    """The transcoder fixture is sized for its adapter, a fair share of features fire, and the
+    reconstruction is on the scale of the MLP output (so attribution tests are not degenerate)."""
+    adapter = tiny_adapter(family)
+    d_transcoder = 48
+    transcoders = make_tiny_transcoders(
+        adapter, d_transcoder=d_transcoder, activation=activation, skip=skip, k=6
+    )
+    assert transcoders.n_layers == adapter.n_layers and transcoders.d_model == adapter.d_model
+    assert transcoders.activation == activation
+    run = adapter.clean_run(adapter.tokenize(TINY_PROMPT))
+    for layer in range(adapter.n_layers):
+        tc = transcoders[layer]
+        assert tc.W_enc.shape == tc.W_dec.shape == (d_transcoder, adapter.d_model)
+        assert (tc.W_skip is not None) == skip
+        acts = transcoders.encode(layer, run.mlp_inputs[layer])[1:]  # (pos - 1, d_transcoder)
+        l0 = (acts > 0).sum(-1).float()
+        if activation == "topk":
+            assert (l0 <= 6).all() and l0.mean() > 3
+        else:
+            assert 0.05 * d_transcoder < l0.mean() < 0.6 * d_transcoder
+        recon = tc.decode(acts, run.mlp_inputs[layer][1:])
+        ratio = recon.norm() / run.mlp_outputs[layer][1:].norm()
+        assert 0.2 < ratio < 5
+    if activation == "jumprelu":
+        assert (transcoders[0].activation_function.threshold > 0).all()
