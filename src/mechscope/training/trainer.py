@@ -19,6 +19,7 @@ TopK training followed by JumpReLU threshold calibration is a valid shortcut):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
 from mechscope.transcoders.io import save_transcoder_set
 from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
 
-__all__ = ["TrainConfig", "train_transcoders", "TopKTrainee"]
+__all__ = ["TrainConfig", "train_transcoders", "evaluate_transcoders", "TopKTrainee"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class TrainConfig:
             raise BadInputError(f"ctx_len must be >= 2, got {self.ctx_len}")
         if self.minibatches < 1 or self.minibatches > self.tokens_per_step:
             raise BadInputError(f"minibatches must be in [1, {self.tokens_per_step}], got {self.minibatches}")
+        if self.warmup_steps < 0:
+            raise BadInputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.skip_init not in ("lstsq", "zero"):
             raise BadInputError(f"skip_init must be 'lstsq' or 'zero', got {self.skip_init!r}")
         if not 0 < self.lr < 1:
@@ -232,7 +235,7 @@ def _activations(adapter: ModelAdapter, batch) -> tuple[list[torch.Tensor], list
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     decay_start = cfg.n_steps * (1 - cfg.decay_fraction)
     decay = 1.0 if step < decay_start else max(0.0, (cfg.n_steps - step) / (cfg.n_steps - decay_start))
     return cfg.lr * warm * max(decay, 0.02)
@@ -271,10 +274,10 @@ def _load_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optim
 
 
 @torch.no_grad()
-def _calibrate_and_evaluate(
-    adapter: ModelAdapter, trainees: nn.ModuleList, calib: TokenStream, heldout: TokenStream, cfg: TrainConfig
-) -> tuple[list[PerLayerTranscoder], list[LayerMetrics]]:
-    """JumpReLU thresholds matching TopK firing rates on calibration text, then held-out metrics."""
+def _calibrate(
+    adapter: ModelAdapter, trainees: nn.ModuleList, calib: TokenStream, cfg: TrainConfig
+) -> list[PerLayerTranscoder]:
+    """JumpReLU transcoders whose per-feature thresholds match TopK firing rates on calibration text."""
     n_layers = len(trainees)
     pre_chunks: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     fire_counts = [torch.zeros(cfg.d_transcoder) for _ in range(n_layers)]
@@ -299,15 +302,38 @@ def _calibrate_and_evaluate(
         threshold = torch.where(rate > 0, threshold, sorted_pre[-1] + 1.0).clamp(min=0)
         transcoders.append(tr.to_transcoder(threshold))
         pre_chunks[layer] = []
-    accs = [MetricsAccumulator(layer, cfg.d_transcoder) for layer in range(n_layers)]
-    for i, (_, batch) in enumerate(heldout.batches(cfg.batch_sequences)):
-        if i * cfg.batch_sequences >= cfg.eval_sequences:
+    return transcoders
+
+
+@torch.no_grad()
+def evaluate_transcoders(
+    adapter: ModelAdapter,
+    transcoders: PerLayerTranscoderSet,
+    heldout: TokenStream,
+    n_sequences: int,
+    batch_sequences: int = 16,
+    storage_dtype: torch.dtype | None = torch.bfloat16,
+) -> list[LayerMetrics]:
+    """Held-out FVU, L0 and dead fraction of every layer's transcoder.
+
+    Args:
+        heldout: the held-out token stream; its first ``n_sequences`` sequences are used.
+        storage_dtype: round the weights through this dtype first, so the figures describe the
+            set as saved (``None`` keeps them as they are).
+    """
+    if storage_dtype is not None:
+        transcoders = copy.deepcopy(transcoders)
+        for p in transcoders.parameters():
+            p.copy_(p.to(storage_dtype).float())
+    accs = [MetricsAccumulator(layer, transcoders.d_transcoder(layer)) for layer in range(transcoders.n_layers)]
+    for i, (_, batch) in enumerate(heldout.batches(batch_sequences)):
+        if i * batch_sequences >= n_sequences:
             break
         xs, ys = _activations(adapter, batch)
-        for layer, tc in enumerate(transcoders):
-            acts = tc.encode(xs[layer])
-            accs[layer].update(ys[layer], tc.decode(acts, xs[layer]), acts)
-    return transcoders, [a.result() for a in accs]
+        for layer, acc in enumerate(accs):
+            acts = transcoders.encode(layer, xs[layer])
+            acc.update(ys[layer], transcoders[layer].decode(acts, xs[layer]), acts)
+    return [a.result() for a in accs]
 
 
 def train_transcoders(
@@ -372,8 +398,8 @@ def train_transcoders(
             logger.info("checkpoint at step %d, %d tokens", state["step"], state["tokens"])
     bar.close()
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1)
-    transcoders, metrics = _calibrate_and_evaluate(adapter, trainees, calib, heldout_stream, cfg)
-    result = PerLayerTranscoderSet(transcoders, model_name=adapter.name, scan=out.name)
+    result = PerLayerTranscoderSet(_calibrate(adapter, trainees, calib, cfg), model_name=adapter.name, scan=out.name)
+    metrics = evaluate_transcoders(adapter, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
     extra = {
         "training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "TopK + AuxK, JumpReLU calibrated"},
         "heldout_metrics": [m.as_dict() for m in metrics],
