@@ -229,6 +229,7 @@ def tiny_train_config(**overrides) -> TrainConfig:
         aux_k=16,
         dead_after_tokens=600,
         eval_sequences=16,
+        calibration_sequences=16,
         checkpoint_every_s=1e9,
         minibatches=2,
     )
@@ -312,8 +313,19 @@ def stop_after_first_checkpoint(monkeypatch) -> list[int]:
     return saved_steps
 
 
-def test_interrupted_training_resumes_exactly(llama, streams, tmp_path, monkeypatch):
-    cfg = tiny_train_config(n_tokens=2400, checkpoint_every_s=0.0)  # 40 batches, a checkpoint after each
+@pytest.mark.parametrize("resample_every", [0, 4], ids=["plain", "resampling"])
+def test_interrupted_training_resumes_exactly(llama, streams, tmp_path, monkeypatch, resample_every):
+    # 40 batches, a checkpoint after each; with resampling, dead features are re-initialised every 2 batches
+    cfg = tiny_train_config(n_tokens=2400, checkpoint_every_s=0.0, resample_every=resample_every,
+                            dead_after_tokens=60, resample_until=0.9)
+    if resample_every:
+        calls = []
+        original = trainer.TopKTrainee.resample_dead
+        monkeypatch.setattr(trainer.TopKTrainee, "resample_dead",
+                            lambda self, *a: calls.append(original(self, *a)) or calls[-1])
+        run(llama, streams, cfg, tmp_path / "probe", tmp_path / "ck_probe")
+        assert sum(calls) > 0  # resampling really happened in this configuration
+        monkeypatch.undo()
     uninterrupted, metrics = run(llama, streams, cfg, tmp_path / "a", tmp_path / "ck_a")
 
     saved_steps = stop_after_first_checkpoint(monkeypatch)
@@ -333,6 +345,25 @@ def test_interrupted_training_resumes_exactly(llama, streams, tmp_path, monkeypa
     config = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
     assert config["training"]["tokens_trained"] == cfg.n_tokens
     assert sorted(p.name for p in (tmp_path / "ck_b").iterdir()) == ["checkpoint"]  # no temp dirs left
+
+
+def test_resampling_reinitialises_dead_features():
+    cfg = tiny_train_config(dead_after_tokens=10)
+    gen = torch.Generator().manual_seed(0)
+    tr = trainer.TopKTrainee(8, cfg, gen)
+    x, y = torch.randn(64, 8), torch.randn(64, 8)
+    tr.initialize(x, y)
+    opt = torch.optim.Adam(tr.parameters(), lr=1e-3)
+    loss, _, fired = tr.loss(x, y)
+    loss.backward()
+    opt.step()
+    tr.last_fired[:5] = 100  # features 0-4 are dead
+    before = tr.W_dec[5:].clone()
+    assert tr.resample_dead(x, y, opt, gen) == 5
+    assert torch.equal(tr.W_dec[5:], before)  # live features untouched
+    assert torch.allclose(tr.W_dec[:5].norm(dim=1), torch.ones(5))
+    assert (tr.b_enc[:5] == 0).all() and (tr.last_fired == 0).all()
+    assert (opt.state[tr.W_enc]["exp_avg"][:5] == 0).all() and (opt.state[tr.W_enc]["exp_avg"][5:] != 0).any()
 
 
 def test_checkpoint_from_another_config_is_rejected(llama, streams, tmp_path, monkeypatch):

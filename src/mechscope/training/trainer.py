@@ -68,6 +68,10 @@ class TrainConfig:
             run still takes enough steps.
         encoder_init_scale: initial encoder row norm (decoder rows start at unit norm).
         skip_init: ``lstsq`` (ridge fit on the first batch) or ``zero``.
+        resample_every: every this many optimizer steps, re-initialise features that have not
+            fired in ``dead_after_tokens`` tokens (0 = never) ...
+        resample_until: ... during the first this fraction of the steps, so the last ones settle.
+        calibration_sequences: sequences whose pre-activations set the JumpReLU thresholds.
     """
 
     d_transcoder: int = 1792
@@ -76,16 +80,19 @@ class TrainConfig:
     n_tokens: int = 3_200_000
     batch_sequences: int = 16
     ctx_len: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 200
     decay_fraction: float = 0.2
     aux_k: int = 256
     aux_coef: float = 1 / 32
     dead_after_tokens: int = 200_000
-    eval_sequences: int = 256
+    eval_sequences: int = 1024
     checkpoint_every_s: float = 300.0
     seed: int = 0
     minibatches: int = 4
+    resample_every: int = 500
+    resample_until: float = 0.7
+    calibration_sequences: int = 256
     encoder_init_scale: float = 0.1
     skip_init: str = "lstsq"
 
@@ -103,6 +110,10 @@ class TrainConfig:
             raise BadInputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.skip_init not in ("lstsq", "zero"):
             raise BadInputError(f"skip_init must be 'lstsq' or 'zero', got {self.skip_init!r}")
+        if self.resample_every < 0 or not 0 <= self.resample_until <= 1:
+            raise BadInputError(
+                f"resample_every must be >= 0 and resample_until in [0, 1], got {self.resample_every}, {self.resample_until}"
+            )
         if not 0 < self.lr < 1:
             raise BadInputError(f"lr must be in (0, 1), got {self.lr}")
 
@@ -187,6 +198,40 @@ class TopKTrainee(nn.Module):
             aux = (aux_hat - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
             loss = loss + self.cfg.aux_coef * torch.nan_to_num(aux, nan=0.0)
         return loss, y_hat.detach(), fired
+
+    @torch.no_grad()
+    def resample_dead(self, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
+        """Re-initialise dead features on the tokens this transcoder explains worst.
+
+        Anthropic's neuron resampling ("Towards Monosemanticity", 2023) adapted to transcoders:
+        each dead feature's decoder row becomes the normalised residual ``y - y_hat`` of a token
+        drawn with probability proportional to its squared error, its encoder row that token's
+        centred input direction scaled to the mean alive encoder norm times 0.2, its bias 0, and
+        its Adam moments are reset. Returns the number of features resampled.
+        """
+        dead = self.last_fired >= self.cfg.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        x_n, y_n = x / self.in_scale, y / self.out_scale
+        vals, idx = self.pre_activations(x_n).topk(self.cfg.k, dim=-1)
+        residual = y_n - (self.decode_sparse(idx, vals.clamp(min=0)) + self.b_dec + self.skip(x_n))
+        weights = residual.pow(2).sum(-1)
+        tokens = torch.multinomial(weights / weights.sum(), n_dead, replacement=True, generator=generator)
+        directions = residual[tokens] / residual[tokens].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        inputs = x_n[tokens] - x_n.mean(0)
+        inputs = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive_norm = self.W_enc[~dead].norm(dim=-1).mean() if n_dead < len(dead) else torch.tensor(1.0)
+        self.W_dec[dead] = directions
+        self.W_enc[dead] = inputs * alive_norm * 0.2
+        self.b_enc[dead] = 0.0
+        for param in (self.W_dec, self.W_enc, self.b_enc):
+            state = opt.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][dead] = 0.0
+        self.last_fired[dead] = 0
+        return n_dead
 
     @torch.no_grad()
     def after_step(self, fired: torch.Tensor, n_tokens: int) -> None:
@@ -283,7 +328,7 @@ def _calibrate(
     fire_counts = [torch.zeros(cfg.d_transcoder) for _ in range(n_layers)]
     n_calib = 0
     for i, (_, batch) in enumerate(calib.batches(cfg.batch_sequences)):
-        if i * cfg.batch_sequences >= cfg.eval_sequences:
+        if i * cfg.batch_sequences >= cfg.calibration_sequences:
             break
         xs, _ = _activations(adapter, batch)
         for layer, tr in enumerate(trainees):
@@ -385,6 +430,11 @@ def train_transcoders(
         for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
             _optimizer_step(trainees, opt, [x[part] for x in xs], [y[part] for y in ys], _lr(cfg, state["step"]), running)
             state["step"] += 1
+        if cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
+                and state["step"] < cfg.resample_until * cfg.n_steps:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+            resampled = [tr.resample_dead(x, y, opt, generator) for tr, x, y in zip(trainees, xs, ys)]
+            logger.info("step %d: resampled %s dead features", state["step"], resampled)
         state.update(index=index, tokens=state["tokens"] + xs[0].shape[0])
         bar.update(cfg.minibatches)
         if state["step"] % 100 < cfg.minibatches:
