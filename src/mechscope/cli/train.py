@@ -42,15 +42,12 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_pr
     """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration)."""
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
 
-    import torch
-
     from mechscope.data.corpus import TokenStream, corpus_dir
     from mechscope.models.loading import load_model
     from mechscope.paths import cache_root
     from mechscope.training.trainer import train_transcoders
 
     corpus = Path(corpus_path) if corpus_path else corpus_dir()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(model_name)
     train_stream = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "train", cfg.seed)
     heldout = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed)
