@@ -8,8 +8,13 @@ Layouts read and written:
   ``activation_function.threshold [d_transcoder]`` (JumpReLU) and ``W_skip [d_model, d_model]``.
   ``config.yaml`` carries ``model_kind: transcoder_set``, ``model_name``, ``scan``,
   ``feature_input_hook: mlp.hook_in``, ``feature_output_hook: hook_mlp_out``, ``transcoders``
-  (the layer files) and, for TopK sets, ``activation: topk`` and ``k`` — the keys circuit-tracer's
-  ``load_transcoders`` reads.
+  (the layer files, relative to the directory) and, for TopK sets, ``activation: topk`` and ``k``.
+  circuit-tracer 0.5.0 opens such a directory with ``load_transcoder_from_hub("/absolute/dir")``
+  (its local-cache branch; a relative path is taken for a Hub id). That branch globs the layer
+  files, ignores ``transcoders``, ``activation`` and ``k``, and picks JumpReLU when a file has a
+  threshold and ReLU otherwise — so a TopK set opens there as ReLU. Reading, mechscope follows the
+  same rule when ``activation`` is absent, and takes the 0-dim ``k`` tensor that circuit-tracer's
+  git main writes into TopK layer files.
 - **Gemma Scope 2** (read only): per layer a ``params.safetensors`` with ``w_enc [d_model, d_sae]``,
   ``w_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``, ``threshold`` and optionally
   ``affine_skip_connection [d_model, d_model]`` (applied as ``x @ A``).
@@ -142,14 +147,22 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _transcoder_from_tensors(
-    tensors: dict[str, torch.Tensor], activation: str, k: int | None, file: Path
+    tensors: dict[str, torch.Tensor], activation: str | None, k: int | None, file: Path
 ) -> PerLayerTranscoder:
     required = ("W_enc", "W_dec", "b_enc", "b_dec")
     missing = [key for key in required if key not in tensors]
     if missing:
         raise CorruptFileError(f"{file} lacks tensors {missing}; has {sorted(tensors)}")
     d_transcoder, d_model = tensors["W_enc"].shape
-    if "activation_function.threshold" in tensors and activation not in ("topk", "relu"):
+    tensors = dict(tensors)
+    k_tensor = tensors.pop("k", None)  # circuit-tracer main: TopK's k as a 0-dim tensor per layer file
+    if k_tensor is not None:
+        if k is not None and int(k_tensor) != k:
+            raise CorruptFileError(f"{file} holds k={int(k_tensor)} but config.yaml says k={k}")
+        k, activation = int(k_tensor), activation or "topk"
+    if activation is None:  # circuit-tracer's rule (load_relu_transcoder): a threshold means JumpReLU
+        activation = "jumprelu" if "activation_function.threshold" in tensors else "relu"
+    elif "activation_function.threshold" in tensors and activation not in ("topk", "relu"):
         activation = "jumprelu"
     tc = PerLayerTranscoder(d_model, d_transcoder, activation, k, skip_connection="W_skip" in tensors)
     state = {key: value.float() for key, value in tensors.items()}
@@ -181,7 +194,7 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> PerLayerTranscoderSe
     files = config.get("transcoders") or sorted(
         (p.name for p in path.glob("layer_*.safetensors")), key=lambda n: int(n[6:].split(".")[0])
     )
-    activation = config.get("activation") or "jumprelu"
+    activation = config.get("activation")
     k = config.get("k")
     transcoders = []
     for name in files:
