@@ -378,6 +378,11 @@ def test_checkpoint_from_another_config_is_rejected(llama, streams, tmp_path, mo
         run(llama, streams, other, tmp_path / "out", tmp_path / "ck")
     assert (tmp_path / "ck" / "checkpoint" / "state.safetensors").read_bytes() == before  # left untouched
     assert not (tmp_path / "out").exists()
+    # schedule fields may change on resume: a longer run continues from the checkpoint
+    longer = tiny_train_config(n_tokens=1200, checkpoint_every_s=0.0, resample_until=0.5)
+    _, metrics = run(llama, streams, longer, tmp_path / "out", tmp_path / "ck")
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert config["training"]["tokens_trained"] == 1200 and config["training"]["resample_until"] == 0.5
 
 
 def test_training_without_warmup_runs(llama, streams, tmp_path):

@@ -127,6 +127,13 @@ class TrainConfig:
         return math.ceil(self.n_tokens / self.tokens_per_step) * self.minibatches
 
 
+#: fields a resumed run may change: they steer what happens next, not what was already learned
+#: (a longer ``n_tokens`` extends the run and moves the learning-rate decay)
+SCHEDULE_FIELDS = frozenset(
+    {"n_tokens", "checkpoint_every_s", "eval_sequences", "calibration_sequences", "resample_every", "resample_until"}
+)
+
+
 class TopKTrainee(nn.Module):
     """One layer's transcoder while training, in normalised units.
 
@@ -411,11 +418,17 @@ def train_transcoders(
     state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": []}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
-        if saved["config"] != asdict(cfg):
+        changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)
+        fixed = [k for k in changed if k not in SCHEDULE_FIELDS]
+        if fixed:
             raise BadInputError(
-                f"{ckpt} holds a run with a different config; delete it or use another --checkpoint-dir"
+                f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use another "
+                f"--checkpoint-dir (only {', '.join(sorted(SCHEDULE_FIELDS))} may change on resume)"
             )
         state = _load_checkpoint(ckpt, trainees, opt)
+        if changed:
+            logger.warning("resuming with changed %s: %s", changed, {k: (saved["config"][k], asdict(cfg)[k]) for k in changed})
+            state["config"] = asdict(cfg)
         logger.info("resumed at step %d (%d tokens)", state["step"], state["tokens"])
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
     bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress, desc="training", unit="step")
