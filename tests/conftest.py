@@ -212,6 +212,30 @@ def make_tiny_transcoders(
     return PerLayerTranscoderSet(transcoders, model_name=adapter.name, scan=scan)
 
 
+def random_set(
+    n_layers: int = 2,
+    d_model: int = 16,
+    d_transcoder: int = 24,
+    activation: str = "jumprelu",
+    skip: bool = True,
+    k: int = 4,
+    seed: int = 0,
+    model_name: str = "tiny",
+) -> PerLayerTranscoderSet:
+    """A set with every parameter random (non-zero biases, thresholds in [0.1, 0.6])."""
+    gen = torch.Generator().manual_seed(seed)
+    transcoders = []
+    for _ in range(n_layers):
+        tc = PerLayerTranscoder(d_model, d_transcoder, activation, k if activation == "topk" else None, skip)
+        with torch.no_grad():
+            for param in tc.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) / d_model**0.5)
+            if activation == "jumprelu":
+                tc.activation_function.threshold.copy_(0.1 + 0.5 * torch.rand(d_transcoder, generator=gen))
+        transcoders.append(tc.requires_grad_(False))
+    return PerLayerTranscoderSet(transcoders, model_name=model_name, scan="tiny-plt")
+
+
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(autouse=True, scope="session")
 def _light_torch():

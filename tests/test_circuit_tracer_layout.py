@@ -21,9 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import random_set as make_random_set
+
 from mechscope.errors import CorruptFileError
 from mechscope.transcoders.io import load_transcoder_set, save_transcoder_set
-from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+from mechscope.transcoders.transcoder import PerLayerTranscoderSet
 
 D_MODEL, D_TRANSCODER, N_LAYERS, K = 16, 24, 3, 4
 
@@ -32,18 +34,8 @@ KINDS = [("jumprelu", False), ("jumprelu", True), ("relu", False), ("topk", Fals
 
 
 def random_set(activation: str, skip: bool, seed: int = 0) -> PerLayerTranscoderSet:
-    """Every parameter random; JumpReLU thresholds in [0.1, 0.6] so some features fire, some not."""
-    gen = torch.Generator().manual_seed(seed)
-    transcoders = []
-    for _ in range(N_LAYERS):
-        tc = PerLayerTranscoder(D_MODEL, D_TRANSCODER, activation, K if activation == "topk" else None, skip)
-        with torch.no_grad():
-            for param in tc.parameters():
-                param.copy_(torch.randn(param.shape, generator=gen) / D_MODEL**0.5)
-            if activation == "jumprelu":
-                tc.activation_function.threshold.copy_(0.1 + 0.5 * torch.rand(D_TRANSCODER, generator=gen))
-        transcoders.append(tc.requires_grad_(False))
-    return PerLayerTranscoderSet(transcoders, model_name="google/gemma-3-270m", scan="tiny-plt")
+    """A random set of this file's shape, named for the model circuit-tracer would trace."""
+    return make_random_set(N_LAYERS, D_MODEL, D_TRANSCODER, activation, skip, K, seed, model_name="google/gemma-3-270m")
 
 
 def circuit_tracer_forward(

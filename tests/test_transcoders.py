@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import random_set
+
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.transcoders import io as tc_io
 from mechscope.transcoders.activations import ACTIVATIONS, JumpReLU, ReLU, TopK, make_activation
@@ -24,31 +26,10 @@ from mechscope.transcoders.io import (
     save_transcoder_set,
     shipped_sets,
 )
-from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+from mechscope.transcoders.transcoder import PerLayerTranscoderSet
 
 
 # ------------------------------------------------------------------------------------ helpers
-def random_set(
-    n_layers: int = 2,
-    d_model: int = 16,
-    d_transcoder: int = 24,
-    activation: str = "jumprelu",
-    skip: bool = True,
-    k: int = 4,
-    seed: int = 0,
-) -> PerLayerTranscoderSet:
-    """A set with every parameter random (non-zero biases, thresholds in [0.1, 0.6])."""
-    gen = torch.Generator().manual_seed(seed)
-    transcoders = []
-    for _ in range(n_layers):
-        tc = PerLayerTranscoder(d_model, d_transcoder, activation, k if activation == "topk" else None, skip)
-        with torch.no_grad():
-            for param in tc.parameters():
-                param.copy_(torch.randn(param.shape, generator=gen) / d_model**0.5)
-            if activation == "jumprelu":
-                tc.activation_function.threshold.copy_(0.1 + 0.5 * torch.rand(d_transcoder, generator=gen))
-        transcoders.append(tc.requires_grad_(False))
-    return PerLayerTranscoderSet(transcoders, model_name="tiny", scan="tiny-plt")
 
 
 def assert_sets_equal(a: PerLayerTranscoderSet, b: PerLayerTranscoderSet, atol: float = 0.0) -> None:
