@@ -293,6 +293,8 @@ def test_training_lowers_heldout_fvu(llama, streams, tmp_path, monkeypatch):
     config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
     assert config["training"]["tokens_trained"] == cfg.n_tokens
     assert config["training"]["k"] == cfg.k
+    assert config["training"]["corpus"] == [{"source": e["source"], "weight": e["weight"]}
+                                            for e in streams[0].manifest["sources"]]
     assert [m["fvu"] for m in config["heldout_metrics"]] == pytest.approx([m.fvu for m in metrics])
     # the metrics describe the saved (bfloat16) weights, up to rounding
     assert heldout_fvu(llama, loaded, streams[1], cfg) == pytest.approx([m.fvu for m in metrics], abs=0.05)

@@ -154,6 +154,9 @@ class TokenStream:
         ctx_len: tokens per sequence, BOS included.
         split: ``train`` or ``heldout``.
         seed: fixes the order; sequence ``i`` is the same on every run.
+
+    Attributes:
+        manifest: the corpus' ``manifest.json`` (sources, weights, document counts).
     """
 
     corpus: Path
@@ -163,6 +166,7 @@ class TokenStream:
     seed: int = 0
     _tokens: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _weights: list[float] = field(default_factory=list, init=False, repr=False)
+    manifest: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.corpus = Path(self.corpus)
@@ -173,7 +177,7 @@ class TokenStream:
             raise BadInputError(f"split must be 'train' or 'heldout', got {self.split!r}")
         if self.ctx_len < 2:
             raise BadInputError(f"ctx_len must be >= 2, got {self.ctx_len}")
-        manifest = json.loads(manifest_file.read_text())
+        self.manifest = manifest = json.loads(manifest_file.read_text())
         for entry in manifest["sources"]:
             tokens = self._tokenized(entry["name"])
             if len(tokens) >= self.ctx_len:

@@ -464,7 +464,8 @@ def train_transcoders(
     result = PerLayerTranscoderSet(_calibrate(adapter, trainees, calib, cfg), model_name=adapter.name, scan=out.name)
     metrics = evaluate_transcoders(adapter, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
     extra = {
-        "training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "TopK + AuxK, JumpReLU calibrated"},
+        "training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "TopK + AuxK, JumpReLU calibrated",
+                     "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
         "heldout_metrics": [m.as_dict() for m in metrics],
     }
     save_transcoder_set(result, out, dtype=torch.bfloat16, extra_config=extra)
