@@ -183,13 +183,18 @@ class TopKTrainee(nn.Module):
     def skip(self, x_n: torch.Tensor) -> torch.Tensor:
         return 0.0 if self.W_skip is None else x_n @ self.W_skip.T
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(loss, y_hat_normalised, fired_mask [d_transcoder])`` for raw ``x, y [n, d]``."""
-        x_n, y_n = x / self.in_scale, y / self.out_scale
+    def forward_topk(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TopK forward on normalised inputs ``[n, d_model]``: returns ``(pre [n, d_transcoder],
+        idx [n, k], vals [n, k] (ReLU'd), y_hat [n, d_model] normalised)``."""
         pre = self.pre_activations(x_n)
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         vals = vals.clamp(min=0)
-        y_hat = self.decode_sparse(idx, vals) + self.b_dec + self.skip(x_n)
+        return pre, idx, vals, self.decode_sparse(idx, vals) + self.b_dec + self.skip(x_n)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(loss, y_hat_normalised, fired_mask [d_transcoder])`` for raw ``x, y [n, d]``."""
+        x_n, y_n = x / self.in_scale, y / self.out_scale
+        pre, idx, vals, y_hat = self.forward_topk(x_n)
         variance = (y_n - y_n.mean(0)).pow(2).sum(-1).mean().detach()
         mse = (y_hat - y_n).pow(2).sum(-1).mean() / variance
         fired = torch.zeros(pre.shape[-1], dtype=torch.bool)
@@ -221,8 +226,7 @@ class TopKTrainee(nn.Module):
         if n_dead == 0:
             return 0
         x_n, y_n = x / self.in_scale, y / self.out_scale
-        vals, idx = self.pre_activations(x_n).topk(self.cfg.k, dim=-1)
-        residual = y_n - (self.decode_sparse(idx, vals.clamp(min=0)) + self.b_dec + self.skip(x_n))
+        residual = y_n - self.forward_topk(x_n)[3]
         weights = residual.pow(2).sum(-1)
         tokens = torch.multinomial(weights / weights.sum(), n_dead, replacement=True, generator=generator)
         directions = residual[tokens] / residual[tokens].norm(dim=-1, keepdim=True).clamp(min=1e-8)
