@@ -343,6 +343,53 @@ class ModelAdapter:
                     setattr(block, attr, module)
 
 
+    @torch.no_grad()
+    def edited_forward(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        edit_mlp_output: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        patterns: dict[int, torch.Tensor] | None = None,
+        norm_scales: dict[int, torch.Tensor] | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Forward pass of the real model whose MLP outputs pass through ``edit_mlp_output``.
+
+        The real MLPs run; after each layer's MLP output site ``edit_mlp_output(layer, x, y)``
+        returns the output to use, from the layer's MLP input ``x`` and real output ``y`` (both
+        ``[batch, pos, d_model]``). Interventions add feature decoder deltas here (Ameisen et al.
+        2025, "Circuit Tracing", section "Intervention experiments").
+
+        Args:
+            patterns: attention patterns to replay (``FrozenState.patterns``), or ``None`` for
+                live attention; they must cover the whole sequence.
+            norm_scales: norm scales to replay (``FrozenState.norm_scales``), or ``None``.
+
+        Returns:
+            ``[batch, pos, d_model]`` output of the final norm.
+        """
+        inputs: dict[int, torch.Tensor] = {}
+        attention = (
+            use_mechscope_attention(self, frozen=patterns) if patterns is not None else contextlib.nullcontext()
+        )
+        with self._hooks() as handles, attention:
+            for norm in self.all_norms() if norm_scales is not None else []:
+                handles.append(
+                    norm.register_forward_hook(
+                        lambda m, args, out, scale=norm_scales[id(norm)]: self.normalize(m, args[0], scale)
+                    )
+                )
+            for layer in range(self.n_layers):
+                handles.append(
+                    self.mlp(layer).register_forward_pre_hook(
+                        lambda m, args, layer=layer: inputs.__setitem__(layer, args[0])
+                    )
+                )
+                handles.append(
+                    self.mlp_output_site(layer).register_forward_hook(
+                        lambda m, args, out, layer=layer: edit_mlp_output(layer, inputs[layer], out)
+                    )
+                )
+            return self._run_body(input_ids)
+
     def frozen_forward(self, input_ids, frozen: FrozenState, embeddings, mlp_replacements, on_mlp_input=None):
         """The local replacement model's forward pass: :meth:`patched_forward` with ``frozen``."""
         return self.patched_forward(input_ids, embeddings, mlp_replacements, frozen, on_mlp_input)

@@ -118,14 +118,12 @@ class ReplacementModel:
         def replacement(layer: int):
             def fn(x: torch.Tensor) -> torch.Tensor:
                 a = self.transcoders.encode(layer, x)
-                out = self._decode_one(layer, a, x) + trace.errors[layer]
+                out = self.decode_layer(layer, a, x) + trace.errors[layer]
                 out[:, :first] = trace.run.mlp_outputs[layer][:first]
                 return out
 
             return fn
 
-        if not all(len(self.transcoders.output_layers(layer)) == 1 for layer in range(self.model.n_layers)):
-            raise NotImplementedError("replacement_logits is defined here for per-layer transcoders")
         final = self.model.patched_forward(
             trace.run.input_ids,
             trace.run.embeddings[None],
@@ -133,7 +131,18 @@ class ReplacementModel:
         )
         return self.model.output_logits(final[0, -1])
 
-    def _decode_one(self, layer: int, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def decode_layer(
+        self, layer: int, acts: Float[torch.Tensor, "... d_transcoder"], x: Float[torch.Tensor, "... d_model"]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Transcoder output at ``layer`` from that layer's activations and MLP input (with
+        ``b_dec`` and the skip path).
+
+        Raises:
+            NotImplementedError: for cross-layer transcoders, whose output at a layer also
+                depends on earlier layers' features.
+        """
+        if len(self.transcoders.output_layers(0)) != 1:  # layer 0 of a cross-layer set writes to all
+            raise NotImplementedError("decode_layer is defined for per-layer transcoders")
         zeros = [torch.zeros_like(acts)] * self.model.n_layers
         zeros[layer] = acts
         inputs = [x] * self.model.n_layers
