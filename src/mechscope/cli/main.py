@@ -33,10 +33,14 @@ def cli(verbose: int) -> None:
 
 def _register() -> None:
     from mechscope.cli.corpus import corpus
+    from mechscope.cli.intervene import intervene
+    from mechscope.cli.supernodes import supernodes
     from mechscope.cli.trace import trace
     from mechscope.cli.train import train
 
     cli.add_command(trace)
+    cli.add_command(intervene)
+    cli.add_command(supernodes)
     cli.add_command(train)
     cli.add_command(corpus)
 

@@ -22,7 +22,7 @@ from mechscope.graph.graph import Graph, NodeKind
 from mechscope.graph.prune import PruneResult
 from mechscope.paths import atomic_write_text
 
-__all__ = ["to_neuronpedia", "write_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
+__all__ = ["to_neuronpedia", "write_neuronpedia", "read_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
 
 FEATURE_TYPES = {
     NodeKind.FEATURE: "cross layer transcoder",
@@ -166,3 +166,20 @@ def write_neuronpedia(data: dict, path: str | Path) -> Path:
     validate_neuronpedia(data)
     atomic_write_text(path, json.dumps(data))
     return Path(path)
+
+
+def read_neuronpedia(path: str | Path) -> dict:
+    """Read and validate an exchange JSON file.
+
+    Raises:
+        BadInputError: the file is missing, not JSON, or does not match the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"graph file {str(path)!r} does not exist; give the .json that `mechscope trace` wrote")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"graph file {str(path)!r} is not valid JSON: {e}") from e
+    validate_neuronpedia(data)
+    return data

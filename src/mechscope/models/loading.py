@@ -26,7 +26,7 @@ from mechscope.errors import BadInputError, UnknownNameError
 from mechscope.models.adapter import ModelAdapter
 from mechscope.paths import cache_root
 
-__all__ = ["load_model", "KNOWN_MODELS", "adapter_class_for", "resolve_model_dir"]
+__all__ = ["load_model", "KNOWN_MODELS", "adapter_class_for", "resolve_model_dir", "model_name_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ def _smollm2_gguf() -> Path:
 KNOWN_MODELS = {"gemma-3-270m": _gemma3_270m_gguf, "smollm2-135m-instruct": _smollm2_gguf}
 #: the canonical Hugging Face id of each offline name (recorded in graphs)
 HF_IDS = {"gemma-3-270m": "google/gemma-3-270m", "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def model_name_for(model_id: str) -> str:
+    """What to load for a model id recorded in a graph: the offline name whose canonical id it is
+    (so graphs of the embedded models reopen without a hub), else the id itself."""
+    offline = {hf_id: name for name, hf_id in HF_IDS.items()}
+    return offline.get(model_id, model_id)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,0 +1,215 @@
+"""``mechscope intervene PROMPT --graph GRAPH.json ...``: test a circuit on the real model.
+
+TARGET is a node id of the graph (feature ``{layer}_{feature}_{pos}``, error ``{layer}_-1_{pos}``)
+or the label of one of its supernodes (``qParams.supernodes``). The model and transcoder set
+default to the ones the graph was traced with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from mechscope.errors import BadInputError
+
+__all__ = ["intervene"]
+
+
+def _split_assignment(text: str, flag: str) -> tuple[str, float]:
+    target, sep, value = text.rpartition("=")
+    if not sep or not target:
+        raise BadInputError(f"{flag} expects TARGET=NUMBER, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadInputError(f"{flag} {text!r}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise BadInputError(f"{flag} {text!r}: the value must be finite")
+    return target, number
+
+
+def _parse_positions(text: str, spec: str) -> tuple[int, ...] | None:
+    if text in ("all", "*"):
+        return None
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise BadInputError(f"--inject {spec!r}: positions {text!r} must be integers (comma-separated) or 'all'") from None
+
+
+def _parse_injection(spec: str):
+    from mechscope.interventions.records import FeatureTarget, Intervention
+
+    where, value = _split_assignment(spec, "--inject")
+    feature_part, at, positions = where.partition("@")
+    layer, colon, index = feature_part.partition(":")
+    if not (at and colon):
+        raise BadInputError(f"--inject expects LAYER:INDEX@POS=VALUE, got {spec!r}")
+    try:
+        layer_i, index_i = int(layer), int(index)
+    except ValueError:
+        raise BadInputError(f"--inject {spec!r}: LAYER and INDEX must be integers") from None
+    return Intervention(FeatureTarget(layer_i, index_i, _parse_positions(positions, spec)), "add", value)
+
+
+def _parse_layers(text: str | None, n_layers: int) -> range | None:
+    if text is None:
+        return None
+    start, colon, end = text.partition(":")
+    try:
+        layers = range(int(start) if start else 0, int(end) if end else n_layers)
+    except ValueError:
+        raise BadInputError(f"--layers expects START:END (integers), got {text!r}") from None
+    if not colon or len(layers) == 0 or layers.start < 0 or layers.stop > n_layers:
+        raise BadInputError(f"--layers {text!r} must be a non-empty range START:END within 0:{n_layers}")
+    return layers
+
+
+class _Targets:
+    """Resolves TARGET strings against a graph JSON's node ids and supernode labels."""
+
+    def __init__(self, data: dict):
+        from mechscope.graph.supernodes import read_supernodes
+
+        self.node_ids = {node["node_id"] for node in data["nodes"]}
+        self.supernodes = {s.label: s for s in read_supernodes(data)}
+
+    def resolve(self, name: str):
+        from mechscope.interventions.records import SupernodeTarget, target_from_node_id
+
+        if name in self.supernodes:
+            members = tuple(target_from_node_id(n) for n in self.supernodes[name].node_ids)
+            return SupernodeTarget(name, members)
+        if name in self.node_ids:
+            return target_from_node_id(name)
+        labels = ", ".join(repr(label) for label in self.supernodes) or "(none)"
+        raise BadInputError(
+            f"unknown target {name!r}: not a node id of the graph nor a supernode label; supernodes: {labels}; "
+            "node ids look like 12_3456_5 (feature) or 12_-1_5 (error)"
+        )
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--graph", "graph_path", required=True, type=click.Path(dir_okay=False),
+              help="Graph JSON written by `mechscope trace` (node ids and supernodes come from it).")
+@click.option("--scale", "scales", multiple=True, metavar="TARGET=FACTOR", help="Multiply activations (e.g. =-10).")
+@click.option("--set", "sets", multiple=True, metavar="TARGET=VALUE", help="Set activations to VALUE.")
+@click.option("--zero", "zeros", multiple=True, metavar="TARGET", help="Zero activations (errors too).")
+@click.option("--inject", "injections", multiple=True, metavar="LAYER:INDEX@POS=VALUE",
+              help="Add VALUE to a feature at POS (comma-separated, or 'all').")
+@click.option("--freeze-attention/--no-freeze-attention", default=True, show_default=True,
+              help="Replay the clean attention patterns (first forward pass).")
+@click.option("--layers", default=None, metavar="START:END",
+              help="Constrained patching: clamp MLP outputs in this layer range (default: iterative).")
+@click.option("--generate", type=int, default=0, show_default=True, help="Tokens to generate, clean and intervened.")
+@click.option("--open-ended", is_flag=True, help="Also intervene at generated positions (targets at 'all').")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; else seeded sampling.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--readout", "readouts", multiple=True, metavar="SUPERNODE_LABEL",
+              help="Report this supernode's activation as % of clean.")
+@click.option("--token", "tokens", multiple=True, help="Report this token's logit difference (single token).")
+@click.option("--top-k", type=int, default=10, show_default=True)
+@click.option("--model", "model_name", default=None, help="Default: the graph's model.")
+@click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's transcoder set.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def intervene(prompt, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
+              temperature, seed, readouts, tokens, top_k, model_name, transcoders_name, as_json):
+    """Run PROMPT clean and with interventions on the real model; compare outputs."""
+    from mechscope.export.neuronpedia import read_neuronpedia
+    from mechscope.interventions.records import FeatureTarget, Intervention
+
+    if not prompt.strip():
+        raise BadInputError("the prompt is empty; give some text to run")
+    for name, value, low in (("--generate", generate, 0), ("--top-k", top_k, 1)):
+        if value < low:
+            raise BadInputError(f"{name} must be >= {low}, got {value}")
+    if temperature < 0:
+        raise BadInputError(f"--temperature must be >= 0, got {temperature}")
+    data = read_neuronpedia(graph_path)
+    targets = _Targets(data)
+    interventions = []
+    for operation, specs in (("scale", scales), ("set", sets)):
+        for spec in specs:
+            target, value = _split_assignment(spec, f"--{operation}")
+            interventions.append(Intervention(targets.resolve(target), operation, value))
+    interventions += [Intervention(targets.resolve(t), "zero") for t in zeros]
+    interventions += [_parse_injection(spec) for spec in injections]
+    if not interventions:
+        raise BadInputError("no intervention given; use --scale, --set, --zero or --inject")
+    readout_targets = {}
+    for label in readouts:
+        if label not in targets.supernodes:
+            raise BadInputError(f"--readout {label!r} is not a supernode of the graph; supernodes: {list(targets.supernodes)}")
+        members = [targets.resolve(n) for n in targets.supernodes[label].node_ids]
+        readout_targets[label] = [m for m in members if isinstance(m, FeatureTarget)]
+
+    from mechscope.interventions.intervene import InterventionConfig, run_interventions
+    from mechscope.models.loading import load_model, model_name_for
+    from mechscope.replacement.replacement_model import ReplacementModel
+    from mechscope.transcoders.io import load_transcoder_set, resolve_transcoders
+
+    metadata = data["metadata"]
+    transcoders_name = transcoders_name or metadata["scan"]
+    resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
+    if model_name is None and not metadata.get("model_id"):
+        raise BadInputError(f"{graph_path} names no model (metadata.model_id); pass --model")
+    model = load_model(model_name or model_name_for(metadata["model_id"]))
+    rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
+    token_ids = [_single_token(model, t) for t in tokens]
+    config = InterventionConfig(freeze_attention=freeze_attention, constrained_layers=_parse_layers(layers, model.n_layers),
+                                generate=generate, open_ended=open_ended, temperature=temperature, seed=seed, top_k=top_k)
+    result = run_interventions(rm, rm.tokenize(prompt), interventions, config, readout_targets)
+
+    decode = model.tokenizer.decode
+    summary = {
+        which: {
+            "top_tokens": [{"token": decode([i]), "token_id": i, "prob": p} for i, p in result.top_tokens(which, top_k)],
+            "continuation": decode(getattr(result, f"{which}_continuation")),
+        }
+        for which in ("clean", "intervened")
+    }
+    summary["readouts"] = {label: r.percent_of_clean for label, r in result.readouts.items()}
+    summary["interventions"] = [i.as_dict() for i in interventions]
+    summary["tokens"] = [_token_report(result, decode([i]), i) for i in token_ids]
+    summary["settings"] = {"freeze_attention": freeze_attention, "layers": layers, "generate": generate,
+                           "open_ended": open_ended, "temperature": temperature, "seed": seed}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        _print(summary)
+
+
+def _single_token(model, text: str) -> int:
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise BadInputError(f"--token {text!r} is {len(ids)} tokens ({ids}); give a single token such as ' tennis'")
+    return ids[0]
+
+
+def _token_report(result, token: str, token_id: int) -> dict:
+    import torch
+
+    probs = {w: float(torch.softmax(getattr(result, f"{w}_logits"), -1)[token_id]) for w in ("clean", "intervened")}
+    return {"token": token, "token_id": token_id, "logit_difference": result.logit_difference(token_id),
+            "clean_prob": probs["clean"], "intervened_prob": probs["intervened"]}
+
+
+def _print(summary: dict) -> None:
+    echo = click.echo
+    echo("interventions:")
+    for i in summary["interventions"]:
+        echo(f"  {i['operation']} {i['target']} {i['value']:g} ({len(i['members'])} nodes)")
+    echo(f"{'clean':>28}   {'intervened':>28}")
+    for c, n in zip(summary["clean"]["top_tokens"], summary["intervened"]["top_tokens"]):
+        echo(f"  {c['token']!r:>18} {c['prob']:.3f}   {n['token']!r:>18} {n['prob']:.3f}")
+    for t in summary["tokens"]:
+        echo(f"token {t['token']!r}: p {t['clean_prob']:.3f} -> {t['intervened_prob']:.3f}, "
+             f"logit {t['logit_difference']:+.3f}")
+    for label, percent in summary["readouts"].items():
+        echo(f"supernode {label!r}: {percent:.1f}% of clean activation")
+    if summary["settings"]["generate"]:
+        echo(f"clean continuation:      {summary['clean']['continuation']!r}")
+        echo(f"intervened continuation: {summary['intervened']['continuation']!r}")
