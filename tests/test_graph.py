@@ -13,7 +13,7 @@ from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.errors import BadInputError, CorruptFileError
 from mechscope.export.neuronpedia import cantor_pair, slugify, to_neuronpedia, validate_neuronpedia
 from mechscope.graph.io import load_graph, save_graph
-from mechscope.graph.prune import compute_influence, graph_scores, normalize_matrix, prune_graph
+from mechscope.graph.prune import compute_influence, graph_scores, logit_influence, normalize_matrix, prune_graph
 from mechscope.replacement.replacement_model import ReplacementModel
 
 
@@ -30,6 +30,17 @@ def test_influence_equals_the_neumann_series(graph):
     n = A.shape[0]
     dense = w @ (torch.linalg.inv(torch.eye(n) - A.double()).float() - torch.eye(n))
     assert torch.allclose(compute_influence(A, w), dense, atol=1e-5)
+
+
+def test_logit_influence_splits_the_total_influence_by_logit(graph):
+    total = compute_influence(normalize_matrix(graph.adjacency), graph.logit_weights())
+    per_logit = [logit_influence(graph, k) for k in range(graph.n_logits)]
+    weighted = sum(p * infl for p, infl in zip(graph.logit_probabilities, per_logit))
+    assert torch.allclose(weighted, total, atol=1e-6)
+    direct = normalize_matrix(graph.adjacency)[graph.logit_offset]
+    assert (per_logit[0] >= direct - 1e-7).all() and float(per_logit[0].sum()) > 0
+    with pytest.raises(BadInputError, match="logit index 99"):
+        logit_influence(graph, 99)
 
 
 def test_pruning_keeps_more_as_thresholds_rise(graph):

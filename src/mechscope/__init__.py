@@ -1,7 +1,8 @@
 """mechscope: a microscope for language models.
 
 Replace a model's MLPs with sparse transcoder features, build attribution graphs that show which
-features cause an output, prune them, and export them for exploration. Importing this package does
+features cause an output, prune them, group them into supernodes, test them with interventions
+on the real model, and export them for exploration. Importing this package does
 nothing else: no torch import, no logging setup, no file or network access. The public API below
 is loaded on first use, in pipeline order.
 """
@@ -35,10 +36,21 @@ _API = {
     "prune_graph": "mechscope.graph.prune",
     "PruneResult": "mechscope.graph.prune",
     "graph_scores": "mechscope.graph.prune",
+    "logit_influence": "mechscope.graph.prune",
+    "Supernode": "mechscope.graph.supernodes",
+    "suggest_supernodes": "mechscope.graph.supernodes",
+    "supernode_view": "mechscope.graph.supernodes",
     "save_graph": "mechscope.graph.io",
     "load_graph": "mechscope.graph.io",
     "to_neuronpedia": "mechscope.export.neuronpedia",
     "validate_neuronpedia": "mechscope.export.neuronpedia",
+    "read_neuronpedia": "mechscope.export.neuronpedia",
+    "FeatureTarget": "mechscope.interventions.records",
+    "ErrorTarget": "mechscope.interventions.records",
+    "SupernodeTarget": "mechscope.interventions.records",
+    "Intervention": "mechscope.interventions.records",
+    "InterventionConfig": "mechscope.interventions.intervene",
+    "run_interventions": "mechscope.interventions.intervene",
     "MechscopeError": "mechscope.errors",
 }
 

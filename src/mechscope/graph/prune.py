@@ -27,6 +27,7 @@ __all__ = [
     "normalize_matrix",
     "compute_influence",
     "partial_influences",
+    "logit_influence",
     "prune_graph",
     "PruneResult",
     "graph_scores",
@@ -55,6 +56,21 @@ def compute_influence(
         current = current @ A
         influence += current
     raise RuntimeError(f"influence did not converge in {max_iter} iterations; is the graph acyclic?")
+
+
+def logit_influence(graph: Graph, logit: int) -> Float[torch.Tensor, "n_nodes"]:
+    """Direct plus indirect influence of every node on one logit target (``logit`` indexes the
+    graph's logit targets): row ``logit`` of ``(A + A^2 + ...)`` on the normalised adjacency. Finds
+    the features behind one answer (which nodes to group, suppress or inject).
+
+    Raises:
+        BadInputError: ``logit`` is not a logit target index.
+    """
+    if not 0 <= logit < graph.n_logits:
+        raise BadInputError(f"logit index {logit} out of range; the graph has {graph.n_logits} logit targets")
+    weights = torch.zeros(graph.n_nodes)
+    weights[graph.logit_offset + logit] = 1.0
+    return compute_influence(normalize_matrix(graph.adjacency.float()), weights)
 
 
 def partial_influences(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mechscope.errors import BadInputError
+from mechscope.graph.prune import compute_influence, normalize_matrix
 
 __all__ = ["Supernode", "read_supernodes", "add_supernode", "remove_supernode", "suggest_supernodes",
            "supernode_view", "SupernodeView"]
@@ -131,15 +132,12 @@ def _average_linkage(similarity: torch.Tensor, threshold: float) -> list[list[in
 
 
 def _influence_on_logits(data: dict, adjacency: torch.Tensor) -> torch.Tensor:
-    """``[n_nodes, n_logits]`` total (direct + indirect) normalised influence of each node on each
-    logit node: ``B = (I - A_norm)^-1 - I`` with ``A_norm`` the row-normalised absolute adjacency
-    (Ameisen et al. 2025, "Circuit Tracing", appendix on graph pruning)."""
-    a = adjacency.abs()
-    a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    n = len(a)
-    total = torch.linalg.inv(torch.eye(n) - a) - torch.eye(n)
+    """``[n_nodes, n_logits]`` direct plus indirect influence of each node on each logit node, on
+    the normalised adjacency (the definition pruning uses, :mod:`mechscope.graph.prune`)."""
+    normalized = normalize_matrix(adjacency)
     logits = [i for i, node in enumerate(data["nodes"]) if node["feature_type"] == "logit"]
-    return total[logits].T
+    columns = [compute_influence(normalized, torch.eye(len(adjacency))[i]) for i in logits]
+    return torch.stack(columns, dim=1) if columns else torch.zeros(len(adjacency), 0)
 
 
 def _label(data: dict, members: list[int], influence: torch.Tensor, logit_names: list[str]) -> str:
