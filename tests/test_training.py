@@ -409,3 +409,18 @@ def test_training_without_warmup_runs(llama, streams, tmp_path):
 def test_train_config_validation(overrides, message):
     with pytest.raises(BadInputError, match=message):
         tiny_train_config(**overrides)
+
+
+def test_calibrated_thresholds_match_topk_rates_and_keep_rare_live_features():
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(1000, 4, generator=gen)
+    fire_counts = torch.tensor([100.0, 10.0, 0.0, 0.0])
+    alive = torch.tensor([True, True, True, False])
+    threshold = trainer.calibrated_thresholds(pre, fire_counts, alive)
+    fired = (pre > threshold).float().sum(0)
+    assert fired[0] == pytest.approx(100, abs=1) and fired[1] == pytest.approx(10, abs=1)
+    # never fired in calibration but alive in training: rarer than 1/n, so the sample maximum
+    assert threshold[2] == pre[:, 2].max() and fired[2] == 0
+    # dead in training too: above every value seen
+    assert threshold[3] > pre[:, 3].max()
+    assert (threshold >= 0).all()

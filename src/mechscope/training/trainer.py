@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from jaxtyping import Bool, Float
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -92,7 +93,7 @@ class TrainConfig:
     minibatches: int = 4
     resample_every: int = 500
     resample_until: float = 0.7
-    calibration_sequences: int = 256
+    calibration_sequences: int = 512
     encoder_init_scale: float = 0.1
     skip_init: str = "lstsq"
 
@@ -351,14 +352,31 @@ def _calibrate(
     transcoders = []
     for layer, tr in enumerate(trainees):
         pre = torch.cat(pre_chunks[layer]).float()  # (n_calib, d_transcoder)
-        rate = fire_counts[layer] / n_calib
-        sorted_pre = pre.sort(dim=0).values
-        rank = ((1 - rate) * (n_calib - 1)).round().long().clamp(0, n_calib - 1)
-        threshold = sorted_pre.gather(0, rank[None]).squeeze(0)
-        threshold = torch.where(rate > 0, threshold, sorted_pre[-1] + 1.0).clamp(min=0)
-        transcoders.append(tr.to_transcoder(threshold))
+        alive = tr.last_fired < cfg.dead_after_tokens
+        transcoders.append(tr.to_transcoder(calibrated_thresholds(pre, fire_counts[layer], alive)))
         pre_chunks[layer] = []
     return transcoders
+
+
+def calibrated_thresholds(
+    pre: Float[torch.Tensor, "n d_transcoder"], fire_counts: Float[torch.Tensor, "d_transcoder"],
+    alive: Bool[torch.Tensor, "d_transcoder"],
+) -> Float[torch.Tensor, "d_transcoder"]:
+    """JumpReLU thresholds that reproduce each feature's TopK firing rate on calibration tokens.
+
+    A feature that fired ``c`` times among the ``n`` tokens gets the ``(1 - c / n)`` quantile of
+    its pre-activations. A feature that never fired there but fired in training's last
+    ``dead_after_tokens`` (``alive``) is rarer than ``1 / n``: it gets the largest pre-activation
+    seen, the best estimate of that quantile the sample allows, instead of being switched off. A
+    feature dead in training too gets a threshold above every value seen. Thresholds are >= 0.
+    """
+    n = pre.shape[0]
+    rate = fire_counts / n
+    sorted_pre = pre.sort(dim=0).values
+    rank = ((1 - rate) * (n - 1)).round().long().clamp(0, n - 1)
+    threshold = sorted_pre.gather(0, rank[None]).squeeze(0)
+    unseen = torch.where(alive, sorted_pre[-1], sorted_pre[-1] + 1.0)
+    return torch.where(rate > 0, threshold, unseen).clamp(min=0)
 
 
 @torch.no_grad()
