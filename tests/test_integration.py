@@ -39,11 +39,15 @@ def test_shipped_set_reproduces_the_model(replacement_model):
     trace = rm.trace(rm.tokenize(PROMPT))
     logits = rm.replacement_logits(trace)
     assert torch.allclose(logits, trace.run.logits, atol=1e-3, rtol=1e-4)
-    # the features explain most of each MLP output (FVU well below 1 on this prompt)
+    # the features explain most of each MLP output: the error's share of the output's squared norm
+    # (uncentred: seven tokens are too few for a mean) is 0.04-0.55 per layer on this prompt, about
+    # 0.22 on average; an untrained set leaves about all of it
+    unexplained = []
     for layer in range(rm.model.n_layers):
-        y = trace.run.mlp_outputs[layer][1:]
-        fvu = (trace.errors[layer][1:].pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
-        assert fvu < 0.6, (layer, fvu)
+        y, error = trace.run.mlp_outputs[layer][1:], trace.errors[layer][1:]
+        unexplained.append((error.pow(2).sum() / y.pow(2).sum()).item())
+        assert unexplained[-1] < 0.6, (layer, unexplained[-1])
+    assert sum(unexplained) / len(unexplained) < 0.3, unexplained
 
 
 def test_trace_cli_on_the_default_model(tmp_path, capsys):
