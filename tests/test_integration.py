@@ -61,3 +61,30 @@ def test_trace_cli_on_the_default_model(tmp_path, capsys):
     assert 0 < summary["replacement_score"] < 1 and 0 < summary["completeness_score"] <= 1
     assert summary["n_nodes_pruned"] < summary["n_nodes"]
     validate_neuronpedia(json.loads((tmp_path / f"{summary['slug']}.json").read_text()))
+
+
+def test_suppressing_say_basketball_features_lowers_basketball(replacement_model):
+    """The graph's strongest direct inputs to " basketball" are causal on the real model: -10x on
+    them lowers p(" basketball"); the same features at scale 1 change nothing."""
+    from mechscope.attribution.attribute import attribute
+    from mechscope.interventions.intervene import InterventionConfig, run_interventions
+    from mechscope.interventions.records import FeatureTarget, Intervention, SupernodeTarget
+
+    rm = replacement_model
+    graph = attribute(rm, PROMPT)
+    basketball = int(graph.logit_token_ids[0])
+    direct = graph.adjacency[graph.logit_offset, : graph.n_features]
+    nodes = direct.argsort(descending=True)[:8].tolist()
+    members = tuple(FeatureTarget(layer, feature, (pos,)) for layer, pos, feature, _ in map(graph.feature_of, nodes))
+    say = SupernodeTarget("say basketball", members)
+    config = InterventionConfig(freeze_attention=True)
+    suppressed = run_interventions(rm, graph.input_ids, [Intervention(say, "scale", -10.0)], config,
+                                   readouts={"say basketball": list(members)})
+    p_clean = torch.softmax(suppressed.clean_logits, -1)[basketball]
+    p_after = torch.softmax(suppressed.intervened_logits, -1)[basketball]
+    assert p_clean == pytest.approx(0.611, abs=0.01)
+    assert p_after < 0.5 * p_clean, (float(p_clean), float(p_after))
+    # iterative patching scales each member's live activation, which upstream members already moved
+    assert (suppressed.readouts["say basketball"].intervened < 0).all()
+    unchanged = run_interventions(rm, graph.input_ids, [Intervention(say, "scale", 1.0)], config)
+    assert torch.allclose(unchanged.intervened_logits, unchanged.clean_logits, atol=1e-4)
