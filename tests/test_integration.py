@@ -85,6 +85,8 @@ def test_suppressing_say_basketball_features_lowers_basketball(replacement_model
     assert p_clean == pytest.approx(0.611, abs=0.01)
     assert p_after < 0.5 * p_clean, (float(p_clean), float(p_after))
     # iterative patching scales each member's live activation, which upstream members already moved
-    assert (suppressed.readouts["say basketball"].intervened < 0).all()
+    # (some down to zero)
+    readout = suppressed.readouts["say basketball"]
+    assert (readout.intervened <= 0).all() and readout.percent_of_clean < -100
     unchanged = run_interventions(rm, graph.input_ids, [Intervention(say, "scale", 1.0)], config)
     assert torch.allclose(unchanged.intervened_logits, unchanged.clean_logits, atol=1e-4)
