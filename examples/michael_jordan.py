@@ -1,13 +1,16 @@
 """Case study (a): "Fact: Michael Jordan plays the sport of" -> " basketball".
 
-1. Trace the prompt and find two groups of features in its attribution graph: *entity* features
-   at the " Michael" / " Jordan" positions with the most influence on the " basketball" logit, and
-   *say basketball* features at the last position with the strongest direct edges to it.
-2. Suppress each group by -10x on the real model (frozen attention, iterative patching) and read
-   the basketball probability and the other group's activation.
-3. Trace a tennis prompt ("Fact: Roger Federer plays the sport of" -> " tennis"), take its
-   *say tennis* features, and inject them at the last position of the Jordan prompt with the
-   activations they had there, with and without suppressing *say basketball*.
+1. Trace the prompt and find groups of features in its attribution graph: *entity* features at
+   the " Jordan" position with the most influence on the " basketball" logit; at the last
+   position, *say basketball* features whose direct edge to " basketball" most exceeds their mean
+   edge to the other sports among the logit targets (football, hockey, baseball), and *say a
+   sport* features with the strongest direct edges to " basketball" overall.
+2. Zero each group, and suppress it -10x, on the real model (frozen attention, iterative
+   patching); read p(" basketball") and the other groups' activations.
+3. Trace a tennis prompt ("Fact: Roger Federer plays the sport of" -> " tennis"); swap the entity:
+   at the " Jordan" position zero the Jordan entity features and set the Federer entity features
+   (same selection on the tennis graph) to their activations there; also inject the tennis graph's
+   say-a-sport features at the last position.
 
     .venv/bin/python examples/michael_jordan.py
 
@@ -60,8 +63,8 @@ def describe(label: str, features) -> None:
     print(f"{label}: " + ", ".join(f"L{lay}/{f}@{p} ({a:.1f})" for lay, f, p, a in features))
 
 
-def report(rm, ids, interventions, tokens: dict[str, int], readouts=None, title=""):
-    result = run_interventions(rm, ids, interventions, InterventionConfig(freeze_attention=True, generate=6),
+def report(rm, ids, interventions, tokens: dict[str, int], readouts=None, title="", freeze=True):
+    result = run_interventions(rm, ids, interventions, InterventionConfig(freeze_attention=freeze, generate=6),
                                readouts=readouts)
     probs = {w: torch.softmax(getattr(result, f"{w}_logits"), -1) for w in ("clean", "intervened")}
     decode = rm.model.tokenizer.decode
@@ -76,6 +79,12 @@ def report(rm, ids, interventions, tokens: dict[str, int], readouts=None, title=
     return result
 
 
+def sports(graph, model) -> list[int]:
+    """Logit-target indices of the other sports among the graph's targets."""
+    names = (" football", " hockey", " baseball", " soccer", " golf")
+    return [k for k, t in enumerate(graph.logit_tokens) if t in names]
+
+
 def main() -> None:
     model = load_model("gemma-3-270m")
     rm = ReplacementModel(model, load_transcoder_set("gemma-3-270m-plt-v1"))
@@ -83,36 +92,44 @@ def main() -> None:
 
     graph = attribute(rm, PROMPT)
     last = graph.n_pos - 1
-    entity_pos = {p for p, t in enumerate(graph.input_tokens) if t in (" Michael", " Jordan")}
+    jordan_pos = graph.input_tokens.index(" Jordan")
     k = logit_index(graph, basketball)
     print(f"prompt tokens: {graph.input_tokens}")
-    print(f"logit targets: " + ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(graph.logit_tokens, graph.logit_probabilities)))
-    entity = top_features(graph, logit_influence(graph, k), entity_pos, GROUP_SIZE)
-    direct = graph.adjacency[graph.logit_offset + k, : graph.n_features]
-    say_basketball = top_features(graph, direct, {last}, GROUP_SIZE)
-    describe("Michael Jordan (entity) features", entity)
-    describe("say basketball features", say_basketball)
-    entity_group, say_group = group("Michael Jordan", entity), group("say basketball", say_basketball)
-    readouts = {"say basketball": list(say_group.members), "Michael Jordan": list(entity_group.members)}
+    print("logit targets: " + ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(graph.logit_tokens, graph.logit_probabilities)))
+    entity = top_features(graph, logit_influence(graph, k), {jordan_pos}, GROUP_SIZE)
+    edges = graph.adjacency[graph.logit_offset:, : graph.n_features]
+    others = sports(graph, model)
+    contrast = edges[k] - edges[others].mean(0)
+    say_basketball = top_features(graph, contrast, {last}, GROUP_SIZE)
+    say_sport = top_features(graph, edges[k], {last}, GROUP_SIZE)
+    print("other sports among the targets: " + ", ".join(graph.logit_tokens[o] for o in others))
+    describe("Jordan (entity) features", entity)
+    describe("say basketball (vs other sports) features", say_basketball)
+    describe("say a sport (strongest direct) features", say_sport)
+    groups = {"Jordan": group("Jordan", entity), "say basketball": group("say basketball", say_basketball),
+              "say a sport": group("say a sport", say_sport)}
+    readouts = {label: list(g.members) for label, g in groups.items()}
     tokens = {" basketball": basketball, " tennis": tennis}
     ids = graph.input_ids
-
-    report(rm, ids, [Intervention(entity_group, "scale", -10.0)], tokens, readouts, "suppress Michael Jordan x-10")
-    report(rm, ids, [Intervention(say_group, "scale", -10.0)], tokens, readouts, "suppress say basketball x-10")
+    for label, g in groups.items():
+        report(rm, ids, [Intervention(g, "zero")], tokens, readouts, f"zero {label}")
+        report(rm, ids, [Intervention(g, "scale", -10.0)], tokens, readouts, f"suppress {label} x-10")
 
     tennis_graph = attribute(rm, TENNIS_PROMPT)
     kt = logit_index(tennis_graph, tennis)
-    tennis_direct = tennis_graph.adjacency[tennis_graph.logit_offset + kt, : tennis_graph.n_features]
-    say_tennis = top_features(tennis_graph, tennis_direct, {tennis_graph.n_pos - 1}, GROUP_SIZE)
+    federer_pos = tennis_graph.input_tokens.index(" Federer")
+    federer = top_features(tennis_graph, logit_influence(tennis_graph, kt), {federer_pos}, GROUP_SIZE)
+    t_edges = tennis_graph.adjacency[tennis_graph.logit_offset + kt, : tennis_graph.n_features]
+    say_tennis = top_features(tennis_graph, t_edges, {tennis_graph.n_pos - 1}, GROUP_SIZE)
     print(f"\ntennis prompt: p(' tennis') = {float(tennis_graph.logit_probabilities[kt]):.3f}")
-    describe("say tennis features (tennis prompt)", say_tennis)
+    describe("Federer (entity) features", federer)
+    describe("say a sport features of the tennis prompt", say_tennis)
+    swap = [Intervention(groups["Jordan"], "zero")]
+    swap += [Intervention(FeatureTarget(lay, f, (jordan_pos,)), "set", a) for lay, f, _, a in federer]
+    report(rm, ids, swap, tokens, readouts, "swap entity: zero Jordan, set Federer features at ' Jordan'")
+    report(rm, ids, swap, tokens, readouts, "the same swap with live attention", freeze=False)
     inject = [Intervention(FeatureTarget(lay, f, (last,)), "set", a) for lay, f, _, a in say_tennis]
-    report(rm, ids, inject, tokens, title="inject say tennis at the last position")
-    report(rm, ids, inject + [Intervention(say_group, "scale", -10.0)], tokens,
-           title="inject say tennis and suppress say basketball x-10")
-    inject2 = [Intervention(FeatureTarget(lay, f, (last,)), "set", 2 * a) for lay, f, _, a in say_tennis]
-    report(rm, ids, inject2 + [Intervention(say_group, "scale", -10.0)], tokens,
-           title="inject say tennis at 2x its activation and suppress say basketball x-10")
+    report(rm, ids, inject, tokens, title="inject the tennis prompt's say-a-sport features at the last position")
 
 
 if __name__ == "__main__":

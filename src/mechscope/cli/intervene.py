@@ -201,7 +201,8 @@ def _print(summary: dict) -> None:
     echo = click.echo
     echo("interventions:")
     for i in summary["interventions"]:
-        echo(f"  {i['operation']} {i['target']} {i['value']:g} ({len(i['members'])} nodes)")
+        value = "" if i["operation"] == "zero" else f" {i['value']:g}"
+        echo(f"  {i['operation']} {i['target']}{value} ({len(i['members'])} nodes)")
     echo(f"{'clean':>28}   {'intervened':>28}")
     for c, n in zip(summary["clean"]["top_tokens"], summary["intervened"]["top_tokens"]):
         echo(f"  {c['token']!r:>18} {c['prob']:.3f}   {n['token']!r:>18} {n['prob']:.3f}")
