@@ -7,7 +7,7 @@ import json
 import pytest
 from test_cli import run, tiny_dirs  # noqa: F401  (module fixture)
 
-INTERVENE_KEYS = {"clean", "intervened", "readouts", "interventions", "tokens", "settings"}
+INTERVENE_KEYS = {"clean", "intervened", "readouts", "readout_members", "interventions", "tokens", "settings"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,9 @@ def test_supernode_add_then_intervene_json_contract(tiny_dirs, graph_file, capsy
         assert {"token", "prob"} <= set(summary[which]["top_tokens"][0])
         assert isinstance(summary[which]["continuation"], str)
     assert summary["readouts"]["group"] == pytest.approx(-1000.0, rel=1e-4)
+    members = summary["readout_members"]["group"]
+    assert [m["node_id"] for m in members] == features[:3]
+    assert all(m["percent"] == pytest.approx(-1000.0, rel=1e-4) for m in members)
     assert summary["interventions"][0]["operation"] == "scale" and summary["interventions"][0]["value"] == -10
     assert len(summary["interventions"][0]["members"]) == 3
     assert summary["tokens"][0]["token"] == "a"

@@ -172,6 +172,12 @@ def intervene(prompt, graph_path, scales, sets, zeros, injections, freeze_attent
         for which in ("clean", "intervened")
     }
     summary["readouts"] = {label: r.percent_of_clean for label, r in result.readouts.items()}
+    summary["readout_members"] = {
+        label: [{"node_id": f"{layer}_{feature}_{pos}", "clean": float(c), "intervened": float(n),
+                 "percent": 100.0 * float(n) / float(c) if float(c) else None}
+                for (layer, feature, pos), c, n in zip(r.members, r.clean, r.intervened)]
+        for label, r in result.readouts.items()
+    }
     summary["interventions"] = [i.as_dict() for i in interventions]
     summary["tokens"] = [_token_report(result, decode([i]), i) for i in token_ids]
     summary["settings"] = {"freeze_attention": freeze_attention, "layers": layers, "generate": generate,
@@ -211,6 +217,9 @@ def _print(summary: dict) -> None:
              f"logit {t['logit_difference']:+.3f}")
     for label, percent in summary["readouts"].items():
         echo(f"supernode {label!r}: {percent:.1f}% of clean activation")
+        for m in summary["readout_members"][label]:
+            share = "n/a (inactive when clean)" if m["percent"] is None else f"{m['percent']:.1f}%"
+            echo(f"  {m['node_id']:>14}  {m['clean']:7.3f} -> {m['intervened']:7.3f}  {share}")
     if summary["settings"]["generate"]:
         echo(f"clean continuation:      {summary['clean']['continuation']!r}")
         echo(f"intervened continuation: {summary['intervened']['continuation']!r}")
