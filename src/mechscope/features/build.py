@@ -1,0 +1,146 @@
+"""Build a feature store: stream a corpus through the model and the transcoders once.
+
+Each batch of sequences runs the model body once (recording every layer's MLP input), every
+layer's transcoder encodes it, and :class:`FeatureStatistics` folds the activations in. State is
+checkpointed atomically every ``checkpoint_every_s`` seconds (safetensors + JSON) and a killed
+build resumes exactly. At the end, each feature's top and bottom direct logit effects are computed
+and everything is written to SQLite (:mod:`mechscope.features.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mechscope.data.corpus import TokenStream
+from mechscope.errors import BadInputError
+from mechscope.features.dense import logit_effects
+from mechscope.features.statistics import HIST_EDGES, FeatureStatistics
+from mechscope.features.store import write_store
+from mechscope.replacement.replacement_model import ReplacementModel
+
+__all__ = ["build_feature_store"]
+
+logger = logging.getLogger(__name__)
+
+
+def _save(path: Path, stats: FeatureStatistics, state: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in stats.state().items()}, str(tmp / "stats.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def _logit_tokens(rm: ReplacementModel, n_top: int, chunk: int = 256) -> tuple[list, list]:
+    decode = rm.model.tokenizer.decode
+    pos, neg = [], []
+    for layer in range(rm.model.n_layers):
+        for features in torch.arange(rm.transcoders.d_transcoder(layer)).split(chunk):
+            effects = logit_effects(rm.model, rm.transcoders, layer, features)
+            top, bottom = effects.topk(n_top, dim=1), (-effects).topk(n_top, dim=1)
+            pos += [[[decode([int(i)]), round(float(v), 4)] for i, v in zip(ids, vals)]
+                    for ids, vals in zip(top.indices, top.values)]
+            neg += [[[decode([int(i)]), round(-float(v), 4)] for i, v in zip(ids, vals)]
+                    for ids, vals in zip(bottom.indices, bottom.values)]
+    return pos, neg
+
+
+def build_feature_store(
+    rm: ReplacementModel,
+    stream: TokenStream,
+    n_tokens: int,
+    out: Path,
+    checkpoint_dir: Path,
+    batch_sequences: int = 8,
+    top_k: int = 20,
+    window: int = 32,
+    n_logit_tokens: int = 10,
+    checkpoint_every_s: float = 300.0,
+    progress: bool = True,
+) -> Path:
+    """Stream ``n_tokens`` (non-BOS) tokens and write the store to ``out``.
+
+    Raises:
+        BadInputError: ``n_tokens`` < 1, or a checkpoint from a different build in ``checkpoint_dir``.
+    """
+    if n_tokens < 1:
+        raise BadInputError(f"--tokens must be >= 1, got {n_tokens}")
+    n_layers = rm.model.n_layers
+    d_transcoder = rm.transcoders.d_transcoder(0)
+    per_sequence = stream.ctx_len - 1
+    n_sequences = -(-n_tokens // per_sequence)
+    identity = {"model": rm.model.name, "transcoders": rm.transcoders.scan, "ctx_len": stream.ctx_len,
+                "seed": stream.seed, "top_k": top_k, "window": window, "batch_sequences": batch_sequences}
+    stats = FeatureStatistics(n_layers, d_transcoder, top_k, window)
+    ckpt = checkpoint_dir / "checkpoint"
+    state = {"identity": identity, "next_sequence": 0}
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["identity"] != identity:
+            raise BadInputError(f"{ckpt} holds a build with other settings ({saved['identity']}); delete it or use "
+                                "another --checkpoint-dir")
+        state = saved
+        stats.load_state(load_file(str(ckpt / "stats.safetensors")))
+        logger.info("resumed at sequence %d", state["next_sequence"])
+    bar = tqdm(total=n_sequences * per_sequence, initial=state["next_sequence"] * per_sequence, unit="tok",
+               unit_scale=True, disable=not progress, desc="features")
+    last_save = time.monotonic()
+    while state["next_sequence"] < n_sequences:
+        start = state["next_sequence"]
+        count = min(batch_sequences, n_sequences - start)
+        batch = torch.as_tensor(np.stack([stream.sequence(i) for i in range(start, start + count)]))
+        inputs, _ = rm.model.run_with_mlp_sites(batch)
+        sequences = torch.arange(start, start + count)
+        for layer in range(n_layers):
+            stats.update(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()))
+        state["next_sequence"] = start + count
+        bar.update(count * per_sequence)
+        if time.monotonic() - last_save > checkpoint_every_s:
+            _save(ckpt, stats, state)
+            last_save = time.monotonic()
+    bar.close()
+    _save(ckpt, stats, state)
+    return _write(rm, stream, stats, out, n_logit_tokens)
+
+
+def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, out: Path, n_logit_tokens: int) -> Path:
+    L, F = stats.n_layers, stats.d_transcoder
+    layer = torch.arange(L)[:, None].expand(L, F).reshape(-1)
+    feature = torch.arange(F)[None, :].expand(L, F).reshape(-1)
+    features = {
+        "layer": layer.numpy(), "feature": feature.numpy(), "active": stats.active.reshape(-1).long().numpy(),
+        "density": (stats.active / max(stats.n_tokens, 1)).reshape(-1).numpy(),
+        "max_value": stats.max_value.reshape(-1).numpy(), "hist": stats.hist.reshape(L * F, -1).numpy(),
+    }
+    keep = stats.top_value > 0  # [L, K, F]
+    lay, rank, feat = keep.nonzero(as_tuple=True)
+    examples = {
+        "layer": lay.numpy(), "feature": feat.numpy(), "rank": rank.numpy(),
+        "sequence": stats.top_sequence[lay, rank, feat].numpy(), "start": stats.top_start[lay, rank, feat].numpy(),
+        "max_value": stats.top_value[lay, rank, feat].numpy(), "acts": stats.top_acts[lay, rank, feat].float().numpy(),
+    }
+    decode = rm.model.tokenizer.decode
+    sequences = {int(s): [decode([int(t)]) for t in stream.sequence(int(s))]
+                 for s in np.unique(examples["sequence"])}
+    pos, neg = _logit_tokens(rm, n_logit_tokens)
+    meta = {"model": rm.model.name, "transcoders": rm.transcoders.scan, "n_tokens": stats.n_tokens,
+            "hist_edges": HIST_EDGES.tolist(), "window": stats.window, "top_k": stats.top_k,
+            "corpus": [{"source": e["source"], "weight": e["weight"]} for e in stream.manifest["sources"]],
+            "ctx_len": stream.ctx_len, "seed": stream.seed}
+    return write_store(out, meta, features, examples, sequences, {"pos": pos, "neg": neg})

@@ -1,0 +1,186 @@
+"""The feature store: per-feature dashboards in one SQLite file, readable without torch.
+
+Tables (SQLite, written once to a temporary file and renamed into place):
+
+- ``meta(key, value)``: JSON values — ``model``, ``transcoders``, ``n_tokens``, ``hist_edges``,
+  ``window``, ``corpus``;
+- ``features(layer, feature, active, density, max_value, hist, pos_tokens, neg_tokens, label)``:
+  ``hist`` is little-endian int64 counts per histogram bin; ``pos_tokens`` / ``neg_tokens`` are JSON
+  ``[[token, logit_effect], ...]`` (top and bottom direct logit effects);
+- ``examples(layer, feature, kind, rank, sequence, start, max_value, acts)``: ``kind`` is ``top``;
+  ``acts`` little-endian float16 activations of the window starting at ``start``;
+- ``sequences(sequence, tokens)``: JSON list of the token strings of each referenced sequence.
+
+This module imports only the standard library and numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mechscope.errors import BadInputError, CorruptFileError
+
+__all__ = ["FeatureStore", "FeatureDashboard", "Example", "write_store", "parse_feature_id"]
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE features (layer INTEGER, feature INTEGER, active INTEGER, density REAL, max_value REAL,
+                       hist BLOB, pos_tokens TEXT, neg_tokens TEXT, label TEXT DEFAULT '',
+                       PRIMARY KEY (layer, feature));
+CREATE TABLE examples (layer INTEGER, feature INTEGER, kind TEXT, rank INTEGER, sequence INTEGER,
+                       start INTEGER, max_value REAL, acts BLOB);
+CREATE INDEX examples_feature ON examples (layer, feature);
+CREATE TABLE sequences (sequence INTEGER PRIMARY KEY, tokens TEXT);
+"""
+
+
+def parse_feature_id(text: str) -> tuple[int, int]:
+    """``"LAYER/INDEX"`` -> ``(layer, index)``.
+
+    Raises:
+        BadInputError: not two non-negative integers separated by ``/``.
+    """
+    layer, sep, index = text.partition("/")
+    if not sep or not layer.isdigit() or not index.isdigit():
+        raise BadInputError(f"feature id {text!r} must be LAYER/INDEX, e.g. 12/345")
+    return int(layer), int(index)
+
+
+@dataclass
+class Example:
+    """A context: ``tokens`` of the window and the feature's activation on each."""
+
+    sequence: int
+    start: int
+    max_value: float
+    tokens: list[str]
+    acts: list[float]
+
+
+@dataclass
+class FeatureDashboard:
+    """Everything the store holds about one feature."""
+
+    layer: int
+    feature: int
+    active: int
+    density: float
+    max_value: float
+    hist: list[int]
+    hist_edges: list[float]
+    pos_tokens: list[tuple[str, float]]
+    neg_tokens: list[tuple[str, float]]
+    label: str
+    top: list[Example] = field(default_factory=list)
+
+
+def write_store(path: str | os.PathLike, meta: dict, features: dict[str, np.ndarray],
+                examples: dict[str, np.ndarray], sequences: dict[int, list[str]],
+                logit_tokens: dict[str, list]) -> Path:
+    """Write a store atomically.
+
+    Args:
+        meta: JSON-serialisable metadata (``hist_edges``, ``window``, ``n_tokens``, ...).
+        features: ``layer, feature, active, density, max_value`` ``[n]`` arrays and ``hist`` ``[n, bins]``.
+        examples: ``layer, feature, rank, sequence, start, max_value`` ``[m]`` and ``acts`` ``[m, window]``.
+        sequences: token strings of every referenced sequence.
+        logit_tokens: ``pos`` / ``neg``: per feature row a list of ``[token, value]``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = sqlite3.connect(tmp)
+        con.executescript(SCHEMA)
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        hist = features["hist"].astype("<i8")
+        con.executemany(
+            "INSERT INTO features (layer, feature, active, density, max_value, hist, pos_tokens, neg_tokens) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((int(features["layer"][i]), int(features["feature"][i]), int(features["active"][i]),
+              float(features["density"][i]), float(features["max_value"][i]), hist[i].tobytes(),
+              json.dumps(logit_tokens["pos"][i]), json.dumps(logit_tokens["neg"][i]))
+             for i in range(len(features["layer"]))),
+        )
+        acts = examples["acts"].astype("<f2")
+        con.executemany(
+            "INSERT INTO examples VALUES (?, ?, 'top', ?, ?, ?, ?, ?)",
+            ((int(examples["layer"][i]), int(examples["feature"][i]), int(examples["rank"][i]),
+              int(examples["sequence"][i]), int(examples["start"][i]), float(examples["max_value"][i]),
+              acts[i].tobytes()) for i in range(len(examples["layer"]))),
+        )
+        con.executemany("INSERT INTO sequences VALUES (?, ?)",
+                        ((int(s), json.dumps(tokens)) for s, tokens in sequences.items()))
+        con.commit()
+        con.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class FeatureStore:
+    """Read a store written by :func:`write_store` (labels are the only thing it writes).
+
+    Raises:
+        BadInputError: the file does not exist.
+        CorruptFileError: it is not a feature store.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BadInputError(f"no feature store at {str(self.path)!r}; build one with `mechscope features build`")
+        try:
+            self.con = sqlite3.connect(self.path)
+            self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as e:
+            raise CorruptFileError(f"{self.path} is not a mechscope feature store: {e}") from e
+
+    def feature(self, layer: int, feature: int) -> FeatureDashboard:
+        """The dashboard of one feature.
+
+        Raises:
+            BadInputError: no such feature in the store (names the valid ranges).
+        """
+        row = self.con.execute(
+            "SELECT active, density, max_value, hist, pos_tokens, neg_tokens, label FROM features "
+            "WHERE layer = ? AND feature = ?", (layer, feature)).fetchone()
+        if row is None:
+            n_layers, n_features = self.con.execute("SELECT MAX(layer) + 1, MAX(feature) + 1 FROM features").fetchone()
+            raise BadInputError(f"feature {layer}/{feature} is not in the store; layers 0..{n_layers - 1}, "
+                                f"features 0..{n_features - 1}")
+        active, density, max_value, hist, pos, neg, label = row
+        dashboard = FeatureDashboard(layer, feature, active, density, max_value,
+                                     np.frombuffer(hist, "<i8").tolist(), self.meta["hist_edges"],
+                                     [tuple(t) for t in json.loads(pos)], [tuple(t) for t in json.loads(neg)], label)
+        rows = self.con.execute(
+            "SELECT e.sequence, e.start, e.max_value, e.acts, s.tokens FROM examples e JOIN sequences s "
+            "ON e.sequence = s.sequence WHERE e.layer = ? AND e.feature = ? AND e.kind = 'top' ORDER BY e.rank",
+            (layer, feature))
+        for sequence, start, value, acts, tokens in rows:
+            window = np.frombuffer(acts, "<f2").astype(float).tolist()
+            dashboard.top.append(Example(sequence, start, value, json.loads(tokens)[start:start + len(window)], window))
+        return dashboard
+
+    def densest(self, n: int = 10) -> list[tuple[int, int, float]]:
+        """``(layer, feature, density)`` of the ``n`` most frequently active features."""
+        return list(self.con.execute("SELECT layer, feature, density FROM features ORDER BY density DESC LIMIT ?", (n,)))
+
+    def set_label(self, layer: int, feature: int, label: str) -> None:
+        """Store a human label for a feature (used as ``clerp`` in graph exports)."""
+        self.feature(layer, feature)  # raises for an unknown feature
+        self.con.execute("UPDATE features SET label = ? WHERE layer = ? AND feature = ?", (label, layer, feature))
+        self.con.commit()
+
+    def labels(self) -> dict[str, str]:
+        """Non-empty labels keyed ``"layer/feature"``."""
+        return {f"{lay}/{f}": text for lay, f, text in
+                self.con.execute("SELECT layer, feature, label FROM features WHERE label != ''")}
