@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -109,3 +110,23 @@ def test_labels_bad_ids_and_reader_without_torch(setup, tmp_path):
     code = ("import sys; from mechscope.features.store import FeatureStore; "
             f"FeatureStore({str(path)!r}).feature(0, 0); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_features_cli_show_and_label(setup, capsys):
+    from test_cli import run
+
+    _, _, path, _ = setup
+    code, out, err = run(["features", "show", "1/3", "--store", str(path), "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["layer"] == 1 and data["feature"] == 3 and {"top", "pos_tokens", "density"} <= set(data)
+    code, out, err = run(["features", "label", "1/4", "a label", "--store", str(path)], capsys)
+    assert code == 0 and FeatureStore(path).labels()["1/4"] == "a label"
+    code, out, err = run(["features", "show", "1/4", "--store", str(path)], capsys)
+    assert code == 0 and '"a label"' in out and "top activations" in out
+    for argv, message in ((["features", "show", "1-4", "--store", str(path)], "LAYER/INDEX"),
+                          (["features", "show", "7/0", "--store", str(path)], "not in the store"),
+                          (["features", "show", "1/4", "--store", str(path) + ".none"], "no feature store"),
+                          (["features", "build", "--tokens", "0"], "--tokens must be >= 1")):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err, (argv, err)

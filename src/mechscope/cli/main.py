@@ -33,6 +33,7 @@ def cli(verbose: int) -> None:
 
 def _register() -> None:
     from mechscope.cli.corpus import corpus
+    from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
     from mechscope.cli.supernodes import supernodes
     from mechscope.cli.trace import trace
@@ -43,6 +44,7 @@ def _register() -> None:
     cli.add_command(supernodes)
     cli.add_command(train)
     cli.add_command(corpus)
+    cli.add_command(features)
 
 
 _register()
