@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_adapter, make_tiny_transcoders
+from test_cli import tiny_dirs  # noqa: F401  (module fixture)
 from test_training import CTX_LEN, write_sources
 
 from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
@@ -130,3 +131,33 @@ def test_features_cli_show_and_label(setup, capsys):
                           (["features", "build", "--tokens", "0"], "--tokens must be >= 1")):
         code, out, err = run(argv, capsys)
         assert code == 2 and message in err, (argv, err)
+
+
+def test_probe_percentages_are_exact_against_the_store(setup, tiny_dirs, capsys):  # noqa: F811
+    from test_cli import run
+
+    from mechscope.features.probe import probe_feature
+
+    rm, _, path, _ = setup
+    store = FeatureStore(path)
+    layer, feature = max(((lay, f) for lay in range(2) for f in range(48)), key=lambda k: store.feature(*k).density)
+    dash_max = store.feature(layer, feature).max_value
+    prompts = ["a cat sat on the mat", "the dog ran far away"]
+    results = probe_feature(rm, layer, feature, prompts, dash_max)
+    for prompt, result in zip(prompts, results):
+        ids = rm.tokenize(prompt)
+        inputs, _ = rm.model.run_with_mlp_sites(ids[None])
+        acts = rm.transcoders.encode(layer, inputs[layer][0].float())[1:, feature]
+        assert result.max_activation == pytest.approx(float(acts.max()))
+        assert result.percent_of_max == pytest.approx(100 * float(acts.max()) / dash_max)
+        assert result.position == int(acts.argmax()) + 1
+    assert any(r.max_activation > 0 for r in results)
+    argv = ["probe", f"{layer}/{feature}", *prompts, "--store", str(path), "--model", str(tiny_dirs / "model"),
+            "--transcoders", str(tiny_dirs / "tcs"), "--json"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [set(r) for r in rows] == [{"prompt", "max_activation", "percent_of_max", "token", "position"}] * 2
+    assert [r["percent_of_max"] for r in rows] == pytest.approx([r.percent_of_max for r in results], rel=1e-5)
+    code, out, err = run(argv[:2] + [" "] + argv[4:], capsys)
+    assert code == 2 and "prompt is empty" in err

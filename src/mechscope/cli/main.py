@@ -35,6 +35,7 @@ def _register() -> None:
     from mechscope.cli.corpus import corpus
     from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
+    from mechscope.cli.probe import probe
     from mechscope.cli.supernodes import supernodes
     from mechscope.cli.trace import trace
     from mechscope.cli.train import train
@@ -45,6 +46,7 @@ def _register() -> None:
     cli.add_command(train)
     cli.add_command(corpus)
     cli.add_command(features)
+    cli.add_command(probe)
 
 
 _register()
