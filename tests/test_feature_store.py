@@ -161,3 +161,35 @@ def test_probe_percentages_are_exact_against_the_store(setup, tiny_dirs, capsys)
     assert [r["percent_of_max"] for r in rows] == pytest.approx([r.percent_of_max for r in results], rel=1e-5)
     code, out, err = run(argv[:2] + [" "] + argv[4:], capsys)
     assert code == 2 and "prompt is empty" in err
+
+
+def test_coactivation_matches_brute_force(setup):
+    from mechscope.features.dense import coactivation
+
+    rm, stream, _, _ = setup
+    features = [(0, 1), (0, 2), (1, 5), (1, 9)]
+    counts = coactivation(rm, stream, features, n_sequences=10, batch=4)
+    _, acts = _brute_force(rm, stream, 10)
+    active = torch.stack([(acts[layer][..., f] > 0).reshape(-1) for layer, f in features]).long()
+    assert torch.equal(counts, active @ active.T)
+    assert counts.diagonal().sum() > 0
+
+
+def test_dense_cli_lists_densest_and_plots(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
+    from test_cli import run
+
+    _, stream, path, _ = setup
+    plot = tmp_path / "dense.png"
+    argv = ["dense", "--top", "4", "--store", str(path), "--model", str(tiny_dirs / "model"), "--transcoders",
+            str(tiny_dirs / "tcs"), "--corpus", str(stream.corpus), "--coactivation-sequences", "8",
+            "--plot", str(plot), "--json"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    densest = FeatureStore(path).densest(4)
+    assert [(r["layer"], r["feature"]) for r in data["features"]] == [(lay, f) for lay, f, _ in densest]
+    assert len(data["cosines"]) == 4 and data["cosines"][0][0] == pytest.approx(1.0)
+    assert isinstance(data["antipodal_pairs"], list)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run(["dense", "--top", "1", "--store", str(path)], capsys)
+    assert code == 2 and "--top must be >= 2" in err

@@ -33,6 +33,7 @@ def cli(verbose: int) -> None:
 
 def _register() -> None:
     from mechscope.cli.corpus import corpus
+    from mechscope.cli.dense import dense
     from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
     from mechscope.cli.probe import probe
@@ -47,6 +48,7 @@ def _register() -> None:
     cli.add_command(corpus)
     cli.add_command(features)
     cli.add_command(probe)
+    cli.add_command(dense)
 
 
 _register()

@@ -17,11 +17,13 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 
+from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
+from mechscope.replacement.replacement_model import ReplacementModel
 from mechscope.transcoders.transcoder import TranscoderSet
 
-__all__ = ["logit_effects", "decoder_matrix", "decoder_cosines", "antipodal_pairs"]
+__all__ = ["logit_effects", "decoder_matrix", "decoder_cosines", "antipodal_pairs", "coactivation"]
 
 
 def _check(transcoders: TranscoderSet, layer: int, features: torch.Tensor) -> None:
@@ -90,3 +92,25 @@ def antipodal_pairs(
     i, j = torch.triu_indices(len(cosines), len(cosines), offset=1)
     keep = (cosines[i, j] < threshold) & (coactive[i, j] == 0)
     return [(int(a), int(b), float(cosines[a, b])) for a, b in zip(i[keep], j[keep])]
+
+
+@torch.no_grad()
+def coactivation(
+    rm: ReplacementModel, stream: TokenStream, features: list[tuple[int, int]], n_sequences: int, batch: int = 8
+) -> Int[torch.Tensor, "n n"]:
+    """Tokens (BOS excluded) on which each pair of features is active together, over the first
+    ``n_sequences`` sequences of ``stream``; the diagonal counts each feature's active tokens."""
+    import numpy as np
+
+    layers = sorted({layer for layer, _ in features})
+    counts = torch.zeros(len(features), len(features), dtype=torch.long)
+    for start in range(0, n_sequences, batch):
+        ids = torch.as_tensor(np.stack([stream.sequence(i) for i in range(start, min(start + batch, n_sequences))]))
+        inputs, _ = rm.model.run_with_mlp_sites(ids, layers=layers)
+        by_layer = dict(zip(layers, inputs))
+        active = torch.stack([
+            rm.transcoders.encode(layer, by_layer[layer][:, 1:].float())[..., feature].reshape(-1) > 0
+            for layer, feature in features
+        ]).long()  # [n, tokens]
+        counts += active @ active.T
+    return counts

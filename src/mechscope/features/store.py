@@ -174,6 +174,10 @@ class FeatureStore:
         """``(layer, feature, density)`` of the ``n`` most frequently active features."""
         return list(self.con.execute("SELECT layer, feature, density FROM features ORDER BY density DESC LIMIT ?", (n,)))
 
+    def densities(self) -> np.ndarray:
+        """``[n_features_total]`` density of every feature in the store (layer-major)."""
+        return np.array([d for (d,) in self.con.execute("SELECT density FROM features ORDER BY layer, feature")])
+
     def set_label(self, layer: int, feature: int, label: str) -> None:
         """Store a human label for a feature (used as ``clerp`` in graph exports)."""
         self.feature(layer, feature)  # raises for an unknown feature
