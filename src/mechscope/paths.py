@@ -6,10 +6,13 @@ import time; callers create the sub-directories they write.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "atomic_directory"]
 
 
 def cache_root() -> Path:
@@ -38,3 +41,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; when the block succeeds it replaces
+    ``path`` (old copy moved aside, then removed), so a crash leaves the previous directory whole.
+    Used for resumable checkpoints."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

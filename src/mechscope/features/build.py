@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from mechscope.errors import BadInputError
 from mechscope.features.dense import logit_effects
 from mechscope.features.statistics import HIST_EDGES, FeatureStatistics
 from mechscope.features.store import write_store
+from mechscope.paths import atomic_directory
 from mechscope.replacement.replacement_model import ReplacementModel
 
 __all__ = ["build_feature_store"]
@@ -34,16 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 def _save(path: Path, stats: FeatureStatistics, state: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in stats.state().items()}, str(tmp / "stats.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        save_file({k: v.contiguous() for k, v in stats.state().items()}, str(tmp / "stats.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
 
 
 @torch.no_grad()

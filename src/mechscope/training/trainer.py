@@ -23,8 +23,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
+from mechscope.paths import atomic_directory
 from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
 from mechscope.transcoders.io import save_transcoder_set
 from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
@@ -299,21 +298,13 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 
 def _save_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer, state: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in trainees.state_dict().items()}
     for i, s in opt.state_dict()["state"].items():
         for key, value in s.items():
             tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).contiguous()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _load_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer) -> dict:
