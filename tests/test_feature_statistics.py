@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mechscope.features.statistics import HIST_EDGES, FeatureStatistics
+from mechscope.features.statistics import HIST_EDGES, FeatureStatistics, QuantileExamples
 
 
 def _random_acts(n_seq=23, n_pos=40, F=12, seed=0):
@@ -57,3 +57,66 @@ def test_state_round_trip_resumes_exactly():
     resumed.update(0, torch.arange(10, 23), acts[10:])
     for name, value in whole.state().items():
         assert torch.equal(value, resumed.state()[name]), name
+
+
+def _quantile_pass(acts, seed=0, split=4, Q=4, K=3):
+    body_max = acts[:, 1:].amax((0, 1))[None]
+    sampler = QuantileExamples(body_max, n_intervals=Q, per_interval=K, window=8, before=3, seed=seed)
+    for chunk in torch.arange(acts.shape[0]).split(split):
+        sampler.update(0, 100 + chunk, acts[chunk])
+    return sampler
+
+
+def test_quantile_examples_are_distinct_tokens_of_their_interval():
+    acts = _random_acts(seed=2)
+    n_seq, n_pos, F = acts.shape
+    Q, K = 4, 3
+    sampler = _quantile_pass(acts, Q=Q, K=K)
+    maximum = acts[:, 1:].amax((0, 1))
+    for f in range(F):
+        for q in range(Q):
+            a = acts[:, 1:, f]
+            in_interval = (a > 0) & ((a / maximum[f] * Q).floor().clamp(max=Q - 1) == q) if maximum[f] > 0 else a > 0
+            n_expected = min(K, int(in_interval.sum())) if maximum[f] > 0 else 0
+            kept = torch.isfinite(sampler.key[0, q, :, f])
+            assert int(kept.sum()) == n_expected, (f, q)
+            tokens = set()
+            for k in kept.nonzero()[:, 0].tolist():
+                seq = int(sampler.sequence[0, q, k, f]) - 100
+                pos, start = int(sampler.position[0, q, k, f]), int(sampler.start[0, q, k, f])
+                assert in_interval[seq, pos - 1]
+                assert float(sampler.value[0, q, k, f]) == float(acts[seq, pos, f])
+                assert start <= pos < start + 8
+                assert torch.equal(sampler.acts[0, q, k, f], acts[seq, start:start + 8, f].half())
+                tokens.add((seq, pos))
+            assert len(tokens) == n_expected  # without replacement
+
+
+def test_quantile_sampling_is_uniform_and_resumes_exactly():
+    acts = _random_acts(n_seq=8, n_pos=10, seed=3)
+    # resume: state after the first batches + the rest == one run
+    whole = _quantile_pass(acts, seed=5)
+    first = QuantileExamples(acts[:, 1:].amax((0, 1))[None], n_intervals=4, per_interval=3, window=8, before=3, seed=5)
+    for chunk in torch.arange(8).split(4)[:1]:
+        first.update(0, 100 + chunk, acts[chunk])
+    resumed = QuantileExamples(acts[:, 1:].amax((0, 1))[None], n_intervals=4, per_interval=3, window=8, before=3, seed=5)
+    resumed.load_state(first.state())
+    resumed.update(0, 100 + torch.arange(4, 8), acts[4:])
+    for name, value in whole.state().items():
+        assert torch.equal(value, resumed.state()[name]), name
+    # uniform: over seeds, every token of the fullest interval is picked about K / n of the time
+    a, maximum = acts[:, 1:, 0], acts[:, 1:, 0].max()
+    bins = (a / maximum * 4).floor().clamp(max=3).masked_fill(a <= 0, -1)
+    q = int(torch.bincount(bins[bins >= 0].long()).argmax())
+    n = int((bins == q).sum())
+    assert n > 3
+    counts: dict[tuple[int, int], int] = {}
+    runs = 600
+    for seed in range(runs):
+        sampler = _quantile_pass(acts, seed=seed)
+        for k in range(3):
+            key = (int(sampler.sequence[0, q, k, 0]), int(sampler.position[0, q, k, 0]))
+            counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == n
+    expected = runs * 3 / n
+    assert all(abs(c - expected) < 5 * (expected * (1 - 3 / n)) ** 0.5 for c in counts.values()), (counts, expected)

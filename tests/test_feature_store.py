@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,9 @@ from mechscope.features.store import FeatureStore, parse_feature_id
 from mechscope.replacement.replacement_model import ReplacementModel
 
 N_TOKENS = 40 * (CTX_LEN - 1)
+QUANTILE_SEQUENCES = 20
+BUILD = dict(batch_sequences=6, top_k=4, window=8, n_logit_tokens=3, quantile_tokens=QUANTILE_SEQUENCES * (CTX_LEN - 1),
+             n_intervals=4, per_interval=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,7 @@ def setup(tmp_path_factory):
     adapter = make_tiny_adapter("llama")
     rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
     stream = TokenStream(corpus, adapter.tokenizer, CTX_LEN, seed=5)
-    path = build.build_feature_store(rm, stream, N_TOKENS, root / "store.sqlite", root / "ckpt",
-                                     batch_sequences=6, top_k=4, window=8, n_logit_tokens=3, progress=False)
+    path = build.build_feature_store(rm, stream, N_TOKENS, root / "store.sqlite", root / "ckpt", **BUILD)
     return rm, stream, path, root
 
 
@@ -44,7 +48,7 @@ def _brute_force(rm, stream, n_sequences):
 def test_store_matches_brute_force(setup):
     rm, stream, path, _ = setup
     store = FeatureStore(path)
-    assert store.meta["n_tokens"] == N_TOKENS
+    assert store.meta["n_tokens"] == N_TOKENS and store.meta["quantile_tokens"] == QUANTILE_SEQUENCES * (CTX_LEN - 1)
     ids, acts = _brute_force(rm, stream, 40)
     decode = rm.model.tokenizer.decode
     checked = 0
@@ -58,13 +62,26 @@ def test_store_matches_brute_force(setup):
             per_seq = a.amax(1)
             expected = per_seq.topk(4)
             # the 4 distinct sequences with the highest maxima (ties between identical windows in any order)
-            assert [e.max_value for e in dash.top] == pytest.approx([float(v) for v in expected.values if v > 0])
+            assert [e.value for e in dash.top] == pytest.approx([float(v) for v in expected.values if v > 0])
             assert len({e.sequence for e in dash.top}) == len(dash.top)
-            assert all(float(per_seq[e.sequence]) == pytest.approx(e.max_value) for e in dash.top)
-            for e in dash.top:
+            assert all(float(per_seq[e.sequence]) == pytest.approx(e.value) for e in dash.top)
+            for e in dash.top + [x for q in dash.quantiles for x in q.examples]:
                 window = torch.arange(e.start, e.start + 8)
                 assert e.tokens == [decode([int(t)]) for t in ids[e.sequence, window]]
                 assert e.acts == pytest.approx(a[e.sequence, window - 1].half().float().tolist())
+                assert e.value == pytest.approx(float(a[e.sequence, e.position - 1])), (e.acts, e.value, e.position, e.start)
+                assert e.acts[e.center] == pytest.approx(e.value, rel=1e-3)
+            # quantile examples: min(3, n) distinct tokens of the first 20 sequences in each interval
+            prefix = a[:QUANTILE_SEQUENCES]
+            for interval in dash.quantiles:
+                inside = (prefix > interval.low) & (prefix <= interval.high * (1 + 1e-6))
+                assert len(interval.examples) == min(3, int(inside.sum())), (layer, feature, interval.index)
+                assert len({(e.sequence, e.position) for e in interval.examples}) == len(interval.examples)
+                assert all(e.sequence < QUANTILE_SEQUENCES and inside[e.sequence, e.position - 1]
+                           for e in interval.examples)
+            n_sampled = sum(len(q.examples) for q in dash.quantiles)
+            assert n_sampled == sum(min(3, int(((prefix > dash.max_value * q / 4) & (prefix <= dash.max_value * (q + 1) / 4)
+                                                 ).sum())) for q in range(4)) or dash.max_value == 0
             assert len(dash.pos_tokens) == len(dash.neg_tokens) == 3
             assert dash.pos_tokens[0][1] >= dash.pos_tokens[-1][1] >= dash.neg_tokens[-1][1] >= dash.neg_tokens[0][1]
             checked += bool(dash.top)
@@ -76,22 +93,27 @@ def test_interrupted_build_resumes_to_the_same_store(setup, monkeypatch):
     original = build._save
     calls = []
 
-    def save_then_stop(*args):
-        original(*args)
-        calls.append(1)
-        raise KeyboardInterrupt
+    def save_then_stop(path, stats, quantiles, state):
+        original(path, stats, quantiles, state)
+        calls.append(state["phase"])
+        if (state["phase"], state["next_sequence"]) != ("quantiles", QUANTILE_SEQUENCES):
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "_save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        build.build_feature_store(rm, stream, N_TOKENS, root / "again.sqlite", root / "ckpt2", batch_sequences=6,
-                                  top_k=4, window=8, n_logit_tokens=3, checkpoint_every_s=0.0, progress=False)
-    monkeypatch.undo()
-    again = build.build_feature_store(rm, stream, N_TOKENS, root / "again.sqlite", root / "ckpt2", batch_sequences=6,
-                                      top_k=4, window=8, n_logit_tokens=3, progress=False)
+    while True:  # killed after every checkpoint: each run resumes and gets one batch further, in both passes
+        try:
+            again = build.build_feature_store(rm, stream, N_TOKENS, root / "again.sqlite", root / "ckpt2",
+                                              checkpoint_every_s=0.0, **BUILD)
+            break
+        except KeyboardInterrupt:
+            assert len(calls) < 30
+    assert calls.count("top") == 40 // 6 + 1 and calls.count("quantiles") > 20 // 6  # killed in both passes
     a, b = FeatureStore(path), FeatureStore(again)
     for layer, feature in [(0, 0), (1, 7), (1, 20)]:
         x, y = a.feature(layer, feature), b.feature(layer, feature)
         assert (x.max_value, x.hist, [e.sequence for e in x.top]) == (y.max_value, y.hist, [e.sequence for e in y.top])
+        assert [[(e.sequence, e.position) for e in q.examples] for q in x.quantiles] == \
+            [[(e.sequence, e.position) for e in q.examples] for q in y.quantiles]
 
 
 def test_labels_bad_ids_and_reader_without_torch(setup, tmp_path):
@@ -193,3 +215,81 @@ def test_dense_cli_lists_densest_and_plots(setup, tiny_dirs, capsys, tmp_path): 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, err = run(["dense", "--top", "1", "--store", str(path)], capsys)
     assert code == 2 and "--top must be >= 2" in err
+
+
+def test_trace_exports_store_labels_as_clerp_and_densities(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
+    from test_cli import run, trace_args
+
+    _, _, path, _ = setup
+    labelled = tmp_path / "labelled.sqlite"
+    labelled.write_bytes(path.read_bytes())
+    store = FeatureStore(labelled)
+    store.con.execute("UPDATE features SET label = ''")  # other tests label the shared store
+    store.con.commit()
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json"), capsys)
+    assert code == 0, err
+    graph = json.loads(Path(json.loads(out)["graph_path"]).read_text())
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    layer, index = (int(x) for x in features[0]["jsNodeId"].split("-")[0].split("_"))
+    store.set_label(layer, index, "cat-ish")
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json"), capsys)
+    graph = json.loads(Path(json.loads(out)["graph_path"]).read_text())
+    densities = store.density_table()
+    for node in (n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"):
+        lay, f = (int(x) for x in node["jsNodeId"].split("-")[0].split("_"))
+        assert node["clerp"] == ("cat-ish" if (lay, f) == (layer, index) else "")
+        assert node["density"] == pytest.approx(float(densities[lay, f]))
+    mismatched = tmp_path / "other.sqlite"
+    mismatched.write_bytes(path.read_bytes())
+    con = sqlite3.connect(mismatched)
+    con.execute("UPDATE meta SET value = ? WHERE key = 'transcoders'", (json.dumps("another-set"),))
+    con.commit()
+    con.close()
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(mismatched)), capsys)
+    assert code == 2 and "another-set" in err
+
+
+def test_neuronpedia_feature_json_and_html_dashboard(setup, capsys, tmp_path):
+    from test_cli import run
+
+    from mechscope.features.export import dashboard_html, neuronpedia_feature
+    from mechscope.node_ids import cantor_pair
+
+    _, _, path, _ = setup
+    store = FeatureStore(path)
+    layer, feature, _ = store.densest(1)[0]
+    dash = store.feature(layer, feature)
+    data = neuronpedia_feature(dash, store.meta["model"], store.meta["transcoders"])
+    groups = data["examples_quantiles"]
+    assert groups[0]["quantile_name"] == "Top activations" and len(groups[0]["examples"]) == len(dash.top)
+    assert [g["quantile_name"] for g in groups[1:]] == [f"Subsample Interval {q.index}" for q in dash.quantiles]
+    assert len(groups) > 2  # a dense feature fills several intervals
+    for group, examples in zip(groups, [dash.top] + [q.examples for q in dash.quantiles]):
+        for out, example in zip(group["examples"], examples, strict=True):
+            assert out["tokens"] == example.tokens and len(out["tokens_acts_list"]) == len(out["tokens"])
+            assert out["tokens_acts_list"][out["train_token_ind"]] == pytest.approx(example.value, rel=1e-3)
+    top = groups[0]["examples"][0]
+    assert max(top["tokens_acts_list"]) == top["tokens_acts_list"][top["train_token_ind"]]
+    assert data["act_max"] == dash.max_value and data["activation_frequency"] == dash.density
+    assert data["top_logits"] == [t for t, _ in dash.pos_tokens] and data["index"] == cantor_pair(layer, feature)
+    assert sum(data["freq_hist_data_bar_heights"]) == dash.active
+    # CLI: one feature, then every feature that fired
+    code, out, err = run(["features", "export", f"{layer}/{feature}", "--out", str(tmp_path / "np"),
+                          "--store", str(path)], capsys)
+    file = tmp_path / "np" / store.meta["transcoders"] / f"{cantor_pair(layer, feature)}.json"
+    assert code == 0, err
+    assert json.loads(file.read_text()) == json.loads(json.dumps(data))
+    code, out, err = run(["features", "export", "--all", "--out", str(tmp_path / "all"), "--store", str(path)], capsys)
+    assert code == 0 and len(list((tmp_path / "all").rglob("*.json"))) == len(store.active_features()) > 10
+    code, out, err = run(["features", "export", "--out", str(tmp_path / "none"), "--store", str(path)], capsys)
+    assert code == 2 and "--all" in err and not (tmp_path / "none").exists()
+    # HTML: standalone (no scripts, no remote resources), escapes labels and tokens
+    dash.label = "<script>alert(1)</script>"
+    page = dashboard_html(dash, store.meta)
+    assert "<script" not in page and "&lt;script&gt;" in page and "http" not in page
+    assert f"{dash.top[0].value:.3f}" in page and page.count('class="example"') == len(dash.top) + sum(
+        len(q.examples) for q in dash.quantiles)
+    html_file = tmp_path / "d.html"
+    code, out, err = run(["features", "show", f"{layer}/{feature}", "--store", str(path), "--html", str(html_file)],
+                         capsys)
+    assert code == 0 and "interval" in out and html_file.read_text().startswith("<!DOCTYPE html>")

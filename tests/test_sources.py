@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import rdata
 
-from mechscope.data.sources import austen_chapters, detag_brown, html_to_text, read_r_lazyload_db
+from mechscope.data.sources import austen_chapters, detag_brown, email_text, html_to_text, read_r_lazyload_db
 from mechscope.errors import BadInputError
 
 
@@ -71,3 +71,17 @@ def test_html_to_text_keeps_blocks_and_preformatted_code():
     markup = ("<html><head><title>x</title></head><body><nav>menu</nav><h1>Title</h1>"
               "<p>Some   <b>bold</b>\ntext.</p><pre>def f():\n    return 1</pre></body></html>")
     assert html_to_text(markup) == "Title\n\nSome bold text.\n\ndef f():\n    return 1"
+
+
+def test_email_text_keeps_subject_and_plain_body_only():
+    raw = (
+        b"From: someone@example.org\r\nSubject: Re: kernel panic\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/alternative; boundary="XX"\r\n\r\n'
+        b"--XX\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"> did you try a caf=E9 reboot?\r\nYes, twice.\r\n"
+        b"--XX\r\nContent-Type: text/html\r\n\r\n<p>Yes, <b>twice</b>.</p>\r\n--XX--\r\n"
+    )
+    text = email_text(raw)
+    assert text.startswith("Subject: Re: kernel panic\n\n")
+    assert "> did you try a café reboot?" in text and "Yes, twice." in text
+    assert "<p>" not in text and "someone@example.org" not in text and "Content-Type" not in text

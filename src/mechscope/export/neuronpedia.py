@@ -20,6 +20,7 @@ from pathlib import Path
 from mechscope.errors import BadInputError
 from mechscope.graph.graph import Graph, NodeKind
 from mechscope.graph.prune import PruneResult
+from mechscope.node_ids import cantor_pair
 from mechscope.paths import atomic_write_text
 
 __all__ = ["to_neuronpedia", "write_neuronpedia", "read_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
@@ -32,18 +33,13 @@ FEATURE_TYPES = {
 }
 
 
-def cantor_pair(x: int, y: int) -> int:
-    """Cantor pairing ``(x + y)(x + y + 1)/2 + y``: Neuronpedia's ``feature`` of a transcoder node."""
-    return (x + y) * (x + y + 1) // 2 + y
-
-
 def slugify(text: str, max_len: int = 60) -> str:
     """A file-name-safe slug of a prompt (lowercase letters, digits and dashes)."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
     return slug or "graph"
 
 
-def _node(graph: Graph, node: int, influence: float, labels: dict[str, str]) -> dict:
+def _node(graph: Graph, node: int, influence: float, labels: dict[str, str], densities) -> dict:
     kind = graph.node_kind(node)
     node_id = graph.node_id(node)
     entry = {"node_id": node_id, "feature_type": FEATURE_TYPES[kind], "influence": influence,
@@ -53,6 +49,8 @@ def _node(graph: Graph, node: int, influence: float, labels: dict[str, str]) -> 
         entry.update(feature=cantor_pair(layer, feature), layer=str(layer), ctx_idx=pos,
                      jsNodeId=f"{layer}_{feature}-0", activation=activation,
                      clerp=labels.get(f"{layer}/{feature}", ""))
+        if densities is not None:
+            entry["density"] = float(densities[layer][feature])
     elif kind == NodeKind.ERROR:
         layer, pos = graph.error_of(node)
         entry.update(feature=-1, layer=str(layer), ctx_idx=pos, jsNodeId=f"{layer}_{pos}-0",
@@ -79,11 +77,16 @@ def to_neuronpedia(
     edge_threshold: float | None = None,
     labels: dict[str, str] | None = None,
     supernodes: list[list[str]] | None = None,
+    densities=None,
 ) -> dict:
     """The exchange JSON of ``graph``, keeping the nodes and edges ``pruned`` keeps (all when None).
 
     Args:
-        labels: human feature labels keyed ``"layer/feature"`` (become ``clerp``).
+        labels: human feature labels keyed ``"layer/feature"`` (become ``clerp``), e.g.
+            ``FeatureStore.labels()``.
+        densities: ``[n_layers, d_transcoder]`` activation densities from a feature store
+            (``FeatureStore.density_table()``); feature nodes then carry ``density`` (an extra field
+            Neuronpedia ignores; ``suggest_supernodes`` leaves dense features out).
         supernodes: ``[label, node_id, ...]`` lists for ``qParams.supernodes``.
     """
     from mechscope import __version__
@@ -94,7 +97,7 @@ def to_neuronpedia(
     influence = pruned.cumulative_scores if pruned is not None else None
     kept = [i for i in range(n) if node_mask is None or bool(node_mask[i])]
     labels = labels or {}
-    nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels) for i in kept]
+    nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities) for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
     kept_set = set(kept)
     targets, sources = (edge_mask & (graph.adjacency != 0)).nonzero(as_tuple=True)

@@ -1,10 +1,12 @@
-"""Build a feature store: stream a corpus through the model and the transcoders once.
+"""Build a feature store: stream a corpus through the model and the transcoders.
 
-Each batch of sequences runs the model body once (recording every layer's MLP input), every
-layer's transcoder encodes it, and :class:`FeatureStatistics` folds the activations in. State is
+Pass 1 (all ``n_tokens``): each batch of sequences runs the model body once (recording every
+layer's MLP input), every layer's transcoder encodes it, and :class:`FeatureStatistics` folds the
+activations in. Pass 2 (the first ``quantile_tokens`` of the same stream): with every feature's
+maximum known, :class:`QuantileExamples` samples examples within activation intervals. State is
 checkpointed atomically every ``checkpoint_every_s`` seconds (safetensors + JSON) and a killed
-build resumes exactly. At the end, each feature's top and bottom direct logit effects are computed
-and everything is written to SQLite (:mod:`mechscope.features.store`).
+build resumes exactly, in either pass. At the end, each feature's top and bottom direct logit
+effects are computed and everything is written to SQLite (:mod:`mechscope.features.store`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.features.dense import logit_effects
-from mechscope.features.statistics import HIST_EDGES, FeatureStatistics
+from mechscope.features.statistics import HIST_EDGES, FeatureStatistics, QuantileExamples
 from mechscope.features.store import write_store
 from mechscope.paths import atomic_directory
 from mechscope.replacement.replacement_model import ReplacementModel
@@ -32,9 +34,11 @@ __all__ = ["build_feature_store"]
 logger = logging.getLogger(__name__)
 
 
-def _save(path: Path, stats: FeatureStatistics, state: dict) -> None:
+def _save(path: Path, stats: FeatureStatistics, quantiles: QuantileExamples | None, state: dict) -> None:
     with atomic_directory(path) as tmp:
         save_file({k: v.contiguous() for k, v in stats.state().items()}, str(tmp / "stats.safetensors"))
+        if quantiles is not None:
+            save_file({k: v.contiguous() for k, v in quantiles.state().items()}, str(tmp / "quantiles.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
 
 
@@ -63,25 +67,36 @@ def build_feature_store(
     top_k: int = 20,
     window: int = 32,
     n_logit_tokens: int = 10,
+    quantile_tokens: int = 262_144,
+    n_intervals: int = 10,
+    per_interval: int = 2,
     checkpoint_every_s: float = 300.0,
     progress: bool = True,
 ) -> Path:
-    """Stream ``n_tokens`` (non-BOS) tokens and write the store to ``out``.
+    """Stream ``n_tokens`` (non-BOS) tokens, then sample quantile examples from the first
+    ``quantile_tokens`` of them, and write the store to ``out``.
 
     Raises:
-        BadInputError: ``n_tokens`` < 1, or a checkpoint from a different build in ``checkpoint_dir``.
+        BadInputError: ``n_tokens`` < 1, ``quantile_tokens`` < 0, or a checkpoint from a different
+            build in ``checkpoint_dir``.
     """
     if n_tokens < 1:
         raise BadInputError(f"--tokens must be >= 1, got {n_tokens}")
+    if quantile_tokens < 0:
+        raise BadInputError(f"--quantile-tokens must be >= 0, got {quantile_tokens}")
     n_layers = rm.model.n_layers
     d_transcoder = rm.transcoders.d_transcoder(0)
     per_sequence = stream.ctx_len - 1
     n_sequences = -(-n_tokens // per_sequence)
+    n_quantile_sequences = min(-(-quantile_tokens // per_sequence), n_sequences)
     identity = {"model": rm.model.name, "transcoders": rm.transcoders.scan, "ctx_len": stream.ctx_len,
-                "seed": stream.seed, "top_k": top_k, "window": window, "batch_sequences": batch_sequences}
+                "seed": stream.seed, "mix": stream.mix, "top_k": top_k, "window": window,
+                "batch_sequences": batch_sequences, "n_quantile_sequences": n_quantile_sequences,
+                "n_intervals": n_intervals, "per_interval": per_interval}
     stats = FeatureStatistics(n_layers, d_transcoder, top_k, window)
+    quantiles = None
     ckpt = checkpoint_dir / "checkpoint"
-    state = {"identity": identity, "next_sequence": 0}
+    state = {"identity": identity, "phase": "top", "next_sequence": 0}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         if saved["identity"] != identity:
@@ -89,29 +104,42 @@ def build_feature_store(
                                 "another --checkpoint-dir")
         state = saved
         stats.load_state(load_file(str(ckpt / "stats.safetensors")))
-        logger.info("resumed at sequence %d", state["next_sequence"])
-    bar = tqdm(total=n_sequences * per_sequence, initial=state["next_sequence"] * per_sequence, unit="tok",
-               unit_scale=True, disable=not progress, desc="features")
-    last_save = time.monotonic()
-    while state["next_sequence"] < n_sequences:
-        start = state["next_sequence"]
-        count = min(batch_sequences, n_sequences - start)
-        batch = torch.as_tensor(np.stack([stream.sequence(i) for i in range(start, start + count)]))
-        inputs, _ = rm.model.run_with_mlp_sites(batch)
-        sequences = torch.arange(start, start + count)
-        for layer in range(n_layers):
-            stats.update(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()))
-        state["next_sequence"] = start + count
-        bar.update(count * per_sequence)
-        if time.monotonic() - last_save > checkpoint_every_s:
-            _save(ckpt, stats, state)
-            last_save = time.monotonic()
-    bar.close()
-    _save(ckpt, stats, state)
-    return _write(rm, stream, stats, out, n_logit_tokens)
+        if state["phase"] == "quantiles":
+            quantiles = QuantileExamples(stats.max_value, n_intervals, per_interval, window, seed=stream.seed)
+            quantiles.load_state(load_file(str(ckpt / "quantiles.safetensors")))
+        logger.info("resumed at sequence %d of the %s pass", state["next_sequence"], state["phase"])
+
+    def stream_pass(total: int, fold, description: str) -> None:
+        bar = tqdm(total=total * per_sequence, initial=state["next_sequence"] * per_sequence, unit="tok",
+                   unit_scale=True, disable=not progress, desc=description)
+        last_save = time.monotonic()
+        while state["next_sequence"] < total:
+            start = state["next_sequence"]
+            count = min(batch_sequences, total - start)
+            batch = torch.as_tensor(np.stack([stream.sequence(i) for i in range(start, start + count)]))
+            inputs, _ = rm.model.run_with_mlp_sites(batch)
+            sequences = torch.arange(start, start + count)
+            for layer in range(n_layers):
+                fold(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()))
+            state["next_sequence"] = start + count
+            bar.update(count * per_sequence)
+            if time.monotonic() - last_save > checkpoint_every_s:
+                _save(ckpt, stats, quantiles, state)
+                last_save = time.monotonic()
+        bar.close()
+
+    if state["phase"] == "top":
+        stream_pass(n_sequences, stats.update, "features")
+        quantiles = QuantileExamples(stats.max_value, n_intervals, per_interval, window, seed=stream.seed)
+        state.update(phase="quantiles", next_sequence=0)
+        _save(ckpt, stats, quantiles, state)
+    stream_pass(n_quantile_sequences, quantiles.update, "quantiles")
+    _save(ckpt, stats, quantiles, state)
+    return _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens)
 
 
-def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, out: Path, n_logit_tokens: int) -> Path:
+def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, quantiles: QuantileExamples,
+           n_quantile_tokens: int, out: Path, n_logit_tokens: int) -> Path:
     L, F = stats.n_layers, stats.d_transcoder
     layer = torch.arange(L)[:, None].expand(L, F).reshape(-1)
     feature = torch.arange(F)[None, :].expand(L, F).reshape(-1)
@@ -120,19 +148,30 @@ def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, 
         "density": (stats.active / max(stats.n_tokens, 1)).reshape(-1).numpy(),
         "max_value": stats.max_value.reshape(-1).numpy(), "hist": stats.hist.reshape(L * F, -1).numpy(),
     }
-    keep = stats.top_value > 0  # [L, K, F]
-    lay, rank, feat = keep.nonzero(as_tuple=True)
+    lay, rank, feat = (stats.top_value > 0).nonzero(as_tuple=True)  # [L, K, F]
+    top_acts = stats.top_acts[lay, rank, feat]
+    top_start = stats.top_start[lay, rank, feat]
+    lay_q, interval, slot, feat_q = torch.isfinite(quantiles.key).nonzero(as_tuple=True)  # [L, Q, K, F]
+    q_index = (lay_q, interval, slot, feat_q)
     examples = {
-        "layer": lay.numpy(), "feature": feat.numpy(), "rank": rank.numpy(),
-        "sequence": stats.top_sequence[lay, rank, feat].numpy(), "start": stats.top_start[lay, rank, feat].numpy(),
-        "max_value": stats.top_value[lay, rank, feat].numpy(), "acts": stats.top_acts[lay, rank, feat].float().numpy(),
+        "layer": torch.cat([lay, lay_q]), "feature": torch.cat([feat, feat_q]),
+        "kind": ["top"] * len(lay) + ["quantile"] * len(lay_q),
+        "interval": torch.cat([torch.full_like(lay, -1), interval]), "rank": torch.cat([rank, slot]),
+        "sequence": torch.cat([stats.top_sequence[lay, rank, feat], quantiles.sequence[q_index]]),
+        "start": torch.cat([top_start, quantiles.start[q_index]]),
+        "position": torch.cat([top_start + top_acts.float().argmax(1), quantiles.position[q_index]]),
+        "value": torch.cat([stats.top_value[lay, rank, feat], quantiles.value[q_index]]),
+        "acts": torch.cat([top_acts, quantiles.acts[q_index]]).float(),
     }
+    examples = {k: v if isinstance(v, list) else v.numpy() for k, v in examples.items()}
     decode = rm.model.tokenizer.decode
     sequences = {int(s): [decode([int(t)]) for t in stream.sequence(int(s))]
                  for s in np.unique(examples["sequence"])}
     pos, neg = _logit_tokens(rm, n_logit_tokens)
     meta = {"model": rm.model.name, "transcoders": rm.transcoders.scan, "n_tokens": stats.n_tokens,
             "hist_edges": HIST_EDGES.tolist(), "window": stats.window, "top_k": stats.top_k,
+            "n_intervals": quantiles.n_intervals, "per_interval": quantiles.per_interval,
             "corpus": [{"source": e["source"], "weight": e["weight"]} for e in stream.manifest["sources"]],
-            "ctx_len": stream.ctx_len, "seed": stream.seed}
+            "quantile_tokens": n_quantile_tokens,
+            "ctx_len": stream.ctx_len, "seed": stream.seed, "mix": stream.mix}
     return write_store(out, meta, features, examples, sequences, {"pos": pos, "neg": neg})

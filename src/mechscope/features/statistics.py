@@ -11,6 +11,11 @@ For every feature of every layer, over all non-BOS tokens seen:
 
 This is what Neuronpedia's dashboards show as density, max activation, activation histogram and
 top activations; tokens are looked up from the sequence index when the store is written.
+
+:class:`QuantileExamples` is the second pass: once each feature's maximum is known, it samples
+tokens uniformly at random within equal-width activation intervals ``(q/Q, (q+1)/Q] x max``
+(Neuronpedia's ``examples_quantiles``, "Subsample Interval q"), so a dashboard shows what weak and
+middling activations look like, not only the top.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 
-__all__ = ["FeatureStatistics", "HIST_EDGES"]
+__all__ = ["FeatureStatistics", "QuantileExamples", "HIST_EDGES"]
 
 #: upper edges of the activation histogram bins: 10^-3 .. 10^3, 8 bins per decade (last bin open)
 HIST_EDGES = torch.logspace(-3, 3, 49)
@@ -31,14 +36,15 @@ class FeatureStatistics:
         top_k: contexts kept per feature.
         window: tokens per context window (``<= ctx_len - 1``).
         before: tokens shown before the maximum (the window starts ``before`` tokens earlier,
-            clipped to the sequence).
+            clipped to the sequence; at most ``window - 1``).
     """
 
     TENSORS = ("active", "max_value", "max_sequence", "max_position", "hist", "top_value", "top_sequence",
                "top_start", "top_acts")
 
     def __init__(self, n_layers: int, d_transcoder: int, top_k: int = 20, window: int = 32, before: int = 23):
-        self.n_layers, self.d_transcoder, self.top_k, self.window, self.before = n_layers, d_transcoder, top_k, window, before
+        self.n_layers, self.d_transcoder, self.top_k, self.window = n_layers, d_transcoder, top_k, window
+        self.before = min(before, window - 1)  # the maximum stays inside the window
         L, F, K, W = n_layers, d_transcoder, top_k, window
         self.n_tokens = 0
         self.active = torch.zeros(L, F, dtype=torch.float64)
@@ -102,3 +108,93 @@ class FeatureStatistics:
         for name in self.TENSORS:
             setattr(self, name, tensors[name].clone())
         self.n_tokens = int(tensors["n_tokens"])
+
+
+def _windows(acts: torch.Tensor, batch: torch.Tensor, start: torch.Tensor, feature: torch.Tensor, width: int,
+             out_width: int) -> torch.Tensor:
+    """``acts[batch, start + w, feature]`` for ``w < width``, as float16 padded to ``out_width``."""
+    index = start[..., None] + torch.arange(width)
+    windows = torch.zeros(*start.shape, out_width, dtype=torch.float16)
+    windows[..., :width] = acts[batch[..., None], index, feature[..., None]].half()
+    return windows
+
+
+class QuantileExamples:
+    """Examples sampled uniformly within activation intervals of each feature's maximum.
+
+    A token with activation ``a > 0`` of a feature with maximum ``m`` falls in interval
+    ``min(floor(Q * a / m), Q - 1)``. Every such token gets a uniform random key; each interval keeps
+    the ``per_interval`` tokens with the smallest keys, which is a uniform sample without replacement
+    of that interval's tokens (bottom-k sampling: mergeable across batches, so exact under resume).
+
+    Args:
+        max_value: ``[n_layers, d_transcoder]`` each feature's maximum (from :class:`FeatureStatistics`).
+        n_intervals: ``Q``.
+        per_interval: examples kept per interval.
+        window, before: as in :class:`FeatureStatistics`.
+        seed: keys are drawn from a generator seeded by ``(seed, layer, first sequence of the batch)``.
+    """
+
+    TENSORS = ("key", "value", "sequence", "position", "start", "acts")
+
+    def __init__(self, max_value: torch.Tensor, n_intervals: int = 10, per_interval: int = 5, window: int = 32,
+                 before: int = 23, seed: int = 0):
+        self.max_value = max_value.float()
+        self.n_intervals, self.per_interval, self.window, self.before, self.seed = (
+            n_intervals, per_interval, window, min(before, window - 1), seed)
+        L, F = max_value.shape
+        shape = (L, n_intervals, per_interval, F)
+        self.key = torch.full(shape, float("inf"))
+        self.value = torch.zeros(shape)
+        self.sequence = torch.full(shape, -1, dtype=torch.long)
+        self.position = torch.zeros(shape, dtype=torch.long)
+        self.start = torch.zeros(shape, dtype=torch.long)
+        self.acts = torch.zeros(*shape, window, dtype=torch.float16)
+
+    @torch.no_grad()
+    def update(self, layer: int, sequences: Int[torch.Tensor, "batch"], acts: Float[torch.Tensor, "batch pos d_transcoder"],
+               first_pos: int = 1) -> None:
+        """Add one batch of one layer's activations (same arguments as :meth:`FeatureStatistics.update`)."""
+        acts = acts.float().clone()
+        acts[:, :first_pos] = 0
+        batch, n_pos, F = acts.shape
+        Q, K = self.n_intervals, self.per_interval
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(sequences[0]) * 101 + layer)
+        keys = torch.rand(batch * n_pos, F, generator=gen)
+        maximum = self.max_value[layer].clamp(min=torch.finfo(torch.float32).tiny)
+        interval = (acts.reshape(-1, F) * (Q / maximum)).floor().clamp(max=Q - 1)
+        composite = torch.where(acts.reshape(-1, F) > 0, interval + keys, torch.inf)  # [tokens, F]
+        ordered, order = composite.sort(dim=0)
+        # first row of each interval in the sorted order, then its K smallest keys
+        bounds = torch.arange(Q, dtype=torch.float32)[:, None].expand(Q, F).contiguous()
+        first = torch.searchsorted(ordered.T.contiguous(), bounds.T.contiguous()).T  # [Q, F]
+        rows = (first[:, None, :] + torch.arange(K)[None, :, None]).clamp(max=len(ordered) - 1)  # [Q, K, F]
+        features = torch.arange(F).expand(Q, K, F)
+        candidate = ordered[rows, features]
+        inside = candidate < torch.arange(1, Q + 1)[:, None, None]
+        new_key = torch.where(inside, candidate - candidate.floor(), torch.inf)
+        token = order[rows, features]
+        seq_index, position = token // n_pos, token % n_pos
+        W = min(self.window, n_pos - first_pos)
+        start = (position - self.before).clamp(min=first_pos).clamp(max=n_pos - W)
+        merged = torch.cat([self.key[layer], new_key], dim=1)  # [Q, 2K, F]
+        keep = merged.topk(K, dim=1, largest=False).indices
+        self.key[layer] = merged.gather(1, keep)
+
+        def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([old, new], dim=1)
+            index = keep.view(*keep.shape, *([1] * (both.dim() - 3))).expand(*keep.shape, *both.shape[3:])
+            return both.gather(1, index)
+
+        self.value[layer] = merge(self.value[layer], acts[seq_index, position, features])
+        self.sequence[layer] = merge(self.sequence[layer], sequences[seq_index])
+        self.position[layer] = merge(self.position[layer], position)
+        self.start[layer] = merge(self.start[layer], start)
+        self.acts[layer] = merge(self.acts[layer], _windows(acts, seq_index, start, features, W, self.window))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self.TENSORS:
+            setattr(self, name, tensors[name].clone())

@@ -7,11 +7,16 @@ Tables (SQLite, written once to a temporary file and renamed into place):
 - ``features(layer, feature, active, density, max_value, hist, pos_tokens, neg_tokens, label)``:
   ``hist`` is little-endian int64 counts per histogram bin; ``pos_tokens`` / ``neg_tokens`` are JSON
   ``[[token, logit_effect], ...]`` (top and bottom direct logit effects);
-- ``examples(layer, feature, kind, rank, sequence, start, max_value, acts)``: ``kind`` is ``top``;
-  ``acts`` little-endian float16 activations of the window starting at ``start``;
+- ``examples(layer, feature, kind, interval, rank, sequence, start, position, value, acts)``:
+  ``kind`` is ``top`` (the top contexts, ``interval`` -1) or ``quantile`` (sampled uniformly among
+  tokens whose activation lies in ``(interval/Q, (interval+1)/Q] x max``, Neuronpedia's
+  ``examples_quantiles``); ``position`` is the example's token in its sequence (the maximum for
+  ``top``) and ``value`` its activation; ``acts`` little-endian float16 activations of the window
+  starting at ``start``;
 - ``sequences(sequence, tokens)``: JSON list of the token strings of each referenced sequence.
 
-This module imports only the standard library and numpy.
+``meta.format`` is :data:`FORMAT`; a store of another format must be rebuilt. This module imports
+only the standard library and numpy.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ import numpy as np
 
 from mechscope.errors import BadInputError, CorruptFileError
 
-__all__ = ["FeatureStore", "FeatureDashboard", "Example", "write_store", "parse_feature_id"]
+__all__ = ["FeatureStore", "FeatureDashboard", "Example", "QuantileInterval", "write_store", "parse_feature_id",
+           "FORMAT"]
+
+#: store layout version, bumped whenever a table changes
+FORMAT = 2
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE features (layer INTEGER, feature INTEGER, active INTEGER, density REAL, max_value REAL,
                        hist BLOB, pos_tokens TEXT, neg_tokens TEXT, label TEXT DEFAULT '',
                        PRIMARY KEY (layer, feature));
-CREATE TABLE examples (layer INTEGER, feature INTEGER, kind TEXT, rank INTEGER, sequence INTEGER,
-                       start INTEGER, max_value REAL, acts BLOB);
+CREATE TABLE examples (layer INTEGER, feature INTEGER, kind TEXT, interval INTEGER, rank INTEGER,
+                       sequence INTEGER, start INTEGER, position INTEGER, value REAL, acts BLOB);
 CREATE INDEX examples_feature ON examples (layer, feature);
 CREATE TABLE sequences (sequence INTEGER PRIMARY KEY, tokens TEXT);
 """
@@ -54,13 +63,31 @@ def parse_feature_id(text: str) -> tuple[int, int]:
 
 @dataclass
 class Example:
-    """A context: ``tokens`` of the window and the feature's activation on each."""
+    """A context: ``tokens`` of the window (from position ``start`` of corpus sequence ``sequence``)
+    and the feature's activation on each; ``position`` is the example's token (the maximum, for top
+    examples) and ``value`` its activation."""
 
     sequence: int
     start: int
-    max_value: float
+    position: int
+    value: float
     tokens: list[str]
     acts: list[float]
+
+    @property
+    def center(self) -> int:
+        """Index of the example's token within the window."""
+        return self.position - self.start
+
+
+@dataclass
+class QuantileInterval:
+    """Examples sampled uniformly among tokens whose activation lies in ``(low, high]``."""
+
+    index: int
+    low: float
+    high: float
+    examples: list[Example]
 
 
 @dataclass
@@ -78,6 +105,7 @@ class FeatureDashboard:
     neg_tokens: list[tuple[str, float]]
     label: str
     top: list[Example] = field(default_factory=list)
+    quantiles: list[QuantileInterval] = field(default_factory=list)
 
 
 def write_store(path: str | os.PathLike, meta: dict, features: dict[str, np.ndarray],
@@ -86,9 +114,11 @@ def write_store(path: str | os.PathLike, meta: dict, features: dict[str, np.ndar
     """Write a store atomically.
 
     Args:
-        meta: JSON-serialisable metadata (``hist_edges``, ``window``, ``n_tokens``, ...).
+        meta: JSON-serialisable metadata (``hist_edges``, ``window``, ``n_tokens``, ``n_intervals``, ...);
+            ``format`` is added.
         features: ``layer, feature, active, density, max_value`` ``[n]`` arrays and ``hist`` ``[n, bins]``.
-        examples: ``layer, feature, rank, sequence, start, max_value`` ``[m]`` and ``acts`` ``[m, window]``.
+        examples: ``layer, feature, kind, interval, rank, sequence, start, position, value`` ``[m]`` and
+            ``acts`` ``[m, window]``.
         sequences: token strings of every referenced sequence.
         logit_tokens: ``pos`` / ``neg``: per feature row a list of ``[token, value]``.
     """
@@ -99,7 +129,8 @@ def write_store(path: str | os.PathLike, meta: dict, features: dict[str, np.ndar
     try:
         con = sqlite3.connect(tmp)
         con.executescript(SCHEMA)
-        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        con.executemany("INSERT INTO meta VALUES (?, ?)",
+                        [(k, json.dumps(v)) for k, v in (meta | {"format": FORMAT}).items()])
         hist = features["hist"].astype("<i8")
         con.executemany(
             "INSERT INTO features (layer, feature, active, density, max_value, hist, pos_tokens, neg_tokens) "
@@ -110,10 +141,10 @@ def write_store(path: str | os.PathLike, meta: dict, features: dict[str, np.ndar
              for i in range(len(features["layer"]))),
         )
         acts = examples["acts"].astype("<f2")
+        columns = ("layer", "feature", "kind", "interval", "rank", "sequence", "start", "position", "value")
         con.executemany(
-            "INSERT INTO examples VALUES (?, ?, 'top', ?, ?, ?, ?, ?)",
-            ((int(examples["layer"][i]), int(examples["feature"][i]), int(examples["rank"][i]),
-              int(examples["sequence"][i]), int(examples["start"][i]), float(examples["max_value"][i]),
+            "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ((*(examples[c][i].item() if hasattr(examples[c][i], "item") else examples[c][i] for c in columns),
               acts[i].tobytes()) for i in range(len(examples["layer"]))),
         )
         con.executemany("INSERT INTO sequences VALUES (?, ?)",
@@ -143,6 +174,9 @@ class FeatureStore:
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
             raise CorruptFileError(f"{self.path} is not a mechscope feature store: {e}") from e
+        if self.meta.get("format", 1) != FORMAT:
+            raise CorruptFileError(f"{self.path} is a feature store of format {self.meta.get('format', 1)}; this "
+                                   f"mechscope reads format {FORMAT}: rebuild it with `mechscope features build`")
 
     def feature(self, layer: int, feature: int) -> FeatureDashboard:
         """The dashboard of one feature.
@@ -162,13 +196,26 @@ class FeatureStore:
                                      np.frombuffer(hist, "<i8").tolist(), self.meta["hist_edges"],
                                      [tuple(t) for t in json.loads(pos)], [tuple(t) for t in json.loads(neg)], label)
         rows = self.con.execute(
-            "SELECT e.sequence, e.start, e.max_value, e.acts, s.tokens FROM examples e JOIN sequences s "
-            "ON e.sequence = s.sequence WHERE e.layer = ? AND e.feature = ? AND e.kind = 'top' ORDER BY e.rank",
-            (layer, feature))
-        for sequence, start, value, acts, tokens in rows:
+            "SELECT e.kind, e.interval, e.sequence, e.start, e.position, e.value, e.acts, s.tokens FROM examples e "
+            "JOIN sequences s ON e.sequence = s.sequence WHERE e.layer = ? AND e.feature = ? "
+            "ORDER BY e.kind DESC, e.interval DESC, e.rank", (layer, feature))
+        n_intervals = self.meta.get("n_intervals", 0)
+        intervals = [QuantileInterval(q, max_value * q / n_intervals, max_value * (q + 1) / n_intervals, [])
+                     for q in reversed(range(n_intervals))]
+        for kind, interval, sequence, start, position, value, acts, tokens in rows:
             window = np.frombuffer(acts, "<f2").astype(float).tolist()
-            dashboard.top.append(Example(sequence, start, value, json.loads(tokens)[start:start + len(window)], window))
+            example = Example(sequence, start, position, value, json.loads(tokens)[start:start + len(window)], window)
+            if kind == "top":
+                dashboard.top.append(example)
+            else:
+                intervals[n_intervals - 1 - interval].examples.append(example)
+        dashboard.quantiles = [q for q in intervals if q.examples]
         return dashboard
+
+    def active_features(self) -> list[tuple[int, int, float]]:
+        """``(layer, feature, density)`` of every feature that fired on the corpus."""
+        return list(self.con.execute("SELECT layer, feature, density FROM features WHERE active > 0 "
+                                     "ORDER BY layer, feature"))
 
     def densest(self, n: int = 10) -> list[tuple[int, int, float]]:
         """``(layer, feature, density)`` of the ``n`` most frequently active features."""
@@ -177,6 +224,11 @@ class FeatureStore:
     def densities(self) -> np.ndarray:
         """``[n_features_total]`` density of every feature in the store (layer-major)."""
         return np.array([d for (d,) in self.con.execute("SELECT density FROM features ORDER BY layer, feature")])
+
+    def density_table(self) -> np.ndarray:
+        """``[n_layers, d_transcoder]`` density of every feature."""
+        n_layers = self.con.execute("SELECT MAX(layer) + 1 FROM features").fetchone()[0]
+        return self.densities().reshape(n_layers, -1)
 
     def set_label(self, layer: int, feature: int, label: str) -> None:
         """Store a human label for a feature (used as ``clerp`` in graph exports)."""

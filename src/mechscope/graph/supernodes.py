@@ -26,7 +26,7 @@ import torch
 from mechscope.errors import BadInputError
 from mechscope.graph.prune import compute_influence, normalize_matrix
 
-__all__ = ["Supernode", "read_supernodes", "add_supernode", "remove_supernode", "suggest_supernodes",
+__all__ = ["Supernode", "dense_feature_nodes", "read_supernodes", "add_supernode", "remove_supernode", "suggest_supernodes",
            "supernode_view", "SupernodeView"]
 
 _FEATURE = "cross layer transcoder"
@@ -155,13 +155,24 @@ def _label(data: dict, members: list[int], influence: torch.Tensor, logit_names:
     return f"{name} (L{layers[0]}-L{layers[-1]}){target}"
 
 
-def suggest_supernodes(data: dict, min_similarity: float = 0.6, min_size: int = 2) -> list[Supernode]:
+def dense_feature_nodes(data: dict, max_density: float = 0.5) -> list[str]:
+    """Ids of feature nodes whose ``density`` (from the feature store, see ``to_neuronpedia``) exceeds
+    ``max_density``: features active on most tokens, which the circuits update found to encode
+    position, tokenization or syntax rather than the prompt's concepts."""
+    return [node["node_id"] for node in data["nodes"]
+            if node["feature_type"] == _FEATURE and (node.get("density") or 0.0) > max_density]
+
+
+def suggest_supernodes(data: dict, min_similarity: float = 0.6, min_size: int = 2,
+                       max_density: float | None = 0.5) -> list[Supernode]:
     """Suggest supernodes for the feature nodes of a (pruned) graph JSON.
 
     Args:
         min_similarity: merge clusters while their mean pairwise cosine similarity of edge
             profiles is at least this (0..1).
         min_size: smallest group suggested.
+        max_density: feature nodes with a larger ``density`` (see :func:`dense_feature_nodes`) are
+            left out; ``None`` keeps every feature. Graphs without densities keep every feature.
 
     Returns:
         Suggestions, largest total influence first; labels are unique.
@@ -173,8 +184,12 @@ def suggest_supernodes(data: dict, min_similarity: float = 0.6, min_size: int = 
         raise BadInputError(f"min_similarity must be between 0 and 1, got {min_similarity}")
     if min_size < 1:
         raise BadInputError(f"min_size must be at least 1, got {min_size}")
+    if max_density is not None and not 0.0 <= max_density <= 1.0:
+        raise BadInputError(f"max_density must be between 0 and 1, got {max_density}")
     ids, adjacency = _adjacency(data)
-    features = [i for i, node in enumerate(data["nodes"]) if node["feature_type"] == _FEATURE]
+    dense = set(dense_feature_nodes(data, max_density)) if max_density is not None else set()
+    features = [i for i, node in enumerate(data["nodes"])
+                if node["feature_type"] == _FEATURE and node["node_id"] not in dense]
     if not features:
         return []
     profiles = _edge_profiles(adjacency, features)
