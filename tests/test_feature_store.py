@@ -293,3 +293,24 @@ def test_neuronpedia_feature_json_and_html_dashboard(setup, capsys, tmp_path):
     code, out, err = run(["features", "show", f"{layer}/{feature}", "--store", str(path), "--html", str(html_file)],
                          capsys)
     assert code == 0 and "interval" in out and html_file.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_build_cli_rejects_empty_corpora(tiny_dirs, capsys, tmp_path):  # noqa: F811
+    from test_cli import run
+
+    short = tmp_path / "short.txt"
+    short.write_text("a cat")  # fewer tokens than one context
+    corpus = build_corpus(CorpusConfig(sources=(str(short),)), out=tmp_path / "short-corpus")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    tiny = ["--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / "tcs")]
+    store = tmp_path / "store.sqlite"
+    for argv, message in ((["--corpus", str(corpus)], "has no train text"),
+                          (["--corpus", str(tmp_path / "nothing")], "not a built corpus"),
+                          (["--quantile-tokens", "-1"], "--quantile-tokens must be >= 0"),
+                          (["--mix", "shuffled"], "'shuffled' is not one of 'source', 'document'")):
+        code, out, err = run(["features", "build", *tiny, "--store", str(store), *argv], capsys)
+        assert code == 2 and message in err, (argv, err)
+        assert not store.exists()
+    code, out, err = run(["corpus", "build", "--source", str(empty), "--out", str(tmp_path / "c2")], capsys)
+    assert code == 2 and "empty.txt" in err and "yielded no documents" in err
