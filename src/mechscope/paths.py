@@ -46,13 +46,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block succeeds it replaces
-    ``path`` (old copy moved aside, then removed), so a crash leaves the previous directory whole.
-    Used for resumable checkpoints."""
+    ``path`` (old copy moved aside, then removed), so a crash leaves the previous directory whole;
+    a block that raises (or is interrupted) leaves ``path`` untouched and no temporary directory.
+    Used for resumable checkpoints, transcoder sets and converted models."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

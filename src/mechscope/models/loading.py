@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from mechscope.errors import BadInputError, UnknownNameError
 from mechscope.models.adapter import ModelAdapter
-from mechscope.paths import cache_root
+from mechscope.paths import atomic_directory, cache_root
 
 __all__ = ["load_model", "KNOWN_MODELS", "adapter_class_for", "resolve_model_dir", "model_name_for"]
 
@@ -111,8 +110,6 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantizing %s into %s (once)", gguf, out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -120,9 +117,9 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None  # dequantized weights are plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

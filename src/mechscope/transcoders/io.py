@@ -23,7 +23,6 @@ Layouts read and written:
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
+from mechscope.paths import atomic_directory
 from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
 
 __all__ = [
@@ -96,9 +96,6 @@ def save_transcoder_set(
         extra_config: more keys for ``config.yaml`` (training metadata, metrics).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     first = transcoders[0]
     config = {
         "model_kind": "transcoder_set",
@@ -119,21 +116,11 @@ def save_transcoder_set(
     else:
         config["activation"] = "jumprelu"
     config.update(extra_config or {})
-    try:
+    with atomic_directory(path) as tmp:  # a failed or interrupted save leaves neither a half set nor its temp dir
         for i, tc in enumerate(transcoders.transcoders):
             tensors = {k: v.detach().to(dtype).contiguous() for k, v in tc.state_dict().items()}
             save_file(tensors, str(tmp / f"layer_{i}.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    except BaseException:  # a failed or interrupted save leaves neither a half set nor its temp dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
     return path
 
 
