@@ -51,8 +51,7 @@ def probe_feature(rm: ReplacementModel, layer: int, feature: int, prompts: list[
         first = 1 if rm.model.has_bos(ids) else 0
         inputs, _ = rm.model.run_with_mlp_sites(ids[None], layers=[layer])
         acts = rm.transcoders.encode(layer, inputs[0][0].float())[:, feature]
-        acts[:first] = 0
-        position = int(acts.argmax())
+        position = first + int(acts[first:].argmax())  # BOS excluded, also when the feature never fires
         value = float(acts[position])
         results.append(ProbeResult(prompt, value, 100.0 * value / dashboard_max,
                                    rm.model.tokenizer.decode([int(ids[position])]), position))
