@@ -11,6 +11,9 @@
    at the " Jordan" position zero the Jordan entity features and set the Federer entity features
    (same selection on the tennis graph) to their activations there; also inject the tennis graph's
    say-a-sport features at the last position.
+4. With a feature store (``mechscope features build``): pick the three groups again leaving out
+   dense features (active on more than half of the corpus tokens), zero them, and zero the dense
+   members of the original groups alone.
 
     .venv/bin/python examples/michael_jordan.py
 
@@ -33,10 +36,13 @@ from mechscope import (
     logit_influence,
     run_interventions,
 )
+from mechscope.features.store import FeatureStore
+from mechscope.paths import cache_root
 
 PROMPT = "Fact: Michael Jordan plays the sport of"
 TENNIS_PROMPT = "Fact: Roger Federer plays the sport of"
 GROUP_SIZE = 8
+MAX_DENSITY = 0.5
 
 
 def token_id(model, text: str) -> int:
@@ -48,9 +54,12 @@ def logit_index(graph, tid: int) -> int:
     return graph.logit_token_ids.tolist().index(tid)
 
 
-def top_features(graph, scores: torch.Tensor, positions: set[int], k: int) -> list[tuple[int, int, int, float]]:
-    """``(layer, feature, pos, activation)`` of the k feature nodes at ``positions`` scoring highest."""
-    nodes = [n for n in range(graph.n_features) if graph.feature_of(n)[1] in positions]
+def top_features(graph, scores: torch.Tensor, positions: set[int], k: int,
+                 exclude: frozenset = frozenset()) -> list[tuple[int, int, int, float]]:
+    """``(layer, feature, pos, activation)`` of the k feature nodes at ``positions`` scoring highest,
+    leaving out ``(layer, feature)`` pairs in ``exclude``."""
+    nodes = [n for n in range(graph.n_features) if graph.feature_of(n)[1] in positions
+             and (graph.feature_of(n)[0], graph.feature_of(n)[2]) not in exclude]
     nodes.sort(key=lambda n: -float(scores[n]))
     return [(lay, f, p, a) for lay, p, f, a in (graph.feature_of(n) for n in nodes[:k])]
 
@@ -130,6 +139,25 @@ def main() -> None:
     report(rm, ids, swap, tokens, readouts, "the same swap with live attention", freeze=False)
     inject = [Intervention(FeatureTarget(lay, f, (last,)), "set", a) for lay, f, _, a in say_tennis]
     report(rm, ids, inject, tokens, title="inject the tennis prompt's say-a-sport features at the last position")
+
+    store_path = cache_root() / "features" / "gemma-3-270m-plt-v1.sqlite"
+    if not store_path.exists():
+        print("\nno feature store: run `mechscope features build` for the dense-feature check")
+        return
+    density = FeatureStore(store_path).density_table()
+    dense = frozenset((lay, f) for lay, f in zip(*(density > MAX_DENSITY).nonzero()))
+    print(f"\n{len(dense)} features are active on more than {MAX_DENSITY:.0%} of the store's tokens")
+    selections = {"Jordan": (logit_influence(graph, k), {jordan_pos}), "say basketball": (contrast, {last}),
+                  "say a sport": (edges[k], {last})}
+    for label, (scores, positions) in selections.items():
+        members = [m for m in groups[label].members if (m.layer, m.feature) in dense]
+        print(f"{label}: dense members " + (", ".join(f"L{m.layer}/{m.feature}" for m in members) or "none"))
+        if members:
+            dense_only = SupernodeTarget(f"dense {label}", tuple(members))
+            report(rm, ids, [Intervention(dense_only, "zero")], tokens, title=f"zero the dense members of {label}")
+        sparse = top_features(graph, scores, positions, GROUP_SIZE, exclude=dense)
+        describe(f"{label} without dense features", sparse)
+        report(rm, ids, [Intervention(group(label, sparse), "zero")], tokens, title=f"zero {label} without dense features")
 
 
 if __name__ == "__main__":
