@@ -51,6 +51,11 @@ _API = {
     "Intervention": "mechscope.interventions.records",
     "InterventionConfig": "mechscope.interventions.intervene",
     "run_interventions": "mechscope.interventions.intervene",
+    "build_feature_store": "mechscope.features.build",
+    "FeatureStore": "mechscope.features.store",
+    "probe_feature": "mechscope.features.probe",
+    "DreamConfig": "mechscope.features.dream",
+    "dream_feature": "mechscope.features.dream",
     "MechscopeError": "mechscope.errors",
 }
 

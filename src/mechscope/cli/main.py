@@ -34,6 +34,7 @@ def cli(verbose: int) -> None:
 def _register() -> None:
     from mechscope.cli.corpus import corpus
     from mechscope.cli.dense import dense
+    from mechscope.cli.dream import dream
     from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
     from mechscope.cli.probe import probe
@@ -49,6 +50,7 @@ def _register() -> None:
     cli.add_command(features)
     cli.add_command(probe)
     cli.add_command(dense)
+    cli.add_command(dream)
 
 
 _register()
