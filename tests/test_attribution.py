@@ -20,9 +20,9 @@ from mechscope.replacement.replacement_model import ReplacementModel
 
 def _frozen_sites(rm: ReplacementModel, trace, embeddings, mlp_constants):
     """Frozen forward pass (patterns and norm scales from the clean run) with MLP outputs
-    ``constant + W_skip x`` (skip only at positions with nodes). Returns per-layer MLP inputs and
-    the final-norm output, each ``[pos, d_model]``. Written independently of FrozenReplacement."""
-    first = trace.first_pos
+    ``constant + W_skip x`` (the skip path live at every position, BOS included, as in
+    circuit-tracer). Returns per-layer MLP inputs and the final-norm output, each ``[pos, d_model]``.
+    Written independently of FrozenReplacement."""
     inputs = {}
 
     def replacement(layer):
@@ -30,7 +30,7 @@ def _frozen_sites(rm: ReplacementModel, trace, embeddings, mlp_constants):
             out = mlp_constants[layer][None].clone()
             skip = rm.transcoders.skip(layer, x)
             if skip is not None:
-                out[:, first:] += skip[:, first:]
+                out = out + skip
             return out
 
         return fn
@@ -50,7 +50,7 @@ def _clean_constants(rm, trace):
         out = trace.run.mlp_outputs[layer].clone()
         skip = rm.transcoders.skip(layer, trace.run.mlp_inputs[layer])
         if skip is not None:
-            out[trace.first_pos :] -= skip[trace.first_pos :]
+            out -= skip
         constants.append(out)
     return constants
 
@@ -80,11 +80,13 @@ def test_preactivation_is_sum_of_edges_plus_bias(tiny_adapter, make_tiny_transco
     graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=16))
     trace = rm.trace(graph.input_ids)
     assert graph.n_features == len(trace.active)
-    # the constant part of the frozen model: every source zeroed, b_dec (and clean BOS outputs) kept
+    # the constant part of the frozen model: every source zeroed, b_dec kept, and at BOS (no nodes)
+    # the clean MLP output minus its skip path
     constants = []
+    clean = _clean_constants(rm, trace)
     for layer in range(rm.model.n_layers):
         c = rm.transcoders[layer].b_dec.expand(trace.n_pos, -1).clone()
-        c[: trace.first_pos] = trace.run.mlp_outputs[layer][: trace.first_pos]
+        c[: trace.first_pos] = clean[layer][: trace.first_pos]
         constants.append(c)
     zero_inputs, _ = _frozen_sites(rm, trace, torch.zeros_like(trace.run.embeddings), constants)
     checked = 0

@@ -148,8 +148,8 @@ class _Editor:
         if constrained:
             out = run.mlp_outputs[layer].float().clone()
             skip_live, skip_clean = tcs.skip(layer, x32), tcs.skip(layer, run.mlp_inputs[layer].float())
-            if skip_live is not None:
-                out[self.trace.first_pos:] += (skip_live - skip_clean)[self.trace.first_pos:]
+            if skip_live is not None:  # live at every position, BOS included, as in attribution
+                out += skip_live - skip_clean
         else:
             out = y[0].float().clone()
         needs_acts = layer in self.features or layer in self.errors or layer in self.readout_layers

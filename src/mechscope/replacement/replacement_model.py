@@ -12,7 +12,9 @@ For one prompt (Ameisen et al. 2025, "Circuit Tracing", sections 2.2-2.3):
   that graph once, batched, and returns gradients at the source sites for injected target vectors.
 
 Position 0 holds the BOS token when the tokenizer prepends one; like circuit-tracer, it gets no
-feature or error nodes (its MLP outputs are constants of the replacement model).
+feature or error nodes: its MLP outputs are constants of the replacement model plus, for
+transcoders with a skip connection, the skip path, which stays live there as in circuit-tracer
+(so the BOS token's edges include paths through it).
 """
 
 from __future__ import annotations
@@ -154,14 +156,14 @@ class FrozenReplacement:
 
     Sources are leaves of the autograd graph: the embedding ``[batch, pos, d_model]`` and, per
     layer, the MLP output without its skip path. A layer's MLP output is
-    ``leaf + W_skip x`` where ``x`` is the (live, linear) MLP input; at positions before
-    ``first_pos`` it is the clean output, a constant. :meth:`gradients` back-propagates injected
+    ``leaf + W_skip x`` where ``x`` is the (live, linear) MLP input, at every position (before
+    ``first_pos`` the leaf is a constant with no node). :meth:`gradients` back-propagates injected
     vectors at MLP inputs and at the final-norm output (logit directions) to those leaves.
     """
 
     def __init__(self, rm: ReplacementModel, trace: Trace, batch: int):
         model, tcs = rm.model, rm.transcoders
-        run, first = trace.run, trace.first_pos
+        run = trace.run
         self.batch, self.n_layers = batch, model.n_layers
         self.embed_leaf = run.embeddings.float()[None].expand(batch, -1, -1).clone().requires_grad_(True)
         self.mlp_leaves = []
@@ -170,11 +172,9 @@ class FrozenReplacement:
             x = run.mlp_inputs[layer].float()
             skip = tcs.skip(layer, x)
             constant = run.mlp_outputs[layer].float() - (skip if skip is not None else 0.0)
-            if skip is not None:
-                constant[:first] = run.mlp_outputs[layer][:first].float()
             leaf = constant[None].expand(batch, -1, -1).clone().requires_grad_(True)
             self.mlp_leaves.append(leaf)
-            replacements.append(self._replacement(tcs, layer, leaf, first))
+            replacements.append(self._replacement(tcs, layer, leaf))
         self.mlp_inputs: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
             self.final = model.frozen_forward(
@@ -186,13 +186,10 @@ class FrozenReplacement:
             )
 
     @staticmethod
-    def _replacement(tcs: TranscoderSet, layer: int, leaf: torch.Tensor, first: int):
+    def _replacement(tcs: TranscoderSet, layer: int, leaf: torch.Tensor):
         def fn(x: torch.Tensor) -> torch.Tensor:
             skip = tcs.skip(layer, x)
-            if skip is None:
-                return leaf
-            skip = torch.cat([torch.zeros_like(skip[:, :first]), skip[:, first:]], dim=1)
-            return leaf + skip
+            return leaf if skip is None else leaf + skip
 
         return fn
 
