@@ -50,8 +50,8 @@ PROMPTS = {
 def run_mechscope(prompt: str, settings: dict, out: Path) -> dict:
     argv = [str(MECHSCOPE), "trace", prompt, "--json", "--out", str(out), "--batch-size", str(settings["batch_size"]),
             "--max-n-logits", str(settings["max_n_logits"]), "--desired-logit-prob", str(settings["desired_logit_prob"])]
-    if settings.get("max_feature_nodes"):
-        argv += ["--max-feature-nodes", str(settings["max_feature_nodes"])]
+    nodes = settings.get("max_feature_nodes")
+    argv += ["--max-feature-nodes", "all" if nodes is None else str(nodes)]  # circuit-tracer's default: all
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip()[-500:] or f"exit code {result.returncode}"}

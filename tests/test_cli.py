@@ -64,6 +64,12 @@ def test_trace_json_contract(tiny_dirs, tmp_path, capsys):
     assert summary["graph_path"] == str(tmp_path / "graphs" / "a-cat-sat.json")
     graph = load_graph(tmp_path / "graphs" / "a-cat-sat")
     assert graph.n_nodes == summary["n_nodes"] and graph.n_features == 30
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "all", "--json", "--max-feature-nodes", "all"), capsys)
+    assert code == 0, err
+    assert load_graph(tmp_path / "all" / "a-cat-sat").n_features == len(graph.active_features) > 30
+    for bad in ("-3", "many"):
+        code, out, err = run(trace_args(tiny_dirs, tmp_path / "bad", "--max-feature-nodes", bad), capsys)
+        assert code == 2 and bad in err and "'all'" in err and not (tmp_path / "bad").exists()
 
 
 def test_trace_summary_and_no_prune(tiny_dirs, tmp_path, capsys):

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["default_of"]
+import click
+
+__all__ = ["default_of", "CountOrAll"]
+
+
+class CountOrAll(click.ParamType):
+    """A non-negative integer, or ``all`` (returned as ``None``: no limit)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "all":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor 'all'", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative; give a number >= 0 or 'all'", param, ctx)
+        return number
 
 
 def default_of(config_class, name: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from mechscope.attribution.attribute import AttributionConfig
-from mechscope.cli.options import default_of
+from mechscope.cli.options import CountOrAll, default_of
 from mechscope.errors import BadInputError
 
 __all__ = ["trace"]
@@ -33,8 +33,8 @@ def _peak_rss_mb() -> float:
 @click.option("--transcoders", "transcoders_name", default=None,
               help="Shipped set name or set directory (default: the shipped set for the model).")
 @click.option("--target", "targets", multiple=True, help="Explain this token's logit (repeatable).")
-@click.option("--max-feature-nodes", type=int, default=default_of(AttributionConfig, "max_feature_nodes"),
-              show_default=True, help="Feature nodes kept, chosen by influence.")
+@click.option("--max-feature-nodes", type=CountOrAll(), default=default_of(AttributionConfig, "max_feature_nodes"),
+              show_default=True, help="Feature nodes kept, chosen by influence; 'all' keeps every active feature.")
 @click.option("--node-threshold", type=float, default=0.8, show_default=True)
 @click.option("--edge-threshold", type=float, default=0.98, show_default=True)
 @click.option("--batch-size", type=int, default=default_of(AttributionConfig, "batch_size"), show_default=True)
