@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
@@ -35,9 +36,13 @@ __all__ = [
 
 
 def normalize_matrix(matrix: Float[torch.Tensor, "n_targets n_sources"]) -> torch.Tensor:
-    """``|A|`` with rows summing to 1 (all-zero rows stay zero)."""
-    absolute = matrix.abs()
-    return absolute / absolute.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    """``|A|`` with rows summing to 1 (all-zero rows stay zero); one new matrix, normalised in place."""
+    return _normalize_rows_(matrix.abs())
+
+
+def _normalize_rows_(absolute: torch.Tensor) -> torch.Tensor:
+    """Divide non-negative rows by their sums in place (all-zero rows stay zero)."""
+    return absolute.div_(absolute.sum(dim=1, keepdim=True).clamp(min=1e-10))
 
 
 def compute_influence(
@@ -100,10 +105,22 @@ def partial_influences(
 
 
 def _find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    sorted_scores = scores.flatten().sort(descending=True).values
-    cumulative = sorted_scores.cumsum(0) / sorted_scores.sum().clamp(min=1e-30)
-    index = min(int(torch.searchsorted(cumulative, torch.tensor(threshold))), len(cumulative) - 1)
-    return sorted_scores[index]
+    """The smallest score among the highest scores that together hold ``threshold`` of the total
+    (non-negative ``scores``). Sorts only the positive scores and keeps no index tensor, so an
+    ``N x N`` edge-score matrix costs about three float32 copies of its non-zero part."""
+    positive = scores[scores > 0]
+    if positive.numel() == 0:
+        return torch.tensor(0.0)
+    ascending = np.sort(positive.numpy())
+    del positive
+    descending = torch.from_numpy(np.ascontiguousarray(ascending[::-1]))
+    del ascending
+    cumulative = descending.cumsum(0).div_(descending.sum().clamp(min=1e-30))
+    index = int(torch.searchsorted(cumulative, torch.tensor(threshold)))
+    if index < len(descending):
+        return descending[index]
+    # the threshold lies past the last positive score (rounding, or threshold 1): keep everything
+    return torch.tensor(0.0) if descending.numel() < scores.numel() else descending[-1]
 
 
 @dataclass
@@ -137,12 +154,14 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     node_influence = compute_influence(normalize_matrix(A), weights)
     node_mask = node_influence >= _find_threshold(node_influence, node_threshold)
     node_mask[keep_from:] = True  # tokens and logits
-    pruned = A.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    normalized = normalize_matrix(pruned)
-    edge_scores = normalized * (compute_influence(normalized, weights) + weights)[:, None]
+    normalized = A.abs()  # |A| of the kept nodes, normalised in place: one N x N copy
+    normalized[~node_mask] = 0
+    normalized[:, ~node_mask] = 0
+    _normalize_rows_(normalized)
+    edge_scores = normalized.mul_((compute_influence(normalized, weights) + weights)[:, None])  # in place
+    del normalized
     edge_mask = edge_scores >= _find_threshold(edge_scores, edge_threshold)
+    del edge_scores
     while True:
         before = node_mask.clone()
         edge_mask[~node_mask] = False
