@@ -86,11 +86,8 @@ class FeatureStatistics:
         self.max_value[layer] = torch.where(better, best.values, self.max_value[layer])
         self.max_sequence[layer] = torch.where(better, sequences[best.indices], self.max_sequence[layer])
         self.max_position[layer] = torch.where(better, seq_pos[best.indices, torch.arange(F)], self.max_position[layer])
-        W = min(self.window, n_pos - first_pos)
-        start = (seq_pos - self.before).clamp(min=first_pos).clamp(max=n_pos - W)  # [batch, F]
-        index = start[:, None, :] + torch.arange(W)[None, :, None]  # [batch, W, F]
-        windows = torch.zeros(batch, F, self.window, dtype=torch.float16)
-        windows[:, :, :W] = acts.gather(1, index).permute(0, 2, 1).half()
+        start, windows = _windows(acts, torch.arange(batch)[:, None].expand(batch, F), seq_pos,
+                                  torch.arange(F).expand(batch, F), self.window, self.before, first_pos)
         values = torch.cat([self.top_value[layer], seq_max])  # [K + batch, F]
         keep = values.topk(self.top_k, dim=0).indices  # [K, F]
         self.top_value[layer] = values.gather(0, keep)
@@ -110,13 +107,23 @@ class FeatureStatistics:
         self.n_tokens = int(tensors["n_tokens"])
 
 
-def _windows(acts: torch.Tensor, batch: torch.Tensor, start: torch.Tensor, feature: torch.Tensor, width: int,
-             out_width: int) -> torch.Tensor:
-    """``acts[batch, start + w, feature]`` for ``w < width``, as float16 padded to ``out_width``."""
+def _windows(acts: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, feature: torch.Tensor, window: int,
+             before: int, first_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``window`` activations around ``acts[batch, position, feature]`` (index tensors of
+    one shape ``S``), starting ``before`` tokens earlier, clipped to positions ``first_pos..``.
+
+    Returns:
+        ``(start [S], windows [S, window] float16)``, zero-padded when the sequence is shorter.
+    """
+    n_pos = acts.shape[1]
+    width = min(window, n_pos - first_pos)
+    start = (position - before).clamp(min=first_pos).clamp(max=n_pos - width)
     index = start[..., None] + torch.arange(width)
-    windows = torch.zeros(*start.shape, out_width, dtype=torch.float16)
-    windows[..., :width] = acts[batch[..., None], index, feature[..., None]].half()
-    return windows
+    windows = torch.zeros(*start.shape, window, dtype=torch.float16)
+    n_features = acts.shape[2]
+    flat = (batch[..., None] * n_pos + index) * n_features + feature[..., None]
+    windows[..., :width] = acts.reshape(-1).take(flat).half()
+    return start, windows
 
 
 class QuantileExamples:
@@ -175,8 +182,7 @@ class QuantileExamples:
         new_key = torch.where(inside, candidate - candidate.floor(), torch.inf)
         token = order[rows, features]
         seq_index, position = token // n_pos, token % n_pos
-        W = min(self.window, n_pos - first_pos)
-        start = (position - self.before).clamp(min=first_pos).clamp(max=n_pos - W)
+        start, windows = _windows(acts, seq_index, position, features, self.window, self.before, first_pos)
         merged = torch.cat([self.key[layer], new_key], dim=1)  # [Q, 2K, F]
         keep = merged.topk(K, dim=1, largest=False).indices
         self.key[layer] = merged.gather(1, keep)
@@ -190,7 +196,7 @@ class QuantileExamples:
         self.sequence[layer] = merge(self.sequence[layer], sequences[seq_index])
         self.position[layer] = merge(self.position[layer], position)
         self.start[layer] = merge(self.start[layer], start)
-        self.acts[layer] = merge(self.acts[layer], _windows(acts, seq_index, start, features, W, self.window))
+        self.acts[layer] = merge(self.acts[layer], windows)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.TENSORS}
