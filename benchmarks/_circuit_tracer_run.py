@@ -6,7 +6,8 @@ Loads the model with circuit-tracer's nnsight backend and mechscope's transcoder
 directory (circuit-tracer only reads a local set through a config whose paths are absolute), fixes
 circuit-tracer's token vectors (its nnsight backend takes them from the raw embedding matrix and
 misses Gemma's sqrt(d_model) embedding scale: token edges come out 25.3x too small), runs
-``attribute`` and saves the graph's tensors. Prints one JSON line: attribution seconds, peak RSS.
+``attribute`` and saves the graph's tensors. Prints one JSON line: attribution seconds, peak RSS
+(after attribution, before scoring), its own replacement and completeness scores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 from circuit_tracer import attribute
+from circuit_tracer.graph import compute_graph_scores
 from circuit_tracer.replacement_model.replacement_model_nnsight import NNSightReplacementModel
 from circuit_tracer.utils.hf_utils import load_transcoders
 
@@ -51,12 +53,14 @@ def main() -> None:
                       desired_logit_prob=settings["desired_logit_prob"], batch_size=settings["batch_size"],
                       max_feature_nodes=settings.get("max_feature_nodes"))
     seconds = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring and saving
+    replacement, completeness = compute_graph_scores(graph)
     torch.save({"adjacency": graph.adjacency_matrix, "active_features": graph.active_features,
                 "selected_features": graph.selected_features, "input_tokens": graph.input_tokens,
                 "logit_token_ids": torch.tensor([t.vocab_idx for t in graph.logit_targets]),
                 "logit_probabilities": graph.logit_probabilities}, out)
     print(json.dumps({"attribution_seconds": seconds, "embedding_scale": scale,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb, "scores": [float(replacement), float(completeness)]}))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,40 @@
 """mechscope against circuit-tracer: the same graph, side by side, with time and memory.
 
     bash benchmarks/setup_circuit_tracer.sh          # once: circuit-tracer 0.5.0 in benchmarks/.venv-ct
-    .venv/bin/python benchmarks/vs_circuit_tracer.py [--prompts short,medium,long] [--batch-size 64]
+    .venv/bin/python benchmarks/vs_circuit_tracer.py [--prompts short,medium,long,xl] [--sweep-nodes 512,2048,8192,all]
 
 Both tools run in their own process (so peak RSS is each one's own) on the same local model
 directory (the embedded Gemma 3 270M), the same transcoder set (mechscope's shipped one), the same
 prompt and settings (``max_n_logits``, ``desired_logit_prob``, ``batch_size``,
 ``max_feature_nodes``, float32, 2 threads). circuit-tracer runs with its nnsight backend and one
-fix (see ``_circuit_tracer_run.py``: token vectors get the embedding scale). Per prompt it prints
-logit targets, whether the active and selected feature sets are equal, the adjacency's max
-|difference| / max |A| (all columns, and without the BOS token's column), replacement and
-completeness scores, attribution wall time and peak RSS of each, and the ratios; results also go
-to ``benchmarks/results/vs_circuit_tracer.json``.
+fix (see ``_circuit_tracer_run.py``: token vectors get the embedding scale). mechscope runs as the
+``mechscope trace --json`` command, so its peak RSS includes pruning, scoring and export;
+circuit-tracer's is taken right after its ``attribute`` call.
+
+Per prompt (about 8, 32, 128 and 512 tokens, at mechscope's default settings) it prints logit
+targets, whether the active and selected feature sets are equal, the adjacency's max |difference| /
+max |A|, replacement and completeness scores of each (each tool's own code), attribution wall time
+and peak RSS of each, and the ratios; then the same for a sweep of ``max_feature_nodes`` on one
+prompt. circuit-tracer is not started where its two dense float32 edge matrices alone exceed the
+machine's memory (the reason is recorded). Results go to ``benchmarks/results/vs_circuit_tracer.json``
+and a plot of time and memory against prompt length and feature nodes to ``docs/vs_circuit_tracer.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import torch
 
 from mechscope.graph.io import load_graph
-from mechscope.graph.prune import graph_scores
 from mechscope.models.loading import resolve_model_dir
 from mechscope.transcoders.io import resolve_transcoders
 
@@ -44,6 +52,33 @@ PROMPTS = {
              "stands had filled with people who had heard on the radio that something unusual was happening. "
              "When the last out was made, the pitcher had allowed no hits at all, and the newspapers the next "
              "morning called it the finest game ever played in"),
+    "xl": (
+        'The old lighthouse stood on a rock at the edge of the bay, and for more than a hundred years a '
+        'keeper had climbed its stairs every evening to light the lamp. The last keeper was a woman named '
+        'Margaret, who had taken the job after her father retired. She kept a logbook in which she wrote down '
+        'the weather, the ships that passed, and anything unusual she saw on the water. In the winter of 1952 '
+        'a storm came in from the north that lasted four days. The wind tore shingles from the roof of the '
+        "keeper's cottage, and waves broke over the rock so high that spray reached the lantern room. On the "
+        'second night Margaret saw the lights of a fishing boat drifting toward the reef south of the point. '
+        'Its engine had failed, and the crew of three were trying to row against the wind. She could not '
+        'leave the lighthouse, because the lamp had to keep turning, but she had a radio, and she called the '
+        'harbor master in the town across the bay. He sent the lifeboat, an open wooden boat with eight oars '
+        'and a crew of volunteers. It took them two hours to reach the fishing boat, and by then it was less '
+        'than a mile from the rocks. They threw a line, towed the boat into the lee of the island, and waited '
+        'there until morning. When the storm ended, the whole town came down to the harbor to meet them. The '
+        'newspaper printed a photograph of the lifeboat crew standing on the quay with the three fishermen, '
+        'and a story about the keeper who had seen the boat in the dark. Margaret did not go to the '
+        'celebration. She stayed at the lighthouse, cleaned the soot from the lens, and wrote in her logbook '
+        'that the wind had gone round to the west and the sea was calming. Years later, when the lighthouse '
+        'was automated and she moved into town, the logbooks were given to the local museum. Visitors can '
+        'still read them there, page after page of careful handwriting about clouds, tides and passing ships. '
+        'The entry for that February night is only two lines long. It says that a boat was in trouble near '
+        'the reef, that the lifeboat was called, and that all the men were saved. The museum keeps the '
+        'logbook open at that page, under glass, next to the photograph from the newspaper. The town later '
+        'named a street after her, and on the anniversary of the storm the lifeboat crew still rows out to '
+        "the rock and lays a wreath at the foot of the tower. The keeper's name was Margaret, and the town "
+        'where she lived is called'
+    ),
 }
 
 
@@ -86,42 +121,134 @@ def compare(mine: dict, theirs: dict) -> dict:
         keep[bos] = False
         row["adjacency_rel_diff"] = float((A - B).abs().max()) / scale
         row["adjacency_rel_diff_without_bos"] = float((A - B)[:, keep].abs().max()) / scale
-    row["mechscope_scores"] = list(graph_scores(graph))
     return row
+
+
+def dense_bytes_circuit_tracer(mine: dict, settings: dict) -> int:
+    """Bytes of circuit-tracer's two dense float32 copies of its edge matrix (the matrix and the
+    normalised copy ``compute_partial_influences`` makes): ``(max_feature_nodes + n_logits) x
+    (n_active + (n_layers + 1) * n_pos + n_logits)``, from mechscope's graph of the same prompt."""
+    graph = mine["graph"]
+    n_active = len(graph.active_features)
+    nodes = settings["max_feature_nodes"]
+    rows = (n_active if nodes is None else min(nodes, n_active)) + graph.n_logits
+    return 2 * 4 * rows * (n_active + graph.n_errors + graph.n_pos + graph.n_logits)
+
+
+def run_pair(name: str, prompt: str, settings: dict) -> dict:
+    """Both tools on one prompt; circuit-tracer is skipped (with the reason) when its dense edge
+    matrices alone would not fit in this machine's memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mine = run_mechscope(prompt, settings, Path(tmp) / "mechscope")
+        row = {"prompt": name, "max_feature_nodes": settings["max_feature_nodes"],
+               "n_tokens": len(mine["prompt_tokens"]) if "prompt_tokens" in mine else None}
+        theirs = {"error": "not run: mechscope failed"} if "error" in mine else None
+        if theirs is None:
+            row["n_active"] = len(mine["graph"].active_features)
+            need, total = dense_bytes_circuit_tracer(mine, settings), psutil.virtual_memory().total
+            if need > total:
+                theirs = {"error": f"not run: its two dense float32 edge matrices need {need / 2**30:.1f} GiB, "
+                                   f"this machine has {total / 2**30:.1f} GiB"}
+            else:
+                theirs = run_circuit_tracer(prompt, settings, Path(tmp))
+        for tool, summary in (("mechscope", mine), ("circuit_tracer", theirs)):
+            row[tool] = {k: summary.get(k) for k in ("attribution_seconds", "peak_rss_mb", "error")}
+        row["mechscope"]["scores"] = [mine.get("replacement_score"), mine.get("completeness_score")]
+        row["circuit_tracer"]["scores"] = theirs.get("scores")
+        if "error" not in mine and "error" not in theirs:
+            row |= compare(mine, theirs)
+            row["speedup"] = theirs["attribution_seconds"] / mine["attribution_seconds"]
+            row["memory_ratio"] = mine["peak_rss_mb"] / theirs["peak_rss_mb"]
+    return row
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Attribution time and peak RSS of both tools against prompt length (default settings) and
+    against max_feature_nodes (one prompt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r for r in results if r["kind"] == "length"]
+    sweep = [r for r in results if r["kind"] == "nodes"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for column, (rows, key, label) in enumerate(((lengths, "n_tokens", "prompt length (tokens)"),
+                                                 (sweep, "n_selected", "feature nodes (max_feature_nodes)"))):
+        for tool, style in (("mechscope", "o-"), ("circuit_tracer", "s--")):
+            points = [(r[key], r[tool]) for r in rows if r[tool].get("attribution_seconds") is not None]
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            axes[0, column].plot(x, [p[1]["attribution_seconds"] for p in points], style, label=tool.replace("_", "-"))
+            axes[1, column].plot(x, [p[1]["peak_rss_mb"] / 1024 for p in points], style, label=tool.replace("_", "-"))
+        for row, unit in ((0, "attribution time (s)"), (1, "peak RSS (GiB)")):
+            ax = axes[row, column]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(unit)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    sweep_prompt = sweep[0]["prompt"] if sweep else ""
+    axes[0, 0].set_title("default settings (8192 feature nodes)")
+    axes[0, 1].set_title(f"{sweep_prompt!r} prompt ({sweep[0]['n_tokens']} tokens)" if sweep else "")
+    fig.suptitle("mechscope vs circuit-tracer 0.5.0: Gemma 3 270M, float32, 2 CPU threads")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default="short,medium,long", help=f"comma-separated of {', '.join(PROMPTS)}")
+    parser.add_argument("--prompts", default="short,medium,long,xl", help=f"comma-separated of {', '.join(PROMPTS)}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-n-logits", type=int, default=10)
     parser.add_argument("--desired-logit-prob", type=float, default=0.95)
-    parser.add_argument("--max-feature-nodes", type=int, default=None)
+    parser.add_argument("--max-feature-nodes", default="8192",
+                        help="feature nodes, or 'all' (circuit-tracer's own default); default: mechscope's default")
+    parser.add_argument("--sweep-nodes", default="512,2048,8192,all",
+                        help="max_feature_nodes values for the sweep on --sweep-prompt ('' skips the sweep)")
+    parser.add_argument("--sweep-prompt", default="medium", choices=list(PROMPTS))
+    parser.add_argument("--plot", default=str(ROOT.parent / "docs" / "vs_circuit_tracer.png"),
+                        help="where the plot goes ('' for none)")
     args = parser.parse_args()
     if not CT_PYTHON.exists():
         sys.exit("circuit-tracer is not installed: run bash benchmarks/setup_circuit_tracer.sh")
-    settings = {"batch_size": args.batch_size, "max_n_logits": args.max_n_logits,
-                "desired_logit_prob": args.desired_logit_prob, "max_feature_nodes": args.max_feature_nodes,
-                "dtype": "float32", "threads": 2}
+
+    def settings_for(nodes: str) -> dict:
+        return {"batch_size": args.batch_size, "max_n_logits": args.max_n_logits,
+                "desired_logit_prob": args.desired_logit_prob,
+                "max_feature_nodes": None if nodes == "all" else int(nodes), "dtype": "float32", "threads": 2}
+
+    settings = settings_for(args.max_feature_nodes)
     results = []
     for name in args.prompts.split(","):
-        prompt = PROMPTS[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            mine = run_mechscope(prompt, settings, Path(tmp) / "mechscope")
-            theirs = run_circuit_tracer(prompt, settings, Path(tmp))
-            row = {"prompt": name, "n_tokens": len(mine["prompt_tokens"]) if "prompt_tokens" in mine else None}
-            for tool, summary in (("mechscope", mine), ("circuit_tracer", theirs)):
-                row[tool] = {k: summary.get(k) for k in ("attribution_seconds", "peak_rss_mb", "error")}
-            if "error" not in mine and "error" not in theirs:
-                row |= compare(mine, theirs)
-                row["speedup"] = theirs["attribution_seconds"] / mine["attribution_seconds"]
-                row["memory_ratio"] = mine["peak_rss_mb"] / theirs["peak_rss_mb"]
+        results.append({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
+        print(json.dumps(results[-1]), flush=True)
+    for nodes in filter(None, args.sweep_nodes.split(",")):
+        done = [r for r in results if r["prompt"] == args.sweep_prompt and r["max_feature_nodes"] == settings_for(nodes)["max_feature_nodes"]]
+        row = dict(done[0]) if done else run_pair(args.sweep_prompt, PROMPTS[args.sweep_prompt], settings_for(nodes))
+        row["kind"] = "nodes"
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(results[-1]), flush=True)
+    for row in results:  # feature nodes actually kept (max_feature_nodes caps at the active count)
+        row["n_selected"] = min(row.get("n_active") or 0, row["max_feature_nodes"] or row.get("n_active") or 0)
     out = ROOT / "results" / "vs_circuit_tracer.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
     print(f"results written to {out}")
+    if args.plot:
+        plot(results, Path(args.plot))
+        print(f"plot written to {args.plot}")
+
+
+def machine() -> dict:
+    """Where the figures were measured."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from conftest import TINY_PROMPT
 
 from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.graph.graph import NodeKind
+from mechscope.graph.prune import partial_influences
 from mechscope.replacement.replacement_model import ReplacementModel
 
 
@@ -161,6 +162,50 @@ def test_batch_size_and_feature_selection_do_not_change_edges(tiny_adapter, make
     assert torch.allclose(partial.adjacency[partial_rows][:, : len(columns)], full.adjacency[rows][:, columns], atol=1e-5)
     # they are the most influential ones, not the first ones
     assert not torch.equal(partial.selected_features, torch.arange(n))
+
+
+def test_feature_selection_replays_circuit_tracers_dense_algorithm(tiny_adapter, make_tiny_transcoders):
+    """Visiting order by partial influence, replayed naively on dense rows of the full graph:
+    logit rows first, then the ``update_interval * batch_size`` most influential unvisited features,
+    re-ranked from all rows so far (circuit-tracer ``attribute``, phase 4)."""
+    rm = _setup(tiny_adapter, make_tiny_transcoders, "gemma3", skip=True)
+    full = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=64))
+    n, batch, interval = 30, 4, 2
+    partial = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=n, batch_size=batch, update_interval=interval))
+    n_active, n_other = full.n_features, full.n_errors + full.n_pos
+    dense = torch.cat([full.adjacency[full.logit_offset :], full.adjacency[: full.n_features]])[:, : n_active + n_other]
+    node_of_row = torch.cat([torch.arange(full.n_logits) + n_active + n_other, torch.arange(n_active)])
+    rows, visited = list(range(full.n_logits)), torch.zeros(n_active, dtype=torch.bool)
+    while int(visited.sum()) < n:
+        influence = partial_influences(dense[rows], full.logit_probabilities, node_of_row[rows])[:n_active]
+        rank = influence.argsort(descending=True)
+        pending = rank[~visited[rank]][: min(interval * batch, n - int(visited.sum()))]
+        visited[pending] = True
+        rows += [full.n_logits + int(i) for i in pending]  # row of feature i in `dense`
+    assert torch.equal(partial.selected_features, visited.nonzero().flatten())
+
+
+def test_bfloat16_model_gives_a_close_graph(make_tiny_transcoders):
+    """``--dtype bfloat16``: the model and its frozen backward in bfloat16 give the same nodes and
+    edges within bfloat16 precision (not exact: the float32 path is the reference)."""
+    from conftest import make_tiny_adapter
+
+    adapter = make_tiny_adapter("gemma3")
+    tcs = make_tiny_transcoders(adapter, skip=True)
+    config = AttributionConfig(max_feature_nodes=None, batch_size=16, targets=("t", "a"))  # top tokens are near ties
+    exact = attribute(ReplacementModel(adapter, tcs), TINY_PROMPT, config)
+    adapter.hf.to(torch.bfloat16)
+    half = attribute(ReplacementModel(adapter, tcs), TINY_PROMPT, config)
+    assert half.config["dtype"] == "bfloat16" and exact.config["dtype"] == "float32"
+    exact_set = {tuple(f) for f in exact.active_features.tolist()}
+    common = exact_set & {tuple(f) for f in half.active_features.tolist()}
+    assert len(common) >= 0.9 * len(exact_set)  # a few features cross their thresholds in bfloat16
+    # token -> logit edges do not depend on which features are active: compare them directly
+    def token_to_logit(graph):
+        return graph.adjacency[graph.logit_offset :, graph.token_offset : graph.logit_offset]
+
+    relative = float((token_to_logit(half) - token_to_logit(exact)).abs().max() / token_to_logit(exact).abs().max())
+    assert 0 < relative < 0.05
 
 
 def test_logit_targets(tiny_adapter, make_tiny_transcoders):

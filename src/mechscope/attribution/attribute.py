@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.attribution.edge_rows import EdgeRows
 from mechscope.attribution.targets import select_logit_targets
 from mechscope.errors import BadInputError
 from mechscope.graph.graph import Graph
-from mechscope.graph.prune import partial_influences
 from mechscope.replacement.replacement_model import FrozenReplacement, ReplacementModel, Trace
 
 __all__ = ["AttributionConfig", "attribute", "SourceVectors"]
@@ -106,18 +106,27 @@ class SourceVectors:
             outs.append(rm.transcoders.output_layers(layer))
         return cls(slices, positions, decoders, outs, torch.stack(trace.errors), trace.run.embeddings.float())
 
+    def width(self, n_source_layers: int) -> int:
+        """Number of active features in layers ``< n_source_layers`` (a prefix of ``trace.active``)."""
+        return self.layer_slices[n_source_layers - 1].stop if n_source_layers else 0
+
     @torch.no_grad()
-    def edges(self, grads: list[torch.Tensor], grad_embed: torch.Tensor, n_active: int) -> torch.Tensor:
-        """Direct effects ``[batch, n_active + n_layers * pos + pos]`` from source-site gradients.
+    def edges(self, grads: list[torch.Tensor], grad_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Direct effects on a batch of targets from source-site gradients.
 
         Args:
-            grads: per layer ``[batch, pos, d_model]`` gradient at the MLP output site.
+            grads: per source layer ``l < n_source_layers`` the ``[batch, pos, d_model]`` gradient
+                at its MLP output site (later layers cannot reach the targets).
             grad_embed: ``[batch, pos, d_model]`` gradient at the embedding.
+
+        Returns:
+            ``(features [batch, width], others [batch, (n_layers + 1) * pos])``: edges from the
+            active features of layers ``< n_source_layers``, and from error then token nodes.
         """
         batch, n_pos, _ = grad_embed.shape
-        n_layers = len(grads)
-        out = torch.empty(batch, n_active + n_layers * n_pos + n_pos)
-        for layer, sl in enumerate(self.layer_slices):
+        n_source_layers, n_layers = len(grads), len(self.layer_slices)
+        features = torch.empty(batch, self.width(n_source_layers))
+        for layer, sl in enumerate(self.layer_slices[:n_source_layers]):
             if sl.stop == sl.start:
                 continue
             # active features of a layer are sorted by position: one (B, d) x (d, n_p) product
@@ -125,23 +134,27 @@ class SourceVectors:
             positions, counts = self.positions[layer].unique_consecutive(return_counts=True)
             start = sl.start
             for pos, count in zip(positions.tolist(), counts.tolist()):
-                block = out[:, start : start + count]
+                block = features[:, start : start + count]
                 block.zero_()
                 local = slice(start - sl.start, start - sl.start + count)
                 for o, out_layer in enumerate(self.out_layers[layer]):
-                    block += grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T
+                    if out_layer < n_source_layers:
+                        block += grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T
                 start += count
-        g_all = torch.stack(grads, dim=1)  # (B, L, pos, d)
-        out[:, n_active : n_active + n_layers * n_pos] = torch.einsum("lpd,blpd->blp", self.errors, g_all).reshape(batch, -1)
-        out[:, n_active + n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
-        return out
+        others = torch.zeros(batch, (n_layers + 1) * n_pos)
+        for layer, grad in enumerate(grads):
+            others[:, layer * n_pos : (layer + 1) * n_pos] = torch.einsum("pd,bpd->bp", self.errors[layer], grad)
+        others[:, n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
+        return features, others
 
 
 def _feature_rows(
     rm: ReplacementModel, trace: Trace, frozen: FrozenReplacement, sources: SourceVectors,
     idx: torch.Tensor, retain_graph: bool,
-) -> torch.Tensor:
-    """Rows of the edge matrix for active features ``idx`` (indices into ``trace.active``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge rows ``(features, others)`` (see :meth:`SourceVectors.edges`) for active features
+    ``idx`` (indices into ``trace.active``); only layers below the highest target layer are
+    back-propagated through."""
     batch = frozen.batch
     n_pos, d = trace.n_pos, rm.model.d_model
     injections: dict[int, torch.Tensor] = {}
@@ -150,8 +163,9 @@ def _feature_rows(
         if layer not in injections:
             injections[layer] = torch.zeros(batch, n_pos, d)
         injections[layer][b, pos] = rm.transcoders.encoder_vectors(layer, torch.tensor([feature]))[0].float()
-    grads, grad_embed = frozen.gradients(injections, None, retain_graph=retain_graph)
-    return sources.edges(grads, grad_embed, len(trace.active))[: len(idx)]
+    grads, grad_embed = frozen.gradients(injections, None, retain_graph=retain_graph, n_source_layers=max(injections))
+    features, others = sources.edges(grads, grad_embed)
+    return features[: len(idx)], others[: len(idx)]
 
 
 def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(), progress: bool = False) -> Graph:
@@ -172,55 +186,48 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     )
     n_logits = len(targets)
     n_pos, n_layers = trace.n_pos, rm.model.n_layers
-    logit_offset = n_active + (n_layers + 1) * n_pos
     n_visit = n_active if config.max_feature_nodes is None else min(config.max_feature_nodes, n_active)
     logger.info("%d tokens, %d active features, visiting %d, %d logit targets", n_pos, n_active, n_visit, n_logits)
     # phase 3: one frozen forward pass, reused by every backward pass
     batch = max(1, min(config.batch_size, max(n_visit, n_logits)))
     frozen = FrozenReplacement(rm, trace, batch)
     sources = SourceVectors.build(rm, trace)
-    edge_matrix = torch.zeros(n_logits + n_visit, logit_offset)
-    row_to_node = torch.zeros(n_logits + n_visit, dtype=torch.long)
+    rows = EdgeRows(n_active, (n_layers + 1) * n_pos)
     # phase 4: logit rows
     for i in range(0, n_logits, batch):
         chunk = vectors[i : i + batch]
         inject = torch.zeros(batch, n_pos, rm.model.d_model)
         inject[: len(chunk), -1] = chunk
         grads, grad_embed = frozen.gradients({}, inject, retain_graph=True)
-        edge_matrix[i : i + len(chunk)] = sources.edges(grads, grad_embed, n_active)[: len(chunk)]
-        row_to_node[i : i + len(chunk)] = torch.arange(i, i + len(chunk)) + logit_offset
-    # phase 5: feature rows, visited by influence
+        features, others = sources.edges(grads, grad_embed)
+        rows.add(torch.full((len(chunk),), -1), features[: len(chunk)], others[: len(chunk)])
+    # phase 5: feature rows, visited by influence; each queue is visited whole before the next
+    # ranking, so it is sorted by layer: a batch then back-propagates through only the layers
+    # below its highest target and stores only the feature columns those layers hold
     visited = torch.zeros(n_active, dtype=torch.bool)
-    filled, n_done = n_logits, 0
+    n_done = 0
     bar = tqdm(total=n_visit, disable=not progress, desc="attribution", unit="feature")
     logit_probs = torch.tensor([t.prob for t in targets])
     while n_done < n_visit:
         if n_visit == n_active:
             pending = torch.arange(n_active)
         else:
-            influence = partial_influences(edge_matrix[:filled], logit_probs, row_to_node[:filled])
-            rank = torch.argsort(influence[:n_active], descending=True)
-            pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)]
+            influence = rows.feature_influence(logit_probs)
+            rank = torch.argsort(influence, descending=True)
+            pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)].sort().values
         for idx in pending.split(batch):
             n_done += len(idx)
-            rows = _feature_rows(rm, trace, frozen, sources, idx, retain_graph=n_done < n_visit)
-            edge_matrix[filled : filled + len(idx)] = rows
-            row_to_node[filled : filled + len(idx)] = idx
+            features, others = _feature_rows(rm, trace, frozen, sources, idx, retain_graph=n_done < n_visit)
+            rows.add(idx, features, others)
             visited[idx] = True
-            filled += len(idx)
             bar.update(len(idx))
     bar.close()
+    stored_mb = rows.nbytes() / 2**20
     # phase 6: assemble the node set [selected features, errors, tokens, logits]
     selected = visited.nonzero().flatten()
-    columns = torch.cat([selected, torch.arange(n_active, logit_offset)])
-    n_nodes = len(columns) + n_logits
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    feature_rows = edge_matrix[n_logits:]
-    order = torch.argsort(row_to_node[n_logits:])
-    adjacency[: len(selected), : len(columns)] = feature_rows[order][:, columns]
-    adjacency[-n_logits:, : len(columns)] = edge_matrix[:n_logits][:, columns]
+    adjacency = rows.assemble(selected, n_logits)
     seconds = time.perf_counter() - start
-    logger.info("attribution took %.2fs", seconds)
+    logger.info("attribution took %.2fs; edge rows held %.0f MB", seconds, stored_mb)
     return Graph(
         prompt=prompt,
         input_ids=input_ids,
@@ -236,5 +243,6 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         logit_probabilities=logit_probs,
         adjacency=adjacency,
         config={**asdict(config), "targets": list(config.targets), "attribution_seconds": seconds,
-                "first_pos": trace.first_pos},
+                "first_pos": trace.first_pos, "edge_rows_mb": stored_mb,
+                "dtype": str(rm.model.dtype).removeprefix("torch.")},
     )

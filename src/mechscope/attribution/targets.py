@@ -66,6 +66,6 @@ def select_logit_targets(
         top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
         cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob))) + 1
         ids_t = top_i[: min(cutoff, max_n_logits)]
-    vectors = W_U[ids_t].float() - W_U.float().mean(0, keepdim=True)
+    vectors = W_U[ids_t].float() - W_U.mean(0, keepdim=True, dtype=torch.float32)
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors

@@ -41,6 +41,9 @@ def _peak_rss_mb() -> float:
 @click.option("--max-n-logits", type=int, default=default_of(AttributionConfig, "max_n_logits"), show_default=True)
 @click.option("--desired-logit-prob", type=float, default=default_of(AttributionConfig, "desired_logit_prob"),
               show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Model weights and the frozen backward passes; bfloat16 is faster and lighter but not exact "
+                   "(edges, influence and pruning stay float32).")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
 @click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
 @click.option("--store", default=None,
@@ -49,7 +52,7 @@ def _peak_rss_mb() -> float:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
-          batch_size, max_n_logits, desired_logit_prob, max_prompt_tokens, no_prune, store, out_dir, as_json):
+          batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, store, out_dir, as_json):
     """Trace PROMPT: build, prune and export its attribution graph."""
     started = time.perf_counter()
     if not prompt.strip():
@@ -74,7 +77,9 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
 
     if transcoders_name is not None:
         resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
-    model = load_model(model_name)
+    import torch
+
+    model = load_model(model_name, dtype=getattr(torch, dtype))
     transcoders_name = transcoders_name or default_transcoders_for(model.name)
     transcoders = load_transcoder_set(transcoders_name)
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)

@@ -19,6 +19,7 @@ Site conventions (the same ones Gemma Scope 2 and circuit-tracer use):
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -313,20 +314,15 @@ class ModelAdapter:
         attention = (
             use_mechscope_attention(self, frozen=frozen.patterns) if frozen else contextlib.nullcontext()
         )
-        with self._hooks() as handles, attention:
+        with self._hooks() as handles, attention, contextlib.ExitStack() as stack:
             handles.append(
                 self.layers[0].register_forward_pre_hook(
                     lambda m, args, kwargs: _replace_hidden_arg(args, kwargs, embeddings),
                     with_kwargs=True,
                 )
             )
-            for norm in self.all_norms() if frozen else []:
-                scale = frozen.norm_scales[id(norm)]
-                handles.append(
-                    norm.register_forward_hook(
-                        lambda m, args, out, scale=scale: self.normalize(m, args[0], scale)
-                    )
-                )
+            if frozen:
+                stack.enter_context(self._frozen_norms(frozen.norm_scales))
             for layer in range(self.n_layers) if mlp_replacements is not None else []:
                 block = self.layers[layer]
                 names = self.mlp_output_modules(layer)
@@ -370,13 +366,8 @@ class ModelAdapter:
         attention = (
             use_mechscope_attention(self, frozen=patterns) if patterns is not None else contextlib.nullcontext()
         )
-        with self._hooks() as handles, attention:
-            for norm in self.all_norms() if norm_scales is not None else []:
-                handles.append(
-                    norm.register_forward_hook(
-                        lambda m, args, out, scale=norm_scales[id(norm)]: self.normalize(m, args[0], scale)
-                    )
-                )
+        frozen_norms = self._frozen_norms(norm_scales) if norm_scales is not None else contextlib.nullcontext()
+        with self._hooks() as handles, attention, frozen_norms:
             for layer in range(self.n_layers):
                 handles.append(
                     self.mlp(layer).register_forward_pre_hook(
@@ -389,6 +380,19 @@ class ModelAdapter:
                     )
                 )
             return self._run_body(input_ids)
+
+    @contextlib.contextmanager
+    def _frozen_norms(self, norm_scales: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Every residual norm applies its recorded scale instead of computing one: its forward is
+        replaced (not hooked), so the live norm neither runs nor keeps tensors for autograd."""
+        norms = self.all_norms()
+        try:
+            for norm in norms:
+                norm.forward = functools.partial(self.normalize, norm, scale=norm_scales[id(norm)])
+            yield
+        finally:
+            for norm in norms:
+                norm.__dict__.pop("forward", None)
 
     def frozen_forward(self, input_ids, frozen: FrozenState, embeddings, mlp_replacements, on_mlp_input=None):
         """The local replacement model's forward pass: :meth:`patched_forward` with ``frozen``."""

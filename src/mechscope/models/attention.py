@@ -66,7 +66,14 @@ def mechscope_attention(
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if state is not None and state.record is not None:
             state.record[state.layer] = pattern[:1].detach()
-    out = torch.matmul(pattern, value)  # (B, nh, q, hs)
+    if pattern.shape[0] == 1 and value.shape[0] > 1:
+        # one frozen pattern for the whole batch: fold the batch into the value columns, so
+        # autograd keeps the [heads, q, k] pattern once instead of a [batch, heads, q, k] copy
+        b, h, k, d = value.shape
+        folded = value.permute(1, 2, 0, 3).reshape(h, k, b * d)
+        out = torch.matmul(pattern[0], folded).reshape(h, -1, b, d).permute(2, 0, 1, 3)
+    else:
+        out = torch.matmul(pattern, value)  # (B, nh, q, hs)
     return out.transpose(1, 2).contiguous(), pattern
 
 
@@ -99,11 +106,21 @@ def use_mechscope_attention(
     previous = config._attn_implementation
     modules = adapter.attention_modules()
     config._attn_implementation = NAME
+    handles = []
     for layer, module in enumerate(modules):
         module._mechscope_state = PatternState(layer, record=record, frozen=frozen)
+        if frozen is not None:
+            # a replayed pattern ignores queries and keys: detach them so autograd neither tracks
+            # nor keeps their projections, norms and rotary products ([batch, pos, heads * head_dim]
+            # per layer; GPT-2's fused c_attn has no separate q/k projection and stays as is)
+            for name in ("q_proj", "k_proj"):
+                if isinstance(getattr(module, name, None), torch.nn.Module):
+                    handles.append(getattr(module, name).register_forward_hook(lambda m, args, out: out.detach()))
     try:
         yield
     finally:
         config._attn_implementation = previous
         for module in modules:
             module._mechscope_state = None
+        for handle in handles:
+            handle.remove()

@@ -159,20 +159,24 @@ class FrozenReplacement:
     ``leaf + W_skip x`` where ``x`` is the (live, linear) MLP input, at every position (before
     ``first_pos`` the leaf is a constant with no node). :meth:`gradients` back-propagates injected
     vectors at MLP inputs and at the final-norm output (logit directions) to those leaves.
+
+    The graph runs in the model's dtype (float32, or bfloat16 for ``mechscope trace --dtype
+    bfloat16``); the transcoders' skip path is computed in float32 and gradients come back as float32.
     """
 
     def __init__(self, rm: ReplacementModel, trace: Trace, batch: int):
         model, tcs = rm.model, rm.transcoders
         run = trace.run
+        dtype = model.dtype
         self.batch, self.n_layers = batch, model.n_layers
-        self.embed_leaf = run.embeddings.float()[None].expand(batch, -1, -1).clone().requires_grad_(True)
+        self.embed_leaf = run.embeddings.to(dtype)[None].expand(batch, -1, -1).clone().requires_grad_(True)
         self.mlp_leaves = []
         replacements = []
         for layer in range(model.n_layers):
             x = run.mlp_inputs[layer].float()
             skip = tcs.skip(layer, x)
             constant = run.mlp_outputs[layer].float() - (skip if skip is not None else 0.0)
-            leaf = constant[None].expand(batch, -1, -1).clone().requires_grad_(True)
+            leaf = constant.to(dtype)[None].expand(batch, -1, -1).clone().requires_grad_(True)
             self.mlp_leaves.append(leaf)
             replacements.append(self._replacement(tcs, layer, leaf))
         self.mlp_inputs: dict[int, torch.Tensor] = {}
@@ -188,8 +192,8 @@ class FrozenReplacement:
     @staticmethod
     def _replacement(tcs: TranscoderSet, layer: int, leaf: torch.Tensor):
         def fn(x: torch.Tensor) -> torch.Tensor:
-            skip = tcs.skip(layer, x)
-            return leaf if skip is None else leaf + skip
+            skip = tcs.skip(layer, x.float())
+            return leaf if skip is None else leaf + skip.to(leaf.dtype)
 
         return fn
 
@@ -198,6 +202,7 @@ class FrozenReplacement:
         mlp_input_injections: dict[int, Float[torch.Tensor, "batch pos d_model"]],
         final_injection: Float[torch.Tensor, "batch pos d_model"] | None,
         retain_graph: bool = True,
+        n_source_layers: int | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Back-propagate injected vectors to the source sites.
 
@@ -206,9 +211,13 @@ class FrozenReplacement:
                 layer's MLP input (feature encoder rows for feature targets).
             final_injection: ``[batch, pos, d_model]`` vectors dotted with the final-norm output
                 (demeaned unembedding rows for logit targets), or ``None``.
+            n_source_layers: return gradients at the MLP outputs of layers ``< n_source_layers``
+                only (default: all); with injections below that layer only, autograd then walks
+                only the layers below it.
 
         Returns:
-            ``(per-layer gradients at MLP outputs [batch, pos, d_model], gradient at the embedding)``.
+            ``(gradients at MLP outputs [batch, pos, d_model] of layers < n_source_layers,
+            gradient at the embedding)``.
         """
         outputs, grads = [], []
         for layer, vec in mlp_input_injections.items():
@@ -217,7 +226,7 @@ class FrozenReplacement:
         if final_injection is not None:
             outputs.append(self.final)
             grads.append(final_injection.to(self.final.dtype))
-        inputs = [*self.mlp_leaves, self.embed_leaf]
+        inputs = [*self.mlp_leaves[: n_source_layers], self.embed_leaf]
         result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True)
-        result = [torch.zeros_like(i) if r is None else r for r, i in zip(result, inputs)]
+        result = [torch.zeros_like(i, dtype=torch.float32) if r is None else r.float() for r, i in zip(result, inputs)]
         return result[:-1], result[-1]
