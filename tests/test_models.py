@@ -72,6 +72,33 @@ def test_clean_run_logits_match_hugging_face(tiny_adapter, family, implementatio
     assert adapter.hf.config._attn_implementation != "mechscope"
 
 
+def test_gemma3_layers_use_their_own_rope_base(tiny_adapter):
+    """Gemma 3 rotates queries and keys with base 10,000 on sliding-window layers and 1,000,000 on
+    global ones. Each layer's recorded pattern equals Hugging Face's eager attention weights of that
+    layer; a model that gave every layer one table (circuit-tracer 0.5.0's TransformerLens backend
+    gives all layers the last layer's) moves the sliding layers' patterns far past the tolerance."""
+    adapter = tiny_adapter("gemma3")
+    bases = {kind: p["rope_theta"] for kind, p in adapter.config.rope_parameters.items()}
+    assert bases["sliding_attention"] != bases["full_attention"]
+    ids = adapter.tokenize(TINY_PROMPT)
+
+    def eager_patterns(hf):
+        with torch.no_grad(), attn_implementation(hf, "eager"):
+            return hf(ids[None], output_attentions=True).attentions
+
+    # output_attentions leaves Hugging Face's recording hooks on the model: ask a copy, not the fixture
+    expected = eager_patterns(make_tiny_adapter("gemma3").hf)
+    recorded = adapter.clean_run(ids).frozen.patterns
+    for layer, pattern in enumerate(expected):
+        torch.testing.assert_close(recorded[layer], pattern, atol=1e-6, rtol=0)
+    # the same weights with the global table on every layer: layer 0 (sliding, same input) changes
+    assert adapter.config.layer_types[0] == "sliding_attention"
+    one_table = make_tiny_adapter("gemma3")
+    one_table.hf.config.rope_parameters["sliding_attention"] = dict(adapter.config.rope_parameters["full_attention"])
+    one_table.hf.model.rotary_emb.__init__(one_table.hf.config)
+    assert float((eager_patterns(one_table.hf)[0] - expected[0]).abs().max()) > 1e-2
+
+
 def test_clean_run_shapes(tiny_adapter, family):
     adapter = tiny_adapter(family)
     ids = adapter.tokenize(TINY_PROMPT)
