@@ -31,6 +31,7 @@ from mechscope.attribution.edge_rows import EdgeRows
 from mechscope.attribution.targets import select_logit_targets
 from mechscope.errors import BadInputError
 from mechscope.graph.graph import Graph
+from mechscope.memory import release_free_memory
 from mechscope.replacement.replacement_model import FrozenReplacement, ReplacementModel, Trace
 
 __all__ = ["AttributionConfig", "attribute", "SourceVectors"]
@@ -185,6 +186,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         config.desired_logit_prob, config.targets,
     )
     n_logits = len(targets)
+    rm.model.release_vocabulary_weights()  # the backward passes never read them
     n_pos, n_layers = trace.n_pos, rm.model.n_layers
     n_visit = n_active if config.max_feature_nodes is None else min(config.max_feature_nodes, n_active)
     logger.info("%d tokens, %d active features, visiting %d, %d logit targets", n_pos, n_active, n_visit, n_logits)
@@ -215,6 +217,8 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             influence = rows.feature_influence(logit_probs)
             rank = torch.argsort(influence, descending=True)
             pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)].sort().values
+            del influence, rank
+            release_free_memory()  # the influence block and the last queue's gradients
         for idx in pending.split(batch):
             n_done += len(idx)
             features, others = _feature_rows(rm, trace, frozen, sources, idx, retain_graph=n_done < n_visit)
@@ -225,6 +229,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     stored_mb = rows.nbytes() / 2**20
     # phase 6: assemble the node set [selected features, errors, tokens, logits]
     selected = visited.nonzero().flatten()
+    release_free_memory()
     adjacency = rows.assemble(selected, n_logits)
     seconds = time.perf_counter() - start
     logger.info("attribution took %.2fs; edge rows held %.0f MB", seconds, stored_mb)

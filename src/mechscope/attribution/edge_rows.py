@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
+from mechscope.memory import release_free_memory
+
 __all__ = ["EdgeRows"]
 
 
@@ -125,8 +127,9 @@ class EdgeRows:
     def assemble(self, selected: Int[torch.Tensor, "n_selected"], n_logits: int) -> Float[torch.Tensor, "n_nodes n_nodes"]:
         """The graph's adjacency over ``[selected features, errors, tokens, logits]``.
 
-        Consumes the stored rows (each chunk is freed once copied, so the peak is the adjacency
-        plus at most the rows not yet copied).
+        Consumes the stored rows: each chunk is freed (and its pages returned to the kernel) once
+        copied, and each adjacency row is first touched when it is written, so the resident peak is
+        about the stored rows, not the stored rows plus the adjacency.
 
         Args:
             selected: ``[n_selected]`` ascending active-feature indices of the visited features.
@@ -134,7 +137,8 @@ class EdgeRows:
         """
         n_selected = len(selected)
         n_nodes = n_selected + self.n_other + n_logits
-        adjacency = torch.zeros(n_nodes, n_nodes)
+        adjacency = torch.empty(n_nodes, n_nodes)  # pages become resident as rows are written
+        adjacency[n_selected : n_selected + self.n_other] = 0  # error and token nodes have no inputs
         logit_row = n_nodes - n_logits
         while self.chunks:
             chunk = self.chunks.pop(0)
@@ -143,7 +147,12 @@ class EdgeRows:
             rows[is_logit] = logit_row + torch.arange(int(is_logit.sum()))
             logit_row += int(is_logit.sum())
             n_cols = int(torch.searchsorted(selected, chunk.features.shape[1]))
-            adjacency[rows, :n_cols] = chunk.features[:, selected[:n_cols]]
-            adjacency[rows, n_selected : n_selected + self.n_other] = chunk.others
+            block = torch.zeros(len(rows), n_nodes)
+            block[:, :n_cols] = chunk.features[:, selected[:n_cols]]
+            block[:, n_selected : n_selected + self.n_other] = chunk.others
+            del chunk
+            adjacency[rows] = block
+            del block
+            release_free_memory()
         self.n_rows = 0
         return adjacency

@@ -98,7 +98,7 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     save_graph(graph, out / slug)
     atomic_write_text(graph_path, json.dumps(exchange))
 
-    n_edges = int((graph.adjacency != 0).sum())
+    n_edges = int(torch.count_nonzero(graph.adjacency))  # (A != 0).sum() would cast N x N bools to int64
     summary = {
         "graph_path": str(graph_path),
         "slug": slug,

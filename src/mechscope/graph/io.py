@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from mechscope.errors import CorruptFileError
 from mechscope.graph.graph import Graph
-from mechscope.paths import atomic_write_bytes, atomic_write_text
+from mechscope.paths import atomic_file, atomic_write_text
 
 __all__ = ["save_graph", "load_graph", "SCHEMA_VERSION"]
 
@@ -40,7 +40,8 @@ def save_graph(graph: Graph, directory: str | os.PathLike) -> Path:
         "logit_tokens": graph.logit_tokens,
         "config": graph.config,
     }
-    atomic_write_bytes(directory / "graph.safetensors", save(tensors))
+    with atomic_file(directory / "graph.safetensors") as tmp:  # no in-memory copy of the whole file
+        save_file(tensors, tmp)
     atomic_write_text(directory / "graph.json", json.dumps(meta, indent=1))
     return directory
 

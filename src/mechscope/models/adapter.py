@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from mechscope.errors import BadInputError
+from mechscope.memory import release_pages
 from mechscope.models.attention import PatternState, use_mechscope_attention
 
 __all__ = ["ModelAdapter", "CleanRun", "FrozenState"]
@@ -123,6 +124,14 @@ class ModelAdapter:
     def W_U(self) -> Float[torch.Tensor, "vocab d_model"]:
         """Unembedding matrix, rows are tokens (``lm_head.weight``)."""
         return self.hf.get_output_embeddings().weight
+
+    def release_vocabulary_weights(self) -> int:
+        """Let the kernel reclaim the pages of the embedding and unembedding matrices (their values
+        are kept; see :func:`mechscope.memory.release_pages`). Attribution reads them only for the
+        clean run and the logit targets; on Gemma 3 270M they are 671 MB of its 1,023 MB of float32
+        weights. Returns the bytes released."""
+        weights = {w.untyped_storage().data_ptr(): w for w in (self.W_U, self.hf.get_input_embeddings().weight)}
+        return sum(release_pages(w) for w in weights.values())
 
     def final_norm(self) -> nn.Module:
         return self.body.norm

@@ -9,7 +9,7 @@ For one prompt (Ameisen et al. 2025, "Circuit Tracing", sections 2.2-2.3):
   the model's MLP outputs, and with them its logits, exactly;
 - with attention patterns and norm scales frozen, the map from the *sources* (token embeddings,
   feature decoder outputs, errors) to every later site is linear: :class:`FrozenReplacement` builds
-  that graph once, batched, and returns gradients at the source sites for injected target vectors.
+  that graph once and returns gradients at the source sites for batches of injected target vectors.
 
 Position 0 holds the BOS token when the tokenizer prepends one; like circuit-tracer, it gets no
 feature or error nodes: its MLP outputs are constants of the replacement model plus, for
@@ -152,10 +152,16 @@ class ReplacementModel:
 
 
 class FrozenReplacement:
-    """The frozen local replacement model, built once for a batch of ``batch`` copies of a prompt.
+    """The frozen local replacement model, built once per prompt and back-propagated in batches of
+    ``batch`` targets.
 
-    Sources are leaves of the autograd graph: the embedding ``[batch, pos, d_model]`` and, per
-    layer, the MLP output without its skip path. A layer's MLP output is
+    Sources are leaves of the autograd graph: the embedding ``[1, pos, d_model]`` and, per
+    layer, the MLP output without its skip path. The frozen model is linear in its sources and saves
+    only weights and frozen patterns for its backward pass, so one forward pass of a single copy
+    serves every batch: :meth:`gradients` back-propagates a batch of ``batch`` injections at once
+    through it with ``torch.autograd.grad(..., is_grads_batched=True)`` (the same numbers as a
+    forward pass of ``batch`` copies, without holding ``batch`` copies of every leaf and every MLP
+    input; circuit-tracer expands the prompt to the batch size instead). A layer's MLP output is
     ``leaf + W_skip x`` where ``x`` is the (live, linear) MLP input, at every position (before
     ``first_pos`` the leaf is a constant with no node). :meth:`gradients` back-propagates injected
     vectors at MLP inputs and at the final-norm output (logit directions) to those leaves.
@@ -169,14 +175,14 @@ class FrozenReplacement:
         run = trace.run
         dtype = model.dtype
         self.batch, self.n_layers = batch, model.n_layers
-        self.embed_leaf = run.embeddings.to(dtype)[None].expand(batch, -1, -1).clone().requires_grad_(True)
+        self.embed_leaf = run.embeddings.to(dtype)[None].clone().requires_grad_(True)
         self.mlp_leaves = []
         replacements = []
         for layer in range(model.n_layers):
             x = run.mlp_inputs[layer].float()
             skip = tcs.skip(layer, x)
             constant = run.mlp_outputs[layer].float() - (skip if skip is not None else 0.0)
-            leaf = constant.to(dtype)[None].expand(batch, -1, -1).clone().requires_grad_(True)
+            leaf = constant.to(dtype)[None].requires_grad_(True)
             self.mlp_leaves.append(leaf)
             replacements.append(self._replacement(tcs, layer, leaf))
         self.mlp_inputs: dict[int, torch.Tensor] = {}
@@ -222,11 +228,13 @@ class FrozenReplacement:
         outputs, grads = [], []
         for layer, vec in mlp_input_injections.items():
             outputs.append(self.mlp_inputs[layer])
-            grads.append(vec.to(self.mlp_inputs[layer].dtype))
+            grads.append(vec.to(self.mlp_inputs[layer].dtype)[:, None])  # [batch, 1, pos, d]: one per copy
         if final_injection is not None:
             outputs.append(self.final)
-            grads.append(final_injection.to(self.final.dtype))
+            grads.append(final_injection.to(self.final.dtype)[:, None])
+        batch = len(grads[0])
         inputs = [*self.mlp_leaves[: n_source_layers], self.embed_leaf]
-        result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True)
-        result = [torch.zeros_like(i, dtype=torch.float32) if r is None else r.float() for r, i in zip(result, inputs)]
+        result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True,
+                                     is_grads_batched=True)
+        result = [torch.zeros((batch, *i.shape[1:])) if r is None else r[:, 0].float() for r, i in zip(result, inputs)]
         return result[:-1], result[-1]
