@@ -222,20 +222,24 @@ def main() -> None:
                 "max_feature_nodes": None if nodes == "all" else int(nodes), "dtype": "float32", "threads": 2}
 
     settings = settings_for(args.max_feature_nodes)
+    out = ROOT / "results" / "vs_circuit_tracer.json"
+    out.parent.mkdir(exist_ok=True)
     results = []
+
+    def record(row: dict) -> None:  # each row is kept as soon as it is measured
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
+
     for name in args.prompts.split(","):
-        results.append({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
-        print(json.dumps(results[-1]), flush=True)
+        record({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
     for nodes in filter(None, args.sweep_nodes.split(",")):
         done = [r for r in results if r["prompt"] == args.sweep_prompt and r["max_feature_nodes"] == settings_for(nodes)["max_feature_nodes"]]
         row = dict(done[0]) if done else run_pair(args.sweep_prompt, PROMPTS[args.sweep_prompt], settings_for(nodes))
         row["kind"] = "nodes"
-        results.append(row)
-        print(json.dumps(results[-1]), flush=True)
+        record(row)
     for row in results:  # feature nodes actually kept (max_feature_nodes caps at the active count)
         row["n_selected"] = min(row.get("n_active") or 0, row["max_feature_nodes"] or row.get("n_active") or 0)
-    out = ROOT / "results" / "vs_circuit_tracer.json"
-    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
     print(f"results written to {out}")
     if args.plot:
