@@ -199,6 +199,32 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: one line per row of results."""
+    def pair(tool_a, tool_b, fmt):
+        return " / ".join("-" if v is None else fmt(v) for v in (tool_a, tool_b))
+
+    lines = ["| prompt | tokens | active features | max_feature_nodes | same targets, active and selected features | "
+             "max abs diff / max abs A | replacement score (mechscope / circuit-tracer) | completeness score | "
+             "attribution s (mechscope / circuit-tracer) | speed-up | peak RSS GiB | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms, ct = r["mechscope"], r["circuit_tracer"]
+        same = all(r.get(k) for k in ("logit_targets_equal", "active_features_equal", "selected_features_equal"))
+        scores = [(ms["scores"] or [None, None])[i] for i in (0, 1)], [((ct.get("scores") or [None, None]))[i] for i in (0, 1)]
+        lines.append(" | ".join([
+            f"| {r['prompt']}", str(r["n_tokens"]), f"{r.get('n_active') or 0:,}", str(r["max_feature_nodes"] or "all"),
+            ("yes" if same else "no") if "speedup" in r else "-",
+            f"{r['adjacency_rel_diff']:.1e}" if "adjacency_rel_diff" in r else "-",
+            pair(scores[0][0], scores[1][0], lambda v: f"{v:.4f}"), pair(scores[0][1], scores[1][1], lambda v: f"{v:.4f}"),
+            pair(ms["attribution_seconds"], ct["attribution_seconds"], lambda v: f"{v:.1f}"),
+            f"{r['speedup']:.1f}x" if "speedup" in r else "-",
+            pair(ms["peak_rss_mb"], ct["peak_rss_mb"], lambda v: f"{v / 1024:.2f}"),
+            f"{r['memory_ratio']:.2f}x |" if "memory_ratio" in r else "- |",
+        ]))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="short,medium,long,xl", help=f"comma-separated of {', '.join(PROMPTS)}")
@@ -210,9 +236,18 @@ def main() -> None:
     parser.add_argument("--sweep-nodes", default="512,2048,8192,all",
                         help="max_feature_nodes values for the sweep on --sweep-prompt ('' skips the sweep)")
     parser.add_argument("--sweep-prompt", default="medium", choices=list(PROMPTS))
+    parser.add_argument("--report", action="store_true",
+                        help="print the table and redraw the plot from the last results file, running nothing")
     parser.add_argument("--plot", default=str(ROOT.parent / "docs" / "vs_circuit_tracer.png"),
                         help="where the plot goes ('' for none)")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((ROOT / "results" / "vs_circuit_tracer.json").read_text())
+        print(json.dumps(saved["machine"]))
+        print(markdown_table(saved["results"]))
+        if args.plot:
+            plot(saved["results"], Path(args.plot))
+        return
     if not CT_PYTHON.exists():
         sys.exit("circuit-tracer is not installed: run bash benchmarks/setup_circuit_tracer.sh")
 
@@ -242,6 +277,7 @@ def main() -> None:
         row["n_selected"] = min(row.get("n_active") or 0, row["max_feature_nodes"] or row.get("n_active") or 0)
     out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
     print(f"results written to {out}")
+    print(markdown_table(results))
     if args.plot:
         plot(results, Path(args.plot))
         print(f"plot written to {args.plot}")
