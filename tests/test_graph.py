@@ -43,6 +43,49 @@ def test_logit_influence_splits_the_total_influence_by_logit(graph):
         logit_influence(graph, 99)
 
 
+def _dense_prune(graph, node_threshold, edge_threshold):
+    """The naive pruning: normalised N x N copies, full sorts (circuit-tracer's ``prune_graph``)."""
+    A, w = graph.adjacency.float(), graph.logit_weights()
+
+    def cutoff(scores, threshold):
+        ordered = scores.flatten().sort(descending=True).values
+        cumulative = ordered.cumsum(0) / ordered.sum()
+        return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(threshold))), len(ordered) - 1)]
+
+    influence = compute_influence(normalize_matrix(A), w)
+    node_mask = influence >= cutoff(influence, node_threshold)
+    node_mask[graph.token_offset :] = True
+    masked = A.clone()
+    masked[~node_mask] = 0
+    masked[:, ~node_mask] = 0
+    masked = normalize_matrix(masked)
+    scores = masked * (compute_influence(masked, w) + w)[:, None]
+    return node_mask, scores >= cutoff(scores, edge_threshold)
+
+
+@pytest.mark.parametrize("block_rows", [7, 1024])
+def test_blocked_pruning_and_scores_equal_the_dense_ones(graph, monkeypatch, block_rows):
+    """Pruning and scores work on row blocks of |A| without normalised copies; the result is the
+    dense computation's (before the clean-up of nodes left without edges)."""
+    import mechscope.graph.prune as prune
+
+    monkeypatch.setattr(prune, "_BLOCK_ROWS", block_rows)
+    for node_threshold, edge_threshold in ((0.8, 0.98), (0.5, 0.9)):
+        node_mask, edge_mask = _dense_prune(graph, node_threshold, edge_threshold)
+        pruned = prune_graph(graph, node_threshold, edge_threshold)
+        assert torch.equal(pruned.node_mask, pruned.node_mask & node_mask)  # clean-up only removes
+        kept = pruned.node_mask
+        assert torch.equal(pruned.edge_mask, edge_mask & kept[:, None] & kept[None, :])
+    normalized = normalize_matrix(graph.adjacency)
+    influence = compute_influence(normalized, graph.logit_weights())
+    errors = slice(graph.error_offset, graph.token_offset)
+    tokens = slice(graph.token_offset, graph.logit_offset)
+    replacement = influence[tokens].sum() / (influence[tokens].sum() + influence[errors].sum())
+    output = influence + graph.logit_weights()
+    completeness = ((1 - normalized[:, errors].sum(-1)) * output).sum() / output.sum()
+    assert graph_scores(graph) == pytest.approx((float(replacement), float(completeness)), rel=1e-6)
+
+
 def test_pruning_keeps_more_as_thresholds_rise(graph):
     node_counts, edge_counts = [], []
     for threshold in (0.3, 0.5, 0.7, 0.8, 0.9, 0.99):

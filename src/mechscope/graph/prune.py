@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
@@ -104,23 +103,72 @@ def partial_influences(
     raise RuntimeError(f"partial influence did not converge in {max_iter} iterations")
 
 
-def _find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The smallest score among the highest scores that together hold ``threshold`` of the total
-    (non-negative ``scores``). Sorts only the positive scores and keeps no index tensor, so an
-    ``N x N`` edge-score matrix costs about three float32 copies of its non-zero part."""
-    positive = scores[scores > 0]
+_BLOCK_ROWS = 1024  # rows of |A| materialised at a time by the blocked products below
+
+
+def _abs_blocks(A: torch.Tensor):
+    """``(rows, |A[rows]|)`` for consecutive blocks of rows: at most ``_BLOCK_ROWS x N`` extra floats."""
+    for start in range(0, A.shape[0], _BLOCK_ROWS):
+        rows = slice(start, min(start + _BLOCK_ROWS, A.shape[0]))
+        yield rows, A[rows].abs()
+
+
+def _abs_row_sums(A: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``|A| @ columns`` (row sums of ``|A|``, over the columns where ``columns`` is 1)."""
+    sums = torch.zeros(A.shape[0])
+    for rows, block in _abs_blocks(A):
+        sums[rows] = block.sum(1) if columns is None else block @ columns
+    return sums
+
+
+def _normalized_influence(A: torch.Tensor, weights: torch.Tensor, row_scale: torch.Tensor,
+                          columns: torch.Tensor | None = None, max_iter: int = 1000) -> torch.Tensor:
+    """:func:`compute_influence` on ``diag(row_scale) |A| diag(columns)`` without building it: each
+    term ``x <- ((x * row_scale) @ |A|) * columns`` visits only the row blocks where ``x`` is
+    non-zero. ``row_scale`` is ``1 / row sum`` (0 for dropped rows), ``columns`` 0/1 (kept columns).
+
+    Raises:
+        RuntimeError: if the series has not terminated after ``max_iter`` terms (a cycle).
+    """
+    current, influence = weights.float(), torch.zeros(A.shape[0])
+    for _ in range(max_iter):
+        scaled = current * row_scale
+        current = torch.zeros(A.shape[1])
+        for start in range(0, A.shape[0], _BLOCK_ROWS):
+            rows = slice(start, min(start + _BLOCK_ROWS, A.shape[0]))
+            if scaled[rows].any():  # a DAG's terms are non-zero on fewer rows at each step
+                current += scaled[rows] @ A[rows].abs()
+        if columns is not None:
+            current *= columns
+        if not current.any():
+            return influence
+        influence += current
+    raise RuntimeError(f"influence did not converge in {max_iter} iterations; is the graph acyclic?")
+
+
+def _inverse(sums: torch.Tensor) -> torch.Tensor:
+    """``1 / sums`` with the same floor as :func:`normalize_matrix` (all-zero rows stay zero)."""
+    return 1.0 / sums.clamp(min=1e-10)
+
+
+def _find_threshold(positive: torch.Tensor, threshold: float, n_scores: int) -> torch.Tensor:
+    """The smallest score among the highest scores that together hold ``threshold`` of the total.
+
+    Args:
+        positive: the positive scores (any order; consumed: sorted in place).
+        n_scores: how many scores there are in all (zeros included).
+    """
     if positive.numel() == 0:
         return torch.tensor(0.0)
-    ascending = np.sort(positive.numpy())
-    del positive
-    descending = torch.from_numpy(np.ascontiguousarray(ascending[::-1]))
-    del ascending
+    ascending = positive.numpy()
+    ascending.sort()  # in place: no copy of an edge-score list that can hold N^2 / 4 floats
+    descending = torch.from_numpy(ascending).flip(0)
     cumulative = descending.cumsum(0).div_(descending.sum().clamp(min=1e-30))
     index = int(torch.searchsorted(cumulative, torch.tensor(threshold)))
     if index < len(descending):
-        return descending[index]
+        return descending[index].clone()
     # the threshold lies past the last positive score (rounding, or threshold 1): keep everything
-    return torch.tensor(0.0) if descending.numel() < scores.numel() else descending[-1]
+    return torch.tensor(0.0) if descending.numel() < n_scores else descending[-1].clone()
 
 
 @dataclass
@@ -142,6 +190,10 @@ class PruneResult:
 def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
     """Prune by influence on the logits.
 
+    Works on row blocks of ``|A|`` (see :func:`_normalized_influence`): besides the adjacency and
+    the ``[n_nodes, n_nodes]`` edge mask it returns, it holds two float32 copies of the positive
+    edge scores (to sort them), never a normalised ``N x N`` copy.
+
     Raises:
         BadInputError: a threshold outside [0, 1].
     """
@@ -151,17 +203,25 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     A = graph.adjacency.float()
     weights = graph.logit_weights()
     n_features, keep_from = graph.n_features, graph.token_offset
-    node_influence = compute_influence(normalize_matrix(A), weights)
-    node_mask = node_influence >= _find_threshold(node_influence, node_threshold)
+    node_influence = _normalized_influence(A, weights, _inverse(_abs_row_sums(A)))
+    node_mask = node_influence >= _find_threshold(node_influence[node_influence > 0], node_threshold, len(node_influence))
     node_mask[keep_from:] = True  # tokens and logits
-    normalized = A.abs()  # |A| of the kept nodes, normalised in place: one N x N copy
-    normalized[~node_mask] = 0
-    normalized[:, ~node_mask] = 0
-    _normalize_rows_(normalized)
-    edge_scores = normalized.mul_((compute_influence(normalized, weights) + weights)[:, None])  # in place
-    del normalized
-    edge_mask = edge_scores >= _find_threshold(edge_scores, edge_threshold)
-    del edge_scores
+    # edge score [t, s] = |A[t, s]| / (row sum of t over kept s) * (influence of t + its logit weight),
+    # on kept nodes only: |A[t, s]| * kept[s] * edge_weight[t]
+    kept = node_mask.float()
+    row_scale = _inverse(_abs_row_sums(A, kept)) * kept
+    edge_weight = (_normalized_influence(A, weights, row_scale, kept) + weights) * row_scale
+
+    def edge_scores():
+        for rows, block in _abs_blocks(A):
+            yield rows, block.mul_(edge_weight[rows, None]).mul_(kept)
+
+    positive = torch.cat([block[block > 0] for _, block in edge_scores()])
+    cutoff = _find_threshold(positive, edge_threshold, A.numel())
+    del positive
+    edge_mask = torch.empty(A.shape, dtype=torch.bool)
+    for rows, block in edge_scores():
+        edge_mask[rows] = block >= cutoff
     while True:
         before = node_mask.clone()
         edge_mask[~node_mask] = False
@@ -178,14 +238,17 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
 
 def graph_scores(graph: Graph) -> tuple[float, float]:
     """``(replacement_score, completeness_score)`` of an unpruned graph, each in [0, 1]."""
-    normalized = normalize_matrix(graph.adjacency.float())
+    A = graph.adjacency.float()
     weights = graph.logit_weights()
-    influence = compute_influence(normalized, weights)
+    row_scale = _inverse(_abs_row_sums(A))
+    influence = _normalized_influence(A, weights, row_scale)
     errors = slice(graph.error_offset, graph.token_offset)
     tokens = slice(graph.token_offset, graph.logit_offset)
     token_influence, error_influence = influence[tokens].sum(), influence[errors].sum()
     replacement = token_influence / (token_influence + error_influence).clamp(min=1e-30)
-    non_error = 1 - normalized[:, errors].sum(-1)
+    error_columns = torch.zeros(graph.n_nodes)
+    error_columns[errors] = 1.0
+    non_error = 1 - _abs_row_sums(A, error_columns) * row_scale
     output_influence = influence + weights
     completeness = (non_error * output_influence).sum() / output_influence.sum()
     return float(replacement), float(completeness)
