@@ -46,19 +46,18 @@ def release_free_memory() -> bool:
 
 
 def release_pages(tensor) -> int:
-    """Ask the kernel to reclaim the whole pages under ``tensor``'s storage; its values are kept.
+    """Ask the kernel to reclaim the whole pages under a contiguous ``tensor``; its values are kept.
 
     For weights the rest of a computation does not read (the unembedding of a model once the logit
     targets are chosen). Returns the bytes advised: 0 where ``madvise`` or ``MADV_PAGEOUT`` is not
-    available (not Linux, or a kernel before 5.4), for tensors not in CPU memory, or where the
-    storage spans no whole page.
+    available (not Linux, or a kernel before 5.4), for tensors not in CPU memory or not contiguous,
+    or where the tensor spans no whole page.
     """
     madvise = _libc_function("madvise")
-    if tensor.device.type != "cpu":
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
         return 0
-    storage = tensor.untyped_storage()
-    start = -(-storage.data_ptr() // _PAGE) * _PAGE  # first whole page
-    end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
+    start = -(-tensor.data_ptr() // _PAGE) * _PAGE  # first whole page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _PAGE * _PAGE
     if madvise is None or end <= start:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

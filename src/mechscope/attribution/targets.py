@@ -35,6 +35,7 @@ def select_logit_targets(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     tokens: tuple[str, ...] = (),
+    W_U_mean: Float[torch.Tensor, "1 d_model"] | None = None,
 ) -> tuple[list[LogitTarget], Float[torch.Tensor, "n_targets d_model"]]:
     """Choose logit targets and their demeaned unembedding vectors.
 
@@ -42,6 +43,8 @@ def select_logit_targets(
         logits: next-token logits at the last prompt position.
         W_U: unembedding ``[vocab, d_model]``.
         tokens: user-named target strings; each must encode to exactly one token.
+        W_U_mean: the mean unembedding row in float32, when already computed (see
+            ``ModelAdapter.unembedding_mean``); otherwise computed from ``W_U``.
 
     Returns:
         ``(targets, vectors [n_targets, d_model])``.
@@ -66,6 +69,8 @@ def select_logit_targets(
         top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
         cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob))) + 1
         ids_t = top_i[: min(cutoff, max_n_logits)]
-    vectors = W_U[ids_t].float() - W_U.mean(0, keepdim=True, dtype=torch.float32)
+    if W_U_mean is None:
+        W_U_mean = W_U.mean(0, keepdim=True, dtype=torch.float32)
+    vectors = W_U[ids_t].float() - W_U_mean
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors

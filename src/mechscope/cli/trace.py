@@ -87,6 +87,7 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     attribution_start = time.perf_counter()
     graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
     attribution_seconds = time.perf_counter() - attribution_start
+    model.release_weights()  # pruning, scores and export do not read the model
     pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
     slug = slugify(prompt)

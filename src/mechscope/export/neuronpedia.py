@@ -93,19 +93,26 @@ def to_neuronpedia(
 
     n = graph.n_nodes
     node_mask = pruned.node_mask if pruned is not None else None
-    edge_mask = pruned.edge_mask if pruned is not None else graph.adjacency != 0
+    edge_mask = pruned.edge_mask if pruned is not None else None  # None: every non-zero edge
     influence = pruned.cumulative_scores if pruned is not None else None
     kept = [i for i in range(n) if node_mask is None or bool(node_mask[i])]
     labels = labels or {}
     nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities) for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
     kept_set = set(kept)
-    targets, sources = (edge_mask & (graph.adjacency != 0)).nonzero(as_tuple=True)
-    links = [
-        {"source": ids[s], "target": ids[t], "weight": float(graph.adjacency[t, s])}
-        for t, s in zip(targets.tolist(), sources.tolist())
-        if t in kept_set and s in kept_set
-    ]
+    links = []
+    for start in range(0, n, 1024):  # row blocks: no N x N boolean copies
+        block = graph.adjacency[start : start + 1024]
+        mask = block != 0
+        if edge_mask is not None:
+            mask &= edge_mask[start : start + 1024]
+        targets, sources = mask.nonzero(as_tuple=True)
+        weights = block[targets, sources].tolist()
+        links += [
+            {"source": ids[s], "target": ids[t], "weight": w}
+            for t, s, w in zip((targets + start).tolist(), sources.tolist(), weights)
+            if t in kept_set and s in kept_set
+        ]
     config = graph.config
     return {
         "metadata": {

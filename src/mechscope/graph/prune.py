@@ -15,6 +15,7 @@ appendix "Graph pruning"; the same definitions as circuit-tracer's ``graph.py``)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -151,18 +152,20 @@ def _inverse(sums: torch.Tensor) -> torch.Tensor:
     return 1.0 / sums.clamp(min=1e-10)
 
 
-def _find_threshold(positive: torch.Tensor, threshold: float, n_scores: int) -> torch.Tensor:
+def _find_threshold(scores: Iterable[torch.Tensor], threshold: float, n_scores: int) -> torch.Tensor:
     """The smallest score among the highest scores that together hold ``threshold`` of the total.
 
     Args:
-        positive: the positive scores (any order; consumed: sorted in place).
-        n_scores: how many scores there are in all (zeros included).
+        scores: the non-negative scores, in pieces (row blocks of an edge-score matrix); only their
+            positive entries are kept, sorted in place: at most two float32 copies of them live.
+        n_scores: how many scores there are in all.
     """
+    positive = torch.cat([piece[piece > 0] for piece in scores])
     if positive.numel() == 0:
         return torch.tensor(0.0)
-    ascending = positive.numpy()
-    ascending.sort()  # in place: no copy of an edge-score list that can hold N^2 / 4 floats
-    descending = torch.from_numpy(ascending).flip(0)
+    positive.numpy().sort()  # ascending, in place
+    descending = positive.flip(0)
+    del positive
     cumulative = descending.cumsum(0).div_(descending.sum().clamp(min=1e-30))
     index = int(torch.searchsorted(cumulative, torch.tensor(threshold)))
     if index < len(descending):
@@ -204,7 +207,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     weights = graph.logit_weights()
     n_features, keep_from = graph.n_features, graph.token_offset
     node_influence = _normalized_influence(A, weights, _inverse(_abs_row_sums(A)))
-    node_mask = node_influence >= _find_threshold(node_influence[node_influence > 0], node_threshold, len(node_influence))
+    node_mask = node_influence >= _find_threshold([node_influence], node_threshold, len(node_influence))
     node_mask[keep_from:] = True  # tokens and logits
     # edge score [t, s] = |A[t, s]| / (row sum of t over kept s) * (influence of t + its logit weight),
     # on kept nodes only: |A[t, s]| * kept[s] * edge_weight[t]
@@ -216,9 +219,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         for rows, block in _abs_blocks(A):
             yield rows, block.mul_(edge_weight[rows, None]).mul_(kept)
 
-    positive = torch.cat([block[block > 0] for _, block in edge_scores()])
-    cutoff = _find_threshold(positive, edge_threshold, A.numel())
-    del positive
+    cutoff = _find_threshold((block for _, block in edge_scores()), edge_threshold, A.numel())
     edge_mask = torch.empty(A.shape, dtype=torch.bool)
     for rows, block in edge_scores():
         edge_mask[rows] = block >= cutoff

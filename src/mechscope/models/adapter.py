@@ -125,6 +125,26 @@ class ModelAdapter:
         """Unembedding matrix, rows are tokens (``lm_head.weight``)."""
         return self.hf.get_output_embeddings().weight
 
+    def _vocabulary_blocks(self, rows: int = 16384) -> list[torch.Tensor]:
+        W_U = self.W_U
+        return [W_U[start : start + rows] for start in range(0, W_U.shape[0], rows)]
+
+    @staticmethod
+    def _released_product(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        product = hidden @ rows.T
+        release_pages(rows)
+        return product
+
+    def unembedding_mean(self, release_vocabulary: bool = False) -> Float[torch.Tensor, "1 d_model"]:
+        """Mean unembedding row in float32 (logit targets are demeaned by it), summed over blocks of
+        rows; with ``release_vocabulary`` each block's pages are released after use."""
+        total = torch.zeros(1, self.d_model)
+        for rows in self._vocabulary_blocks():
+            total += rows.sum(0, keepdim=True, dtype=torch.float32)
+            if release_vocabulary:
+                release_pages(rows)
+        return total / self.W_U.shape[0]
+
     def release_vocabulary_weights(self) -> int:
         """Let the kernel reclaim the pages of the embedding and unembedding matrices (their values
         are kept; see :func:`mechscope.memory.release_pages`). Attribution reads them only for the
@@ -132,6 +152,12 @@ class ModelAdapter:
         weights. Returns the bytes released."""
         weights = {w.untyped_storage().data_ptr(): w for w in (self.W_U, self.hf.get_input_embeddings().weight)}
         return sum(release_pages(w) for w in weights.values())
+
+    def release_weights(self) -> int:
+        """Let the kernel reclaim the pages of every weight (values kept; they are read back from the
+        file when the model runs again). For a command that is done with the model, such as
+        ``mechscope trace`` once attribution has finished. Returns the bytes released."""
+        return sum(release_pages(p) for p in self.hf.parameters())
 
     def final_norm(self) -> nn.Module:
         return self.body.norm
@@ -167,9 +193,17 @@ class ModelAdapter:
             self.final_norm()
         ]
 
-    def output_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from final-norm output (applies Gemma 2 style final soft-capping if set)."""
-        logits = final_hidden.contiguous() @ self.W_U.T  # a strided slice makes this matmul ~7x slower on CPU
+    def output_logits(self, final_hidden: torch.Tensor, release_vocabulary: bool = False) -> torch.Tensor:
+        """Logits from final-norm output (applies Gemma 2 style final soft-capping if set).
+
+        With ``release_vocabulary`` the unembedding is read in blocks of rows whose pages are
+        released as soon as they are used (:func:`mechscope.memory.release_pages`), so it is never
+        resident whole; attribution's clean run reads it only here."""
+        hidden = final_hidden.contiguous()  # a strided slice makes this matmul ~7x slower on CPU
+        if release_vocabulary:
+            logits = torch.cat([self._released_product(hidden, rows) for rows in self._vocabulary_blocks()], -1)
+        else:
+            logits = hidden @ self.W_U.T
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -244,8 +278,9 @@ class ModelAdapter:
         return [ins[layer] for layer in layers], [outs[layer] for layer in layers]
 
     @torch.no_grad()
-    def clean_run(self, input_ids: Int[torch.Tensor, "pos"]) -> CleanRun:
-        """Real forward pass of one prompt, recording every site and the frozen state."""
+    def clean_run(self, input_ids: Int[torch.Tensor, "pos"], release_vocabulary: bool = False) -> CleanRun:
+        """Real forward pass of one prompt, recording every site and the frozen state
+        (``release_vocabulary``: see :meth:`output_logits`)."""
         frozen = FrozenState()
         ins: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
@@ -283,7 +318,7 @@ class ModelAdapter:
             mlp_inputs=[ins[layer] for layer in range(self.n_layers)],
             mlp_outputs=[outs[layer] for layer in range(self.n_layers)],
             final_hidden=final,
-            logits=self.output_logits(final[-1]),
+            logits=self.output_logits(final[-1], release_vocabulary),
             frozen=frozen,
         )
 
