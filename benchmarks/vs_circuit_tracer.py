@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--sweep-nodes", default="512,2048,8192,all",
                         help="max_feature_nodes values for the sweep on --sweep-prompt ('' skips the sweep)")
     parser.add_argument("--sweep-prompt", default="medium", choices=list(PROMPTS))
+    parser.add_argument("--update", action="store_true",
+                        help="replace the measured rows in the last results file and keep the others")
     parser.add_argument("--report", action="store_true",
                         help="print the table and redraw the plot from the last results file, running nothing")
     parser.add_argument("--plot", default=str(ROOT.parent / "docs" / "vs_circuit_tracer.png"),
@@ -259,17 +261,23 @@ def main() -> None:
     settings = settings_for(args.max_feature_nodes)
     out = ROOT / "results" / "vs_circuit_tracer.json"
     out.parent.mkdir(exist_ok=True)
-    results = []
+    results = json.loads(out.read_text())["results"] if args.update and out.exists() else []
 
     def record(row: dict) -> None:  # each row is kept as soon as it is measured
-        results.append(row)
+        same = [i for i, r in enumerate(results) if (r["kind"], r["prompt"], r["max_feature_nodes"])
+                == (row["kind"], row["prompt"], row["max_feature_nodes"])]
+        if same:
+            results[same[0]] = row
+        else:
+            results.append(row)
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
 
     for name in args.prompts.split(","):
         record({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
     for nodes in filter(None, args.sweep_nodes.split(",")):
-        done = [r for r in results if r["prompt"] == args.sweep_prompt and r["max_feature_nodes"] == settings_for(nodes)["max_feature_nodes"]]
+        done = [r for r in results if r["kind"] == "length" and r["prompt"] == args.sweep_prompt
+                and r["max_feature_nodes"] == settings_for(nodes)["max_feature_nodes"]]
         row = dict(done[0]) if done else run_pair(args.sweep_prompt, PROMPTS[args.sweep_prompt], settings_for(nodes))
         row["kind"] = "nodes"
         record(row)
