@@ -35,6 +35,15 @@ def embedding_scale(hf_model) -> float:
     return float(out @ row / (row @ row))
 
 
+def peak_rss() -> float:
+    """Peak RSS of this process image in MiB (``VmHWM``: ``ru_maxrss`` would carry the parent's
+    peak across ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     model_dir, transcoder_dir, out, settings, prompt = sys.argv[1:6]
     settings = json.loads(settings)
@@ -53,7 +62,7 @@ def main() -> None:
                       desired_logit_prob=settings["desired_logit_prob"], batch_size=settings["batch_size"],
                       max_feature_nodes=settings.get("max_feature_nodes"))
     seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring and saving
+    peak_rss_mb = peak_rss()  # before scoring and saving
     replacement, completeness = compute_graph_scores(graph)
     torch.save({"adjacency": graph.adjacency_matrix, "active_features": graph.active_features,
                 "selected_features": graph.selected_features, "input_tokens": graph.input_tokens,

@@ -273,7 +273,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
 
-    for name in args.prompts.split(","):
+    for name in filter(None, args.prompts.split(",")):
         record({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
     for nodes in filter(None, args.sweep_nodes.split(",")):
         done = [r for r in results if r["kind"] == "length" and r["prompt"] == args.sweep_prompt

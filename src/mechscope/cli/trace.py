@@ -23,6 +23,16 @@ __all__ = ["trace"]
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image in MiB: ``VmHWM`` where ``/proc`` has it, since
+    Linux carries ``ru_maxrss`` across ``exec`` (a child started by a large parent would report the
+    parent's peak); ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
