@@ -37,7 +37,8 @@ def embedding_scale(hf_model) -> float:
 
 def peak_rss() -> float:
     """Peak RSS of this process image in MiB (``VmHWM``: ``ru_maxrss`` would carry the parent's
-    peak across ``exec``)."""
+    peak across ``exec``); ``mechscope.memory.peak_rss_mb`` measures the same, but mechscope is not
+    installed in circuit-tracer's virtualenv."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

@@ -20,7 +20,7 @@ import ctypes.util
 import functools
 import mmap
 
-__all__ = ["release_free_memory", "release_pages"]
+__all__ = ["release_free_memory", "release_pages", "peak_rss_mb"]
 
 _MADV_PAGEOUT = 21  # linux/mman.h
 _PAGE = mmap.PAGESIZE
@@ -62,3 +62,19 @@ def release_pages(tensor) -> int:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return end - start if madvise(start, end - start, _MADV_PAGEOUT) == 0 else 0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image in MiB: ``VmHWM`` where ``/proc`` has it, since
+    Linux carries ``ru_maxrss`` across ``exec`` (a child started by a large parent would report the
+    parent's peak); ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

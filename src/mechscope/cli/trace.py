@@ -8,7 +8,6 @@ each file is written atomically, so a failed run leaves no partial output.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -18,22 +17,9 @@ import click
 from mechscope.attribution.attribute import AttributionConfig
 from mechscope.cli.options import CountOrAll, default_of
 from mechscope.errors import BadInputError
+from mechscope.memory import peak_rss_mb
 
 __all__ = ["trace"]
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process image in MiB: ``VmHWM`` where ``/proc`` has it, since
-    Linux carries ``ru_maxrss`` across ``exec`` (a child started by a large parent would report the
-    parent's peak); ``ru_maxrss`` elsewhere."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 @click.command()
@@ -128,7 +114,7 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
         "completeness_score": completeness_score,
         "seconds": time.perf_counter() - started,
         "attribution_seconds": attribution_seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if as_json:
         click.echo(json.dumps(summary))

@@ -100,12 +100,12 @@ def to_neuronpedia(
     nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities) for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
     kept_set = set(kept)
-    links = []
-    for start in range(0, n, 1024):  # row blocks: no N x N boolean copies
-        block = graph.adjacency[start : start + 1024]
+    links, block_rows = [], 1024  # row blocks: no N x N boolean copies
+    for start in range(0, n, block_rows):
+        block = graph.adjacency[start : start + block_rows]
         mask = block != 0
         if edge_mask is not None:
-            mask &= edge_mask[start : start + 1024]
+            mask &= edge_mask[start : start + block_rows]
         targets, sources = mask.nonzero(as_tuple=True)
         weights = block[targets, sources].tolist()
         links += [

@@ -107,10 +107,14 @@ def partial_influences(
 _BLOCK_ROWS = 1024  # rows of |A| materialised at a time by the blocked products below
 
 
+def _row_blocks(n_rows: int) -> list[slice]:
+    """Consecutive slices of at most ``_BLOCK_ROWS`` rows covering ``n_rows``."""
+    return [slice(start, min(start + _BLOCK_ROWS, n_rows)) for start in range(0, n_rows, _BLOCK_ROWS)]
+
+
 def _abs_blocks(A: torch.Tensor):
     """``(rows, |A[rows]|)`` for consecutive blocks of rows: at most ``_BLOCK_ROWS x N`` extra floats."""
-    for start in range(0, A.shape[0], _BLOCK_ROWS):
-        rows = slice(start, min(start + _BLOCK_ROWS, A.shape[0]))
+    for rows in _row_blocks(A.shape[0]):
         yield rows, A[rows].abs()
 
 
@@ -135,8 +139,7 @@ def _normalized_influence(A: torch.Tensor, weights: torch.Tensor, row_scale: tor
     for _ in range(max_iter):
         scaled = current * row_scale
         current = torch.zeros(A.shape[1])
-        for start in range(0, A.shape[0], _BLOCK_ROWS):
-            rows = slice(start, min(start + _BLOCK_ROWS, A.shape[0]))
+        for rows in _row_blocks(A.shape[0]):
             if scaled[rows].any():  # a DAG's terms are non-zero on fewer rows at each step
                 current += scaled[rows] @ A[rows].abs()
         if columns is not None:
