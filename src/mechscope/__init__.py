@@ -43,8 +43,8 @@ _API = {
     "save_graph": "mechscope.graph.io",
     "load_graph": "mechscope.graph.io",
     "to_neuronpedia": "mechscope.export.neuronpedia",
-    "validate_neuronpedia": "mechscope.export.neuronpedia",
-    "read_neuronpedia": "mechscope.export.neuronpedia",
+    "validate_neuronpedia": "mechscope.export.schema",
+    "read_neuronpedia": "mechscope.export.schema",
     "FeatureTarget": "mechscope.interventions.records",
     "ErrorTarget": "mechscope.interventions.records",
     "SupernodeTarget": "mechscope.interventions.records",
@@ -56,6 +56,8 @@ _API = {
     "probe_feature": "mechscope.features.probe",
     "DreamConfig": "mechscope.features.dream",
     "dream_feature": "mechscope.features.dream",
+    "ServeConfig": "mechscope.server.config",
+    "create_app": "mechscope.server.app",
     "MechscopeError": "mechscope.errors",
 }
 

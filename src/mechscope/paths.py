@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     ``path``, so readers never see a half-written file and a crash leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")  # one per writing thread
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -38,6 +38,7 @@ def _register() -> None:
     from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
     from mechscope.cli.probe import probe
+    from mechscope.cli.serve import serve
     from mechscope.cli.supernodes import supernodes
     from mechscope.cli.trace import trace
     from mechscope.cli.train import train
@@ -51,6 +52,7 @@ def _register() -> None:
     cli.add_command(probe)
     cli.add_command(dense)
     cli.add_command(dream)
+    cli.add_command(serve)
 
 
 _register()

@@ -11,17 +11,13 @@ of Neuronpedia's ``graph-schema.json``). Node ids follow DESIGN.md: feature
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from importlib import resources
-from pathlib import Path
 
-from mechscope.errors import BadInputError
+from mechscope.export.schema import read_neuronpedia, validate_neuronpedia, write_neuronpedia
 from mechscope.graph.graph import Graph, NodeKind
 from mechscope.graph.prune import PruneResult
 from mechscope.node_ids import cantor_pair
-from mechscope.paths import atomic_write_text
 
 __all__ = ["to_neuronpedia", "write_neuronpedia", "read_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
 
@@ -145,51 +141,3 @@ def to_neuronpedia(
         "nodes": nodes,
         "links": links,
     }
-
-
-def _schema() -> dict:
-    text = resources.files("mechscope.export").joinpath("neuronpedia-graph-schema.json").read_text()
-    return json.loads(text)
-
-
-def validate_neuronpedia(data: dict) -> None:
-    """Validate exchange JSON against the schema, plus link endpoints naming existing nodes.
-
-    Raises:
-        BadInputError: naming the first violation.
-    """
-    import jsonschema
-
-    try:
-        jsonschema.validate(data, _schema())
-    except jsonschema.ValidationError as e:
-        path = "/".join(str(p) for p in e.absolute_path)
-        raise BadInputError(f"graph JSON does not match the schema at {path or '<root>'}: {e.message}") from e
-    ids = {node["node_id"] for node in data["nodes"]}
-    for link in data["links"]:
-        if link["source"] not in ids or link["target"] not in ids:
-            raise BadInputError(f"link {link} names a node that is not in the graph")
-
-
-def write_neuronpedia(data: dict, path: str | Path) -> Path:
-    """Validate, then write atomically."""
-    validate_neuronpedia(data)
-    atomic_write_text(path, json.dumps(data))
-    return Path(path)
-
-
-def read_neuronpedia(path: str | Path) -> dict:
-    """Read and validate an exchange JSON file.
-
-    Raises:
-        BadInputError: the file is missing, not JSON, or does not match the schema.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"graph file {str(path)!r} does not exist; give the .json that `mechscope trace` wrote")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"graph file {str(path)!r} is not valid JSON: {e}") from e
-    validate_neuronpedia(data)
-    return data

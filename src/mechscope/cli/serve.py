@@ -1,0 +1,45 @@
+"""``mechscope serve [DIR]``: the graph explorer in a browser, on 127.0.0.1 by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mechscope.cli.options import default_of
+from mechscope.errors import MechscopeError
+from mechscope.server.config import ServeConfig
+
+__all__ = ["serve"]
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path),
+                default=default_of(ServeConfig, "directory"))
+@click.option("--host", default=default_of(ServeConfig, "host"), show_default=True,
+              help="Interface to bind. Anything but a loopback address exposes the graphs (and saving them) "
+                   "to every machine that can reach this one.")
+@click.option("--port", type=int, default=default_of(ServeConfig, "port"), show_default=True)
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Feature store for the node cards (default: each graph's transcoder set's store, "
+                   "if `mechscope features build` made one).")
+@click.option("--max-body-mb", type=float, default=default_of(ServeConfig, "max_body_mb"), show_default=True,
+              help="Largest graph a save may send, in MiB.")
+def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb: float) -> None:
+    """Explore the attribution graphs in DIRECTORY (default ./graphs) in a browser."""
+    config = ServeConfig(directory, host, port, max_body_mb, store)
+    try:
+        import uvicorn
+
+        from mechscope.server.app import create_app
+    except ImportError as e:
+        raise MechscopeError(f"mechscope serve needs the server extra ({e.name} is missing): "
+                             "pip install 'mechscope[server]'") from e
+    app = create_app(config)
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    click.echo(f"mechscope explorer: {where} ({len(app.state.graphs.names())} graphs in {directory}); "
+               "Ctrl-C stops it")
+    if not config.loopback:
+        click.echo(f"warning: bound to {host}, not loopback: anyone who reaches this port can read and save "
+                   "these graphs", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,136 @@
+"""The served graph directory: names resolved strictly inside it, listing, and validated saves.
+
+A graph name is a relative POSIX path such as ``dallas.json`` or ``runs/a.json`` (the URL path after
+``/api/graphs/``, already percent-decoded by the server). Absolute names, ``..``, backslashes, NUL,
+hidden components and symlinks that resolve outside the directory are refused, so the explorer can
+never read or write another file of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from mechscope.errors import BadInputError
+from mechscope.export.schema import validate_neuronpedia, write_neuronpedia
+
+__all__ = ["GraphDirectory", "GraphEntry", "UnsafePathError", "GraphNotFoundError"]
+
+
+class UnsafePathError(BadInputError):
+    """A graph name that would leave the served directory (HTTP 403)."""
+
+    http_status = 403
+
+
+class GraphNotFoundError(BadInputError):
+    """A graph name inside the directory that names no graph file (HTTP 404)."""
+
+    http_status = 404
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of the listing (``bytes``: file size; counts read from the JSON)."""
+
+    name: str
+    prompt: str
+    slug: str
+    scan: str
+    n_nodes: int
+    n_links: int
+    n_supernodes: int
+    bytes: int
+
+
+class GraphDirectory:
+    """Graph JSON files under ``root`` (searched recursively, symlinks out of ``root`` skipped).
+
+    Raises:
+        BadInputError: ``root`` is not a directory.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise BadInputError(f"graph directory {str(root)!r} does not exist; `mechscope trace` writes graphs "
+                                "to ./graphs, or give the directory that holds your graph .json files")
+        self._listing_cache: dict[Path, tuple[tuple[int, int], GraphEntry | None]] = {}
+        self._write_lock = threading.Lock()
+
+    def resolve(self, name: str) -> Path:
+        """The file of graph ``name``.
+
+        Raises:
+            UnsafePathError: ``name`` is absolute, has ``..``, a backslash, NUL, a hidden component,
+                does not end in ``.json``, or resolves (through symlinks) outside the directory.
+            GraphNotFoundError: no such file.
+        """
+        pure = PurePosixPath(name)
+        if (not name or pure.is_absolute() or "\\" in name or "\x00" in name or name.startswith("~")
+                or any(part in ("..", ".") or part.startswith(".") for part in name.split("/"))):
+            raise UnsafePathError(f"graph name {name!r} is not a plain relative path inside the served directory")
+        if pure.suffix != ".json":
+            raise UnsafePathError(f"graph name {name!r} does not end in .json; only graph JSON files are served")
+        path = (self.root / pure).resolve()
+        if not path.is_relative_to(self.root):
+            raise UnsafePathError(f"graph name {name!r} resolves outside the served directory")
+        if not path.is_file():
+            raise GraphNotFoundError(f"no graph {name!r} in the served directory; GET /api/graphs lists them")
+        return path
+
+    def names(self) -> list[str]:
+        """Relative names of every servable ``*.json`` under the directory, sorted."""
+        names = []
+        for path in self.root.rglob("*.json"):
+            name = path.relative_to(self.root).as_posix()
+            try:
+                self.resolve(name)
+            except BadInputError:
+                continue
+            names.append(name)
+        return sorted(names)
+
+    def entries(self) -> list[GraphEntry]:
+        """The listing: one :class:`GraphEntry` per graph (files that are not graph JSON are left out).
+        Each file is parsed once per change of its size or modification time."""
+        entries = []
+        for name in self.names():
+            path = self.root / name
+            stat = path.stat()
+            key = (stat.st_mtime_ns, stat.st_size)
+            cached = self._listing_cache.get(path)
+            if cached is None or cached[0] != key:
+                entry = _entry(name, path, stat.st_size)
+                cached = (key, entry)
+                self._listing_cache[path] = cached
+            if cached[1] is not None:
+                entries.append(cached[1])
+        return entries
+
+    def save(self, name: str, data: dict) -> Path:
+        """Overwrite the existing graph ``name`` with ``data`` after validating it against the schema,
+        atomically (temporary file, then rename); saves are serialised.
+
+        Raises:
+            UnsafePathError, GraphNotFoundError: as :meth:`resolve` (saving never creates files).
+            BadInputError: ``data`` is not a valid graph; the file is left untouched.
+        """
+        path = self.resolve(name)
+        validate_neuronpedia(data)
+        with self._write_lock:
+            return write_neuronpedia(data, path)
+
+
+def _entry(name: str, path: Path, size: int) -> GraphEntry | None:
+    try:
+        data = json.loads(path.read_bytes())
+        validate_neuronpedia(data)
+    except (ValueError, BadInputError):
+        return None
+    meta = data["metadata"]
+    return GraphEntry(name, meta["prompt"], meta["slug"], meta["scan"], len(data["nodes"]), len(data["links"]),
+                      len(data["qParams"].get("supernodes", [])), size)
