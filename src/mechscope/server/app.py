@@ -170,8 +170,8 @@ def create_app(config: ServeConfig) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     hosts = LOOPBACK_NAMES if config.loopback else ["*"]
-    middleware = [Middleware(_BodyLimitAndHeaders, limit=config.max_body_bytes),
-                  Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts),  # outermost: before any body is read
+                  Middleware(_BodyLimitAndHeaders, limit=config.max_body_bytes)]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.graphs, app.state.cards = graphs, cards
     return app

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mechscope.errors import BadInputError
-from mechscope.export.schema import validate_neuronpedia, write_neuronpedia
+from mechscope.export.schema import validate_neuronpedia
+from mechscope.paths import atomic_write_text
 
 __all__ = ["GraphDirectory", "GraphEntry", "UnsafePathError", "GraphNotFoundError"]
 
@@ -121,8 +122,10 @@ class GraphDirectory:
         """
         path = self.resolve(name)
         validate_neuronpedia(data)
+        text = json.dumps(data)
         with self._write_lock:
-            return write_neuronpedia(data, path)
+            atomic_write_text(path, text)
+        return path
 
 
 def _entry(name: str, path: Path, size: int) -> GraphEntry | None:

@@ -30,6 +30,8 @@ const state = {
   supernodes: [], // [label, ...node_ids]
   focus: null, // hovered node id
   clicked: null, // last clicked node id
+  shownEdges: [], // edges drawn, strongest first
+  maxAbs: 1, // largest |weight| among the visible edges
   dirty: false,
   cards: new Map(), // "scan/layer/feature" -> Promise of card JSON
 };
@@ -230,6 +232,7 @@ function render() {
   canvas.height = height * ratio;
   canvas.style.width = `${width}px`;
   canvas.style.height = `${height}px`;
+  selectEdges();
   drawEdges();
 }
 
@@ -260,24 +263,26 @@ function nodeElement(node, colour) {
   return g;
 }
 
+// The edges among visible nodes, strongest first, capped at MAX_EDGES; recomputed when the visible set changes.
+function selectEdges() {
+  const shown = state.graph.links.filter((l) => state.visible.has(l.source) && state.visible.has(l.target));
+  state.maxAbs = shown.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
+  state.shownEdges = shown.length > MAX_EDGES
+    ? shown.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES) : shown;
+}
+
 function drawEdges() {
   const canvas = $("edge-canvas");
   const ctx = canvas.getContext("2d");
   const ratio = window.devicePixelRatio || 1;
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const shown = state.graph.links.filter((l) => state.visible.has(l.source) && state.visible.has(l.target));
-  const maxAbs = shown.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
   const focus = state.focus || state.clicked;
-  let strongest = shown;
-  if (shown.length > MAX_EDGES) {
-    strongest = [...shown].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
-  }
   const draw = (links, fade) => {
     for (const link of links) {
       const a = state.pos.get(link.source);
       const b = state.pos.get(link.target);
-      const strength = Math.abs(link.weight) / maxAbs;
+      const strength = Math.abs(link.weight) / state.maxAbs;
       ctx.strokeStyle = link.weight > 0 ? "#2563b0" : "#d4461b";
       ctx.globalAlpha = fade ? 0.06 : 0.15 + 0.75 * Math.sqrt(strength);
       ctx.lineWidth = 0.4 + 3.6 * strength;
@@ -288,7 +293,7 @@ function drawEdges() {
     }
   };
   const touching = focus ? state.edgesOf.get(focus).filter((l) => state.visible.has(l.source) && state.visible.has(l.target)) : [];
-  draw(strongest, focus !== null);
+  draw(state.shownEdges, focus !== null);
   draw(touching, false);
   ctx.globalAlpha = 1;
   const neighbours = new Set(touching.flatMap((l) => [l.source, l.target]));
@@ -587,6 +592,12 @@ function bindControls() {
     render();
   });
   $("show-errors").addEventListener("change", render);
+  $("graph-svg").addEventListener("click", (e) => {
+    if (e.target === e.currentTarget && state.clicked) { // a click on the background clears the focus
+      state.clicked = null;
+      drawEdges();
+    }
+  });
   $("supernode-label").addEventListener("input", () => {
     $("make-supernode").disabled = !(state.selected.size && $("supernode-label").value.trim());
   });
