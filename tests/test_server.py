@@ -206,6 +206,45 @@ def test_saves_need_json_an_existing_file_and_the_same_origin(served):
     assert (root / "texas.json").read_bytes() == before
 
 
+def test_saves_refuse_what_cannot_be_read_back_and_keep_the_file_mode(served):
+    server, root, _ = served
+    path = root / "texas.json"
+    path.chmod(0o640)
+    before = path.read_bytes()
+    valid = json.dumps(make_graph_json()).encode()
+    headers = {"Content-Type": "application/json"}
+    status, _, reply = server.request("PUT", "/api/graphs/texas.json", valid.replace(b'"influence": 0.1,', b'"influence": NaN,'), headers)
+    assert status == 400 and b"NaN is not JSON" in reply
+    assert server.request("PUT", "/api/graphs/texas.json", b"[" * 100_000 + b"]" * 100_000, headers)[0] == 400
+    deep_body = valid.replace(b'"info": {', b'"info": {"deep": ' + b"[" * 5000 + b"]" * 5000 + b", ", 1)
+    assert server.request("PUT", "/api/graphs/texas.json", deep_body, headers)[0] in (400, 422)
+    surrogate = make_graph_json()
+    surrogate["metadata"]["prompt"] = "\ud800"
+    status, reply = server.put_json("/api/graphs/texas.json", surrogate)
+    assert status == 422 and "cannot be saved" in reply["error"]
+    for origin in ("https://127.0.0.1:%d" % server.port, "null", "file://"):
+        assert server.put_json("/api/graphs/texas.json", make_graph_json(), {"Origin": origin})[0] == 403
+    assert path.read_bytes() == before and server.request("GET", "/api/graphs")[0] == 200
+    status, reply = server.put_json("/api/graphs/texas.json", make_graph_json("texas é"))
+    assert status == 200 and path.stat().st_mode & 0o777 == 0o640
+    assert len(path.read_bytes()) <= len(json.dumps(make_graph_json("texas é"), ensure_ascii=False).encode())
+
+
+def test_odd_names_and_broken_files_give_clear_errors(served):
+    server, root, tmp = served
+    (root / "loop").symlink_to(root / "loop")
+    (root / "loop.json").symlink_to(root / "loop.json")
+    assert [g["name"] for g in json.loads(server.request("GET", "/api/graphs")[2])["graphs"]] == \
+        ["runs/again.json", "texas.json"]
+    for path in ("/api/graphs/loop.json", "/api/graphs/loop/x.json", "/api/graphs/" + "a" * 300 + ".json",
+                 "/api/graphs/texas.json/", "/api/graphs/runs//again.json"):
+        status, _, body = server.request("GET", path)
+        assert status in (403, 404) and json.loads(body)["error"], path
+    (tmp / "store.sqlite").write_bytes(b"not sqlite at all" * 100)
+    status, _, body = server.request("GET", f"/api/features/1/7?scan={SCAN}")
+    assert status == 500 and "not a mechscope feature store" in json.loads(body)["error"]
+
+
 def test_request_bodies_over_the_limit_are_refused(tmp_path):
     root = tmp_path / "graphs"
     root.mkdir()

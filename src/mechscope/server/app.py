@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +35,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mechscope.errors import BadInputError
+from mechscope.errors import BadInputError, MechscopeError
 from mechscope.server.cards import FeatureCards, NoStoreError
 from mechscope.server.config import ServeConfig
 from mechscope.server.files import GraphDirectory
@@ -104,10 +103,15 @@ def _too_large(limit: int) -> Response:
                                   "(mechscope serve --max-body-mb)"}, status_code=413)
 
 
-def _error(e: BadInputError) -> JSONResponse:
-    """403 for unsafe names, 404 for missing graphs, stores and features, 422 for invalid graphs."""
+def _error(e: MechscopeError) -> JSONResponse:
+    """403 for unsafe names, 404 for missing graphs, stores and features, 422 for other bad input
+    (an invalid graph), 500 for a broken file on the server's side (a corrupt feature store)."""
     body = {"error": str(e)} | ({"no_store": True} if isinstance(e, NoStoreError) else {})
-    return JSONResponse(body, status_code=getattr(e, "http_status", 422))
+    return JSONResponse(body, status_code=getattr(e, "http_status", 422 if isinstance(e, BadInputError) else 500))
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON (browsers cannot read it back)")
 
 
 def create_app(config: ServeConfig) -> Starlette:
@@ -135,15 +139,15 @@ def create_app(config: ServeConfig) -> Starlette:
 
     async def save_graph(request: Request) -> Response:
         origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
             return JSONResponse({"error": f"cross-origin save from {origin!r} refused"}, status_code=403)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"error": "save a graph with Content-Type: application/json"}, status_code=415)
         body = await request.body()
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return JSONResponse({"error": f"request body is not JSON: {e}"}, status_code=400)
+            data = json.loads(body, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as e:
+            return JSONResponse({"error": f"request body is not JSON: {e or 'nested too deeply'}"}, status_code=400)
         if not isinstance(data, dict):
             return JSONResponse({"error": "a graph is a JSON object"}, status_code=422)
         try:
@@ -157,7 +161,7 @@ def create_app(config: ServeConfig) -> Starlette:
         layer, feature = request.path_params["layer"], request.path_params["feature"]
         try:
             card = await run_in_threadpool(cards.card, scan, layer, feature)
-        except BadInputError as e:
+        except MechscopeError as e:
             return _error(e)
         return JSONResponse(card)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mechscope.errors import BadInputError
 from mechscope.export.schema import validate_neuronpedia
-from mechscope.paths import atomic_write_text
+from mechscope.paths import atomic_file
 
 __all__ = ["GraphDirectory", "GraphEntry", "UnsafePathError", "GraphNotFoundError"]
 
@@ -72,14 +73,18 @@ class GraphDirectory:
         """
         pure = PurePosixPath(name)
         if (not name or pure.is_absolute() or "\\" in name or "\x00" in name or name.startswith("~")
-                or any(part in ("..", ".") or part.startswith(".") for part in name.split("/"))):
+                or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))):
             raise UnsafePathError(f"graph name {name!r} is not a plain relative path inside the served directory")
         if pure.suffix != ".json":
             raise UnsafePathError(f"graph name {name!r} does not end in .json; only graph JSON files are served")
-        path = (self.root / pure).resolve()
-        if not path.is_relative_to(self.root):
-            raise UnsafePathError(f"graph name {name!r} resolves outside the served directory")
-        if not path.is_file():
+        try:
+            path = (self.root / pure).resolve()
+            if not path.is_relative_to(self.root):
+                raise UnsafePathError(f"graph name {name!r} resolves outside the served directory")
+            found = path.is_file()
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+            raise GraphNotFoundError(f"graph {name!r} cannot be opened: {e}") from e
+        if not found:
             raise GraphNotFoundError(f"no graph {name!r} in the served directory; GET /api/graphs lists them")
         return path
 
@@ -114,17 +119,25 @@ class GraphDirectory:
 
     def save(self, name: str, data: dict) -> Path:
         """Overwrite the existing graph ``name`` with ``data`` after validating it against the schema,
-        atomically (temporary file, then rename); saves are serialised.
+        atomically (temporary file with the old file's permissions, then rename); saves are
+        serialised. The file is compact UTF-8 JSON, so it is no larger than the request that sent it.
 
         Raises:
             UnsafePathError, GraphNotFoundError: as :meth:`resolve` (saving never creates files).
-            BadInputError: ``data`` is not a valid graph; the file is left untouched.
+            BadInputError: ``data`` is not a valid graph (or nests too deeply, or holds text that is
+                not Unicode, such as a lone surrogate); the file is left untouched.
         """
         path = self.resolve(name)
-        validate_neuronpedia(data)
-        text = json.dumps(data)
-        with self._write_lock:
-            atomic_write_text(path, text)
+        try:
+            validate_neuronpedia(data)
+            payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except RecursionError as e:
+            raise BadInputError("graph JSON nests too deeply to be a graph") from e
+        except (UnicodeEncodeError, ValueError) as e:
+            raise BadInputError(f"graph JSON holds a value that cannot be saved: {e}") from e
+        with self._write_lock, atomic_file(path) as tmp:
+            tmp.write_bytes(payload)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         return path
 
 
@@ -132,8 +145,13 @@ def _entry(name: str, path: Path, size: int) -> GraphEntry | None:
     try:
         data = json.loads(path.read_bytes())
         validate_neuronpedia(data)
-    except (ValueError, BadInputError):
+    except (ValueError, RecursionError, BadInputError):
         return None
     meta = data["metadata"]
-    return GraphEntry(name, meta["prompt"], meta["slug"], meta["scan"], len(data["nodes"]), len(data["links"]),
-                      len(data["qParams"].get("supernodes", [])), size)
+    entry = GraphEntry(name, meta["prompt"], meta["slug"], meta["scan"], len(data["nodes"]), len(data["links"]),
+                       len(data["qParams"].get("supernodes", [])), size)
+    try:
+        f"{entry.name}{entry.prompt}{entry.slug}{entry.scan}".encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (in the JSON or the file name): not listable as UTF-8
+        return None
+    return entry
