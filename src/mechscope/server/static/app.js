@@ -3,10 +3,10 @@
 // but this server's own files and API. Every text from a graph goes through textContent.
 
 const SVG = "http://www.w3.org/2000/svg";
-const ROW_HEIGHT = 44;
+const ROW_HEIGHT = { min: 22, max: 48 }; // rows fill the view's height within these bounds
 const NODE_SPACING = 15;
 const MIN_COLUMN = 72;
-const MARGIN = { left: 96, right: 24, top: 24, bottom: 96 };
+const MARGIN = { left: 96, right: 24, top: 20, bottom: 72 };
 const MAX_EDGES = 15000; // strongest edges drawn at once (all edges of the focused node are drawn)
 const SUPERNODE_COLOURS = ["#e11d48", "#7c3aed", "#0891b2", "#65a30d", "#c2410c", "#db2777", "#4f46e5", "#0d9488"];
 const KIND = {
@@ -24,6 +24,7 @@ const state = {
   pos: new Map(), // node_id -> {x, y} of the current layout
   visible: new Set(),
   nRows: 0,
+  rowHeight: ROW_HEIGHT.max,
   threshold: 1,
   pinned: [],
   selected: new Set(),
@@ -170,6 +171,8 @@ function computeVisible() {
 }
 
 function computeLayout() {
+  const available = $("graph-view").clientHeight - MARGIN.top - MARGIN.bottom;
+  state.rowHeight = Math.max(ROW_HEIGHT.min, Math.min(ROW_HEIGHT.max, available / state.nRows));
   const nPos = state.graph.metadata.prompt_tokens.length;
   const cells = new Map(); // "pos,row" -> nodes
   for (const id of state.visible) {
@@ -194,11 +197,11 @@ function computeLayout() {
       state.pos.set(node.node_id, { x: starts[pos] + step * (i + 0.5), y: yOfRow(row) });
     });
   }
-  return { starts, widths, width: starts[nPos] + MARGIN.right, height: yOfRow(-1) + MARGIN.bottom - ROW_HEIGHT / 2 };
+  return { starts, widths, width: starts[nPos] + MARGIN.right, height: yOfRow(0) + state.rowHeight / 2 + MARGIN.bottom };
 }
 
 function yOfRow(row) {
-  return MARGIN.top + (state.nRows - 1 - row) * ROW_HEIGHT + ROW_HEIGHT / 2;
+  return MARGIN.top + (state.nRows - 1 - row) * state.rowHeight + state.rowHeight / 2;
 }
 
 // ------------------------------------------------------------------------------------ drawing
@@ -217,7 +220,7 @@ function render() {
   }
   state.graph.metadata.prompt_tokens.forEach((token, pos) => {
     const x = starts[pos] + widths[pos] / 2;
-    const y = yOfRow(0) + 28;
+    const y = yOfRow(0) + state.rowHeight / 2 + 14;
     const text = el("svg:text", { x, y, class: "axis-token", "text-anchor": "end", transform: `rotate(-35 ${x} ${y})` },
       token.replace(/\n/g, "⏎"));
     svg.append(text);
