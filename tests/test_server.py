@@ -276,7 +276,7 @@ def test_only_loopback_host_names_are_answered(served):
 
 def test_pages_and_assets_carry_a_strict_content_security_policy(served):
     server, _, _ = served
-    for path in ("/", "/static/app.js", "/static/style.css", "/api/graphs"):
+    for path in ("/", "/static/app.js", "/static/graph-view.js", "/static/style.css", "/api/graphs"):
         status, headers, body = server.request("GET", path)
         assert status == 200, path
         assert "default-src 'self'" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
@@ -287,7 +287,7 @@ def test_shipped_assets_load_nothing_from_the_network():
     import re
 
     names = sorted(p.name for p in STATIC_DIR.iterdir())
-    assert names == ["app.js", "index.html", "style.css"]
+    assert names == ["app.js", "card.js", "common.js", "graph-view.js", "index.html", "style.css", "subgraph.js"]
     for path in STATIC_DIR.iterdir():
         text = path.read_text()
         urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", text))

@@ -1,0 +1,97 @@
+// mechscope graph explorer: the node card (graph fields, label editor, feature store section).
+// Plain JavaScript, no dependencies; every text from a graph goes through textContent.
+
+import { $, el, featureOf, fmt, kindOf, markDirty, state } from "./common.js";
+
+export function showCard(id) {
+  const node = state.byId.get(id);
+  const kind = kindOf(node);
+  const card = $("node-card");
+  card.dataset.nodeId = id;
+  const token = state.graph.metadata.prompt_tokens[node.ctx_idx];
+  const title = node.clerp || (kind === "feature" ? `Feature ${featureOf(node).layer}/${featureOf(node).feature}` : id);
+  const facts = el("dl", { class: "card-facts" });
+  const fact = (k, v) => facts.append(el("dt", {}, k), el("dd", {}, String(v)));
+  fact("node", id);
+  fact("type", node.feature_type);
+  if (kind === "feature") fact("feature", `${featureOf(node).layer}/${featureOf(node).feature}`);
+  fact("layer", node.layer);
+  fact("token", `${node.ctx_idx}: ${JSON.stringify(token)}`);
+  if (kind === "feature") fact("activation", fmt(node.activation, 4));
+  if (kind === "logit") fact("probability", fmt(node.token_prob, 3));
+  fact("influence", fmt(node.influence));
+  fact("density", node.density !== undefined ? fmt(node.density) : "–");
+  const children = [el("p", { class: "card-title" }, title), facts];
+  if (kind === "feature") {
+    const input = el("input", { id: "label-input", type: "text", placeholder: "feature label", "aria-label": "feature label" });
+    input.value = node.clerp || "";
+    const button = el("button", { id: "label-save", type: "button" }, "Set label");
+    button.addEventListener("click", () => setLabel(node, input.value.trim()));
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") button.click(); });
+    const editor = el("div", { class: "label-editor" });
+    editor.append(input, button);
+    const store = el("div", { id: "card-store" }, "Loading the feature store…");
+    children.push(editor, store);
+    fillStoreSection(node, store);
+  } else if (kind === "error") {
+    children.push(el("p", { class: "hint" }, "What the transcoder at this layer and position fails to reconstruct of the MLP output."));
+  }
+  card.replaceChildren(...children);
+}
+
+function setLabel(node, label) {
+  const { layer, feature } = featureOf(node);
+  for (const other of state.graph.nodes) {
+    if (kindOf(other) === "feature" && featureOf(other).layer === layer && featureOf(other).feature === feature) {
+      other.clerp = label;
+    }
+  }
+  state.on.labelled();
+  showCard(node.node_id);
+  markDirty();
+}
+
+function cardFor(node) {
+  const { layer, feature } = featureOf(node);
+  const scan = state.graph.metadata.scan;
+  const key = `${scan}/${layer}/${feature}`;
+  if (!state.cards.has(key)) {
+    state.cards.set(key, fetch(`/api/features/${layer}/${feature}?scan=${encodeURIComponent(scan)}`)
+      .then(async (r) => ({ ok: r.ok, body: await r.json() })));
+  }
+  return state.cards.get(key);
+}
+
+async function fillStoreSection(node, box) {
+  const { ok, body } = await cardFor(node);
+  if ($("node-card").dataset.nodeId !== node.node_id) return; // another node took the card meanwhile
+  if (!ok) {
+    box.replaceChildren(el("p", { class: "card-placeholder" }, body.no_store
+      ? `No feature store yet, so no examples or logits: ${body.error}.` : body.error));
+    return;
+  }
+  const logits = el("div", { class: "logits" });
+  const list = (title, items, cls) => {
+    const col = el("div");
+    const ol = el("ol", { class: cls });
+    for (const [token, value] of items) ol.append(el("li", {}, `${JSON.stringify(token)} ${value >= 0 ? "+" : ""}${value.toFixed(3)}`));
+    col.append(el("h3", {}, title), ol);
+    return col;
+  };
+  logits.append(list("Top logits", body.top_logits, "up"), list("Bottom logits", body.bottom_logits, "down"));
+  const examples = el("div", { class: "examples" });
+  for (const example of body.examples) {
+    const line = el("div", { class: "example" });
+    example.tokens.forEach((token, i) => {
+      const act = example.acts[i] || 0;
+      const span = el("span", { class: "token" + (i === example.center ? " center" : ""), title: act.toFixed(3) }, token);
+      const alpha = body.max_value > 0 ? Math.max(0, Math.min(1, act / body.max_value)) : 0;
+      if (alpha > 0) span.style.background = `rgba(234, 88, 12, ${(0.85 * alpha).toFixed(3)})`;
+      line.append(span);
+    });
+    examples.append(line);
+  }
+  const density = el("p", { class: "hint" },
+    `density ${fmt(body.density)} (active on ${body.active} corpus tokens), max activation ${fmt(body.max_value)}`);
+  box.replaceChildren(density, logits, el("h3", {}, "Top activating examples"), examples);
+}

@@ -1,0 +1,81 @@
+// mechscope graph explorer: shared state and helpers.
+// Plain JavaScript, no dependencies; every text from a graph goes through textContent.
+
+const SVG = "http://www.w3.org/2000/svg";
+
+export const SUPERNODE_COLOURS = ["#e11d48", "#7c3aed", "#0891b2", "#65a30d", "#c2410c", "#db2777", "#4f46e5", "#0d9488"];
+
+export const KIND = {
+  "cross layer transcoder": "feature",
+  "mlp reconstruction error": "error",
+  "embedding": "embedding",
+  "logit": "logit",
+};
+
+export const state = {
+  name: null, // graph name (path inside the served directory)
+  graph: null,
+  byId: new Map(), // node_id -> node
+  edgesOf: new Map(), // node_id -> links touching it
+  pos: new Map(), // node_id -> {x, y} of the current layout
+  visible: new Set(),
+  nRows: 0,
+  rowHeight: 0, // px, set by the layout to fill the view
+  threshold: 1,
+  pinned: [],
+  selected: new Set(),
+  supernodes: [], // [label, ...node_ids]
+  focus: null, // hovered node id
+  clicked: null, // last clicked node id
+  shownEdges: [], // edges drawn, strongest first
+  maxAbs: 1, // largest |weight| among the visible edges
+  dirty: false,
+  cards: new Map(), // "scan/layer/feature" -> Promise of card JSON
+  on: {}, // what the page does when a node is hovered (focus), clicked (pin) or relabelled: set by app.js
+};
+
+export const $ = (id) => document.getElementById(id);
+
+export function el(tag, attrs = {}, text = null) {
+  const e = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== null) e.textContent = text;
+  return e;
+}
+
+export function setStatus(text, kind = "") {
+  const s = $("status");
+  s.textContent = text;
+  s.className = kind;
+}
+
+export function markDirty() {
+  state.dirty = true;
+  $("save").disabled = false;
+  setStatus("Unsaved changes", "dirty");
+}
+
+export function kindOf(node) {
+  return KIND[node.feature_type] || "feature";
+}
+
+export function isPrunable(node) {
+  const kind = kindOf(node);
+  return kind === "feature" || kind === "error";
+}
+
+export function rowOf(node) {
+  const kind = kindOf(node);
+  if (kind === "embedding") return 0;
+  if (kind === "logit") return state.nRows - 1;
+  return +node.layer + 1;
+}
+
+export function featureOf(node) {
+  const [layer, feature] = node.node_id.split("_");
+  return { layer: +layer, feature: +feature };
+}
+
+export function fmt(x, digits = 3) {
+  return x === null || x === undefined ? "–" : Number(x).toPrecision(digits);
+}

@@ -1,0 +1,173 @@
+// mechscope graph explorer: the graph view, nodes by layer (rows) and token position (columns).
+// Plain JavaScript, no dependencies; every text from a graph goes through textContent.
+
+import { $, el, isPrunable, kindOf, rowOf, state, SUPERNODE_COLOURS } from "./common.js";
+
+const ROW_HEIGHT = { min: 22, max: 48 }; // rows fill the view's height within these bounds
+
+const NODE_SPACING = 15;
+
+const MIN_COLUMN = 72;
+
+const MARGIN = { left: 96, right: 24, top: 20, bottom: 72 };
+
+const MAX_EDGES = 15000; // strongest edges drawn at once (all edges of the focused node are drawn)
+
+function computeVisible() {
+  const pinned = new Set(state.pinned);
+  const showErrors = $("show-errors").checked;
+  state.visible = new Set();
+  for (const node of state.graph.nodes) {
+    const kind = kindOf(node);
+    let show = !isPrunable(node) || node.influence === null || node.influence === undefined ||
+      node.influence <= state.threshold + 1e-9;
+    if (kind === "error" && !showErrors) show = false;
+    if (show || pinned.has(node.node_id)) state.visible.add(node.node_id);
+  }
+}
+
+function computeLayout() {
+  const available = $("graph-view").clientHeight - MARGIN.top - MARGIN.bottom;
+  state.rowHeight = Math.max(ROW_HEIGHT.min, Math.min(ROW_HEIGHT.max, available / state.nRows));
+  const nPos = state.graph.metadata.prompt_tokens.length;
+  const cells = new Map(); // "pos,row" -> nodes
+  for (const id of state.visible) {
+    const node = state.byId.get(id);
+    const key = `${node.ctx_idx},${rowOf(node)}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(node);
+  }
+  const widths = new Array(nPos).fill(MIN_COLUMN);
+  for (const [key, nodes] of cells) {
+    const pos = +key.split(",")[0];
+    widths[pos] = Math.max(widths[pos], nodes.length * NODE_SPACING + 12);
+  }
+  const starts = [MARGIN.left];
+  for (let i = 0; i < nPos; i++) starts.push(starts[i] + widths[i]);
+  state.pos = new Map();
+  for (const [key, nodes] of cells) {
+    const [pos, row] = key.split(",").map(Number);
+    nodes.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0) || (a.node_id < b.node_id ? -1 : 1));
+    const step = widths[pos] / nodes.length;
+    nodes.forEach((node, i) => {
+      state.pos.set(node.node_id, { x: starts[pos] + step * (i + 0.5), y: yOfRow(row) });
+    });
+  }
+  return { starts, widths, width: starts[nPos] + MARGIN.right, height: yOfRow(0) + state.rowHeight / 2 + MARGIN.bottom };
+}
+
+function yOfRow(row) {
+  return MARGIN.top + (state.nRows - 1 - row) * state.rowHeight + state.rowHeight / 2;
+}
+
+export function render() {
+  computeVisible();
+  const { starts, widths, width, height } = computeLayout();
+  const svg = $("graph-svg");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  svg.replaceChildren();
+  for (let row = 0; row < state.nRows; row++) {
+    const y = yOfRow(row);
+    svg.append(el("svg:line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y, y2: y, class: "row-line" }));
+    const name = row === 0 ? "Emb" : row === state.nRows - 1 ? "Logit" : `L${row - 1}`;
+    svg.append(el("svg:text", { x: 8, y: y + 4 }, name));
+  }
+  state.graph.metadata.prompt_tokens.forEach((token, pos) => {
+    const x = starts[pos] + widths[pos] / 2;
+    const y = yOfRow(0) + state.rowHeight / 2 + 14;
+    const text = el("svg:text", { x, y, class: "axis-token", "text-anchor": "end", transform: `rotate(-35 ${x} ${y})` },
+      token.replace(/\n/g, "⏎"));
+    svg.append(text);
+  });
+  const colourOf = supernodeColours();
+  for (const id of state.visible) svg.append(nodeElement(state.byId.get(id), colourOf.get(id)));
+  $("node-count").textContent = `${state.visible.size} of ${state.graph.nodes.length} nodes`;
+  $("influence-value").textContent = state.threshold.toFixed(2);
+  const canvas = $("edge-canvas");
+  const ratio = window.devicePixelRatio || 1;
+  canvas.width = width * ratio;
+  canvas.height = height * ratio;
+  canvas.style.width = `${width}px`;
+  canvas.style.height = `${height}px`;
+  selectEdges();
+  drawEdges();
+}
+
+function supernodeColours() {
+  const colours = new Map();
+  state.supernodes.forEach((entry, i) => {
+    for (const id of entry.slice(1)) colours.set(id, SUPERNODE_COLOURS[i % SUPERNODE_COLOURS.length]);
+  });
+  return colours;
+}
+
+function nodeElement(node, colour) {
+  const { x, y } = state.pos.get(node.node_id);
+  const kind = kindOf(node);
+  const g = el("svg:g", { class: `node ${kind}`, "data-node-id": node.node_id });
+  let shape;
+  if (kind === "feature") shape = el("svg:circle", { cx: x, cy: y, r: 5.5 });
+  else if (kind === "logit") shape = el("svg:rect", { x: x - 6, y: y - 6, width: 12, height: 12, rx: 2 });
+  else if (kind === "embedding") shape = el("svg:rect", { x: x - 6, y: y - 4, width: 12, height: 8 });
+  else shape = el("svg:polygon", { points: `${x},${y - 6} ${x + 6},${y} ${x},${y + 6} ${x - 6},${y}` });
+  shape.setAttribute("class", "shape");
+  if (colour) shape.style.fill = colour;
+  g.append(shape, el("svg:title", {}, node.clerp || node.node_id));
+  if (node.is_target_logit) g.classList.add("target");
+  g.addEventListener("mouseenter", () => state.on.focus(node.node_id));
+  g.addEventListener("mouseleave", () => state.on.focus(null));
+  g.addEventListener("click", () => state.on.pin(node.node_id));
+  return g;
+}
+
+// The edges among visible nodes, strongest first, capped at MAX_EDGES; recomputed when the visible set changes.
+function selectEdges() {
+  const shown = state.graph.links.filter((l) => state.visible.has(l.source) && state.visible.has(l.target));
+  state.maxAbs = shown.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
+  state.shownEdges = shown.length > MAX_EDGES
+    ? shown.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES) : shown;
+}
+
+export function drawEdges() {
+  const canvas = $("edge-canvas");
+  const ctx = canvas.getContext("2d");
+  const ratio = window.devicePixelRatio || 1;
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const focus = state.focus || state.clicked;
+  const draw = (links, fade) => {
+    for (const link of links) {
+      const a = state.pos.get(link.source);
+      const b = state.pos.get(link.target);
+      const strength = Math.abs(link.weight) / state.maxAbs;
+      ctx.strokeStyle = link.weight > 0 ? "#2563b0" : "#d4461b";
+      ctx.globalAlpha = fade ? 0.06 : 0.15 + 0.75 * Math.sqrt(strength);
+      ctx.lineWidth = 0.4 + 3.6 * strength;
+      ctx.beginPath();
+      ctx.moveTo(a.x, a.y);
+      ctx.lineTo(b.x, b.y);
+      ctx.stroke();
+    }
+  };
+  const touching = focus ? state.edgesOf.get(focus).filter((l) => state.visible.has(l.source) && state.visible.has(l.target)) : [];
+  draw(state.shownEdges, focus !== null);
+  draw(touching, false);
+  ctx.globalAlpha = 1;
+  const neighbours = new Set(touching.flatMap((l) => [l.source, l.target]));
+  for (const g of $("graph-svg").querySelectorAll(".node")) {
+    const id = g.dataset.nodeId;
+    g.classList.toggle("focus", id === focus);
+    g.classList.toggle("pinned", state.pinned.includes(id));
+    g.classList.toggle("selected", state.selected.has(id));
+    g.classList.toggle("dim", focus !== null && !neighbours.has(id) && id !== focus);
+  }
+}
+
+// Node tooltips follow label edits.
+export function refreshTitles() {
+  for (const g of $("graph-svg").querySelectorAll(".node")) {
+    const node = state.byId.get(g.dataset.nodeId);
+    g.querySelector("title").textContent = node.clerp || node.node_id;
+  }
+}
