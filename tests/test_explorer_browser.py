@@ -113,8 +113,11 @@ def test_explore_label_group_save_and_reload(explorer, page):
     from playwright.sync_api import expect
 
     base, root = explorer
-    page.goto(f"{base}/?graph=texas.json")
+    page.goto(base + "/")  # the listing: one link per graph
+    assert page.locator("#graph-list .graph-link").all_text_contents() == ["texas.json"]
+    page.click("#graph-list .graph-link")
     page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
+    assert page.url == f"{base}/?graph=texas.json"
     assert page.locator("#graph-svg .node").count() == len(make_graph_json()["nodes"])
     assert page.locator("#graph-svg .axis-token").all_text_contents() == PROMPT_TOKENS
 
