@@ -144,6 +144,13 @@ def test_explore_label_group_save_and_reload(explorer, page):
     assert alphas == pytest.approx([0, 0, 0.425, 0.85, 0, 0, 0, 0], abs=2e-3)
     assert "center" in tokens.nth(3).get_attribute("class")
     assert "density" in card.text_content()
+    # the card lists the node's strongest edges; choosing one moves the card there
+    assert card.locator(".edge-lists .inputs li").all_text_contents() == ["+1.20 Embedding ' Texas'"]
+    assert card.locator(".edge-lists .outputs li").all_text_contents() == ["+0.900 Texas (L1)", "+0.600 say a capital"]
+    card.locator('.edge-lists .outputs li[data-node-id="2_3_5"]').click()
+    assert card.get_attribute("data-node-id") == "2_3_5"
+    assert card.locator(".edge-lists .inputs li").all_text_contents() == [
+        "+1.10 Texas (L1)", "+0.600 Texas", "+0.300 1_9_2", "-0.200 error at layer 0"]
 
     # pruning slider: at 0.3 only nodes of influence <= 0.3 stay (embeddings and logits always)
     page.locator("#influence-slider").fill("0.3")

@@ -126,6 +126,11 @@ function download() {
 function bindControls() {
   state.on.focus = setFocus;
   state.on.pin = togglePin;
+  state.on.select = (id) => { // an edge list entry: focus that node without pinning it
+    state.clicked = id;
+    drawEdges();
+    showCard(id);
+  };
   state.on.labelled = () => {
     refreshTitles();
     renderPinned();

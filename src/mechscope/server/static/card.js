@@ -3,6 +3,8 @@
 
 import { $, el, featureOf, fmt, kindOf, markDirty, state } from "./common.js";
 
+const N_EDGES_LISTED = 6;
+
 export function showCard(id) {
   const node = state.byId.get(id);
   const kind = kindOf(node);
@@ -31,12 +33,41 @@ export function showCard(id) {
     const editor = el("div", { class: "label-editor" });
     editor.append(input, button);
     const store = el("div", { id: "card-store" }, "Loading the feature store…");
-    children.push(editor, store);
+    children.push(editor, edgeLists(id), store);
     fillStoreSection(node, store);
-  } else if (kind === "error") {
-    children.push(el("p", { class: "hint" }, "What the transcoder at this layer and position fails to reconstruct of the MLP output."));
+  } else {
+    if (kind === "error") {
+      children.push(el("p", { class: "hint" }, "What the transcoder at this layer and position fails to reconstruct of the MLP output."));
+    }
+    children.push(edgeLists(id));
   }
   card.replaceChildren(...children);
+}
+
+// The node's strongest incoming and outgoing edges in the graph (direct effects, by |weight|);
+// clicking one moves the card and the highlighted edges to that node.
+function edgeLists(id) {
+  const box = el("div", { class: "edge-lists" });
+  const column = (title, cls, links, other) => {
+    const col = el("div");
+    const ol = el("ol", { class: cls });
+    const strongest = [...links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, N_EDGES_LISTED);
+    for (const link of strongest) {
+      const peer = state.byId.get(link[other]);
+      const li = el("li", { "data-node-id": peer.node_id, title: `${peer.clerp || peer.node_id} (${peer.node_id}, weight ${link.weight})` });
+      const weight = el("span", { class: link.weight > 0 ? "up" : "down" }, `${link.weight > 0 ? "+" : ""}${fmt(link.weight)}`);
+      li.append(weight, ` ${peer.clerp || peer.node_id}`);
+      li.addEventListener("click", () => state.on.select(peer.node_id));
+      ol.append(li);
+    }
+    if (!strongest.length) ol.append(el("li", { class: "hint" }, "none"));
+    col.append(el("h3", {}, `${title} (${links.length})`), ol);
+    return col;
+  };
+  const links = state.edgesOf.get(id);
+  box.append(column("Inputs", "inputs", links.filter((l) => l.target === id), "source"),
+    column("Outputs", "outputs", links.filter((l) => l.source === id), "target"));
+  return box;
 }
 
 function setLabel(node, label) {

@@ -31,7 +31,7 @@ export const state = {
   maxAbs: 1, // largest |weight| among the visible edges
   dirty: false,
   cards: new Map(), // "scan/layer/feature" -> Promise of card JSON
-  on: {}, // what the page does when a node is hovered (focus), clicked (pin) or relabelled: set by app.js
+  on: {}, // what the page does when a node is hovered (focus), clicked (pin), chosen in a card (select) or relabelled: set by app.js
 };
 
 export const $ = (id) => document.getElementById(id);
