@@ -391,3 +391,57 @@ def test_the_server_never_imports_torch():
     code = ("import sys; import mechscope.server.app, mechscope.cli.serve; "
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_reads_during_saves_get_one_whole_version(served):
+    """A graph replaced while it is being sent: every reader gets the old or the new file, whole."""
+    server, root, _ = served
+    small, big = make_graph_json("texas"), make_graph_json("texas")
+    big["metadata"]["prompt"] = "x" * 2_000_000
+    versions = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in (small, big)]
+    (root / "texas.json").write_text(versions[0])
+    stop, seen, failures = threading.Event(), set(), []
+
+    def save_alternately():
+        i = 0
+        while not stop.is_set():
+            server.put_json("/api/graphs/texas.json", (small, big)[i % 2])
+            i += 1
+
+    def read():
+        for _ in range(30):
+            try:
+                status, _, body = server.request("GET", "/api/graphs/texas.json")
+                text = body.decode()
+                (seen.add(versions.index(text)) if status == 200 and text in versions else failures.append(status))
+            except (http.client.HTTPException, ConnectionError) as e:
+                failures.append(repr(e))
+
+    writer = threading.Thread(target=save_alternately)
+    writer.start()
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    writer.join()
+    assert failures == [] and seen == {0, 1}
+
+
+def test_aborted_reads_close_their_files(served):
+    server, root, _ = served
+    big = make_graph_json("texas")
+    big["metadata"]["prompt"] = "x" * 8_000_000  # several chunks
+    (root / "texas.json").write_text(json.dumps(big))
+    opened = lambda: sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(root / "texas.json")  # noqa: E731
+                         for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(b"GET /api/graphs/texas.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.close()  # hang up mid-body
+    deadline = time.monotonic() + 10
+    while opened() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened() == 0

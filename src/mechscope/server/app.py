@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -110,6 +110,24 @@ def _error(e: MechscopeError) -> JSONResponse:
     return JSONResponse(body, status_code=getattr(e, "http_status", 422 if isinstance(e, BadInputError) else 500))
 
 
+async def _file_snapshot(path: Path, chunk_bytes: int = 1 << 20) -> Response:
+    """Stream the file as it is when opened: a save renames a new file over ``path`` meanwhile, but the
+    open descriptor keeps reading the old one, so the reader gets one whole version (Starlette's
+    ``FileResponse`` takes the length from one file and may send the bytes of another)."""
+    handle = await run_in_threadpool(open, path, "rb")
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks():
+        try:
+            while chunk := await run_in_threadpool(handle.read, chunk_bytes):
+                yield chunk
+        finally:
+            handle.close()
+
+    return StreamingResponse(chunks(), media_type="application/json",
+                             headers={"content-length": str(size), "cache-control": "no-store"})
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON (browsers cannot read it back)")
 
@@ -135,7 +153,7 @@ def create_app(config: ServeConfig) -> Starlette:
             path = graphs.resolve(request.path_params["name"])
         except BadInputError as e:
             return _error(e)
-        return FileResponse(path, media_type="application/json", headers={"cache-control": "no-store"})
+        return await _file_snapshot(path)
 
     async def save_graph(request: Request) -> Response:
         origin = request.headers.get("origin")
