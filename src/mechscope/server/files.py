@@ -142,16 +142,17 @@ class GraphDirectory:
 
 
 def _entry(name: str, path: Path, size: int) -> GraphEntry | None:
+    """The listing entry of a file, or None when it is not a graph. Only the structure the listing
+    reads is checked (full schema validation of a large graph takes seconds; saves do it)."""
     try:
         data = json.loads(path.read_bytes())
-        validate_neuronpedia(data)
-    except (ValueError, RecursionError, BadInputError):
-        return None
-    meta = data["metadata"]
-    entry = GraphEntry(name, meta["prompt"], meta["slug"], meta["scan"], len(data["nodes"]), len(data["links"]),
-                       len(data["qParams"].get("supernodes", [])), size)
-    try:
-        f"{entry.name}{entry.prompt}{entry.slug}{entry.scan}".encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (in the JSON or the file name): not listable as UTF-8
+        meta, q = data["metadata"], data["qParams"]
+        entry = GraphEntry(name, meta["prompt"], meta["slug"], meta["scan"], len(data["nodes"]), len(data["links"]),
+                           len(q.get("supernodes", [])), size)
+        if not (all(isinstance(x, str) for x in (entry.prompt, entry.slug, entry.scan))
+                and isinstance(data["nodes"], list) and isinstance(data["links"], list)):
+            return None
+        f"{entry.name}{entry.prompt}{entry.slug}{entry.scan}".encode("utf-8")  # a lone surrogate: not listable
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # UnicodeError is a ValueError
         return None
     return entry

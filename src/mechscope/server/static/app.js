@@ -82,6 +82,7 @@ async function loadGraph(name) {
   setStatus(`${graph.nodes.length} nodes, ${graph.links.length} edges`);
   render();
   renderSubgraph();
+  $("graph-view").scrollLeft = $("graph-view").scrollWidth; // the last position, where the logits are
 }
 
 function setFocus(id) {

@@ -7,7 +7,8 @@ const ROW_HEIGHT = { min: 22, max: 48 }; // rows fill the view's height within t
 
 const NODE_SPACING = 15;
 
-const MIN_COLUMN = 72;
+const MIN_COLUMN = 30; // px; columns then widen to fill the view when the graph is narrower
+const MIN_SQUEEZE = 0.6; // a graph wider than the view is narrowed at most this much, then scrolls
 
 const MARGIN = { left: 96, right: 24, top: 20, bottom: 72 };
 
@@ -42,6 +43,11 @@ function computeLayout() {
     const pos = +key.split(",")[0];
     widths[pos] = Math.max(widths[pos], nodes.length * NODE_SPACING + 12);
   }
+  const room = $("graph-view").clientWidth - MARGIN.left - MARGIN.right;
+  const total = widths.reduce((a, b) => a + b, 0);
+  // widen to fill the view, or narrow (nodes closer, down to MIN_SQUEEZE of their spacing) to fit it
+  const scale = Math.max(MIN_SQUEEZE, room / total);
+  widths.forEach((w, i) => { widths[i] = w * scale; });
   const starts = [MARGIN.left];
   for (let i = 0; i < nPos; i++) starts.push(starts[i] + widths[i]);
   state.pos = new Map();
@@ -67,16 +73,21 @@ export function render() {
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
   svg.replaceChildren();
+  const labels = $("row-labels"); // layer names stay in view when the graph scrolls sideways
+  labels.replaceChildren();
+  labels.style.height = `${height}px`;
   for (let row = 0; row < state.nRows; row++) {
     const y = yOfRow(row);
     svg.append(el("svg:line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y, y2: y, class: "row-line" }));
     const name = row === 0 ? "Emb" : row === state.nRows - 1 ? "Logit" : `L${row - 1}`;
-    svg.append(el("svg:text", { x: 8, y: y + 4 }, name));
+    const label = el("div", { class: "row-label" }, name);
+    label.style.top = `${y - 8}px`; // CSSOM, not a style attribute: the page's CSP forbids inline styles
+    labels.append(label);
   }
   state.graph.metadata.prompt_tokens.forEach((token, pos) => {
     const x = starts[pos] + widths[pos] / 2;
     const y = yOfRow(0) + state.rowHeight / 2 + 14;
-    const text = el("svg:text", { x, y, class: "axis-token", "text-anchor": "end", transform: `rotate(-35 ${x} ${y})` },
+    const text = el("svg:text", { x, y, class: "axis-token", "text-anchor": "end", transform: `rotate(-45 ${x} ${y})` },
       token.replace(/\n/g, "⏎"));
     svg.append(text);
   });
