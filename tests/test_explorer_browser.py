@@ -157,7 +157,19 @@ def test_explore_label_group_save_and_reload(explorer, page):
     assert _node(page, "1_9_2").count() == 0 and _node(page, "2_4_5").count() == 0
     assert _node(page, "0_5_4").count() == 1 and _node(page, "E_100_0").count() == 1
     assert page.locator("#node-count").text_content() == "11 of 15 nodes"  # 6 embeddings, 3 features, 2 logits
+    page.fill("#node-search", "texas")  # search: labels, node ids, layer/feature
+    assert sorted(page.locator("#graph-svg .node.match").evaluate_all("gs => gs.map(g => g.dataset.nodeId)")) == \
+        ["0_5_4", "1_7_4", "E_104_4"]
+    page.fill("#node-search", "1_9_2")
+    assert page.locator("#search-count").text_content() == "0 found, 1 hidden by the slider"
     page.locator("#influence-slider").fill("0.75")
+    assert page.locator("#search-count").text_content() == "1 found"
+    assert _node(page, "1_9_2").get_attribute("class") == "node feature match"
+    page.fill("#node-search", "2/3")
+    page.press("#node-search", "Enter")
+    assert card.get_attribute("data-node-id") == "2_3_5"
+    page.keyboard.press("Escape")
+    assert page.locator("#graph-svg .node.match").count() == 0 and page.input_value("#node-search") == ""
 
     # pin two nodes, group them into a supernode, label a third, save
     _node(page, "0_5_4").click()

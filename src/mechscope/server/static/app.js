@@ -3,7 +3,7 @@
 // server's own files and API.
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, isPrunable, kindOf, setStatus, state } from "./common.js";
+import { $, el, isPrunable, kindOf, matchesQuery, setStatus, state } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, refreshTitles, render } from "./graph-view.js";
 import { makeSupernode, renderPinned, renderSubgraph, togglePin } from "./subgraph.js";
@@ -124,7 +124,31 @@ function download() {
   setTimeout(() => URL.revokeObjectURL(a.href), 1000);
 }
 
+// The search box marks matching nodes; Enter moves the card and the highlighted edges to the first
+// visible one. Escape clears the search and the focus.
+function search(query, go) {
+  query = query.trim().toLowerCase();
+  state.matches = new Set(query ? state.graph.nodes.filter((n) => matchesQuery(n, query)).map((n) => n.node_id) : []);
+  const shown = [...state.matches].filter((id) => state.visible.has(id));
+  const hidden = state.matches.size - shown.length;
+  $("search-count").textContent = query ? `${shown.length} found${hidden ? `, ${hidden} hidden by the slider` : ""}` : "";
+  if (go && shown.length) {
+    state.clicked = shown[0];
+    showCard(shown[0]);
+    document.querySelector(`#graph-svg .node[data-node-id="${CSS.escape(shown[0])}"]`).scrollIntoView({ block: "center", inline: "center" });
+  }
+  drawEdges();
+}
+
 function bindControls() {
+  $("node-search").addEventListener("input", (e) => search(e.target.value, false));
+  $("node-search").addEventListener("keydown", (e) => { if (e.key === "Enter") search(e.target.value, true); });
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape" || !state.graph) return;
+    $("node-search").value = "";
+    state.clicked = null;
+    search("", false);
+  });
   state.on.focus = setFocus;
   state.on.pin = togglePin;
   state.on.select = (id) => { // an edge list entry: focus that node without pinning it
@@ -139,6 +163,7 @@ function bindControls() {
   $("influence-slider").addEventListener("input", (e) => {
     state.threshold = +e.target.value;
     render();
+    search($("node-search").value, false);
   });
   $("show-errors").addEventListener("change", render);
   $("graph-svg").addEventListener("click", (e) => {

@@ -27,6 +27,7 @@ export const state = {
   supernodes: [], // [label, ...node_ids]
   focus: null, // hovered node id
   clicked: null, // last clicked node id
+  matches: new Set(), // node ids found by the search box
   shownEdges: [], // edges drawn, strongest first
   maxAbs: 1, // largest |weight| among the visible edges
   dirty: false,
@@ -74,6 +75,14 @@ export function rowOf(node) {
 export function featureOf(node) {
   const [layer, feature] = node.node_id.split("_");
   return { layer: +layer, feature: +feature };
+}
+
+// Whether a node answers a search: its label contains the text, or its id or "layer/feature" starts with it.
+export function matchesQuery(node, query) {
+  if ((node.clerp || "").toLowerCase().includes(query) || node.node_id.toLowerCase().startsWith(query)) return true;
+  if (kindOf(node) !== "feature") return false;
+  const { layer, feature } = featureOf(node);
+  return `${layer}/${feature}` === query;
 }
 
 export function fmt(x, digits = 3) {

@@ -171,6 +171,7 @@ export function drawEdges() {
     g.classList.toggle("focus", id === focus);
     g.classList.toggle("pinned", state.pinned.includes(id));
     g.classList.toggle("selected", state.selected.has(id));
+    g.classList.toggle("match", state.matches.has(id));
     g.classList.toggle("dim", focus !== null && !neighbours.has(id) && id !== focus);
   }
 }
