@@ -75,7 +75,9 @@ async function loadGraph(name) {
   slider.value = slider.max;
   state.threshold = +slider.value;
   $("prompt").textContent = graph.metadata.prompt;
-  $("prompt").title = graph.metadata.prompt;
+  const meta = graph.metadata;
+  $("prompt").title = `${meta.prompt}\nmodel ${meta.model_id || "?"}, transcoders ${meta.scan}` +
+    (meta.pruning_settings ? `, pruned at node ${meta.pruning_settings.node_threshold} / edge ${meta.pruning_settings.edge_threshold}` : "");
   $("controls").hidden = false;
   $("download").disabled = false;
   document.title = `${graph.metadata.slug} · mechscope`;
