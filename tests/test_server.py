@@ -351,11 +351,16 @@ def test_serve_config_and_cli_errors(tmp_path, capsys):
         ServeConfig(port=70000)
     with pytest.raises(BadInputError, match="max_body_mb 0"):
         ServeConfig(max_body_mb=0)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     for argv, message in ((["serve", str(tmp_path / "missing")], "does not exist"),
-                          (["serve", str(tmp_path), "--port", "0"], "port 0 is out of range")):
+                          (["serve", str(tmp_path), "--port", "0"], "port 0 is out of range"),
+                          (["serve", str(tmp_path), "--port", str(taken.getsockname()[1])], "in use; choose another")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+    taken.close()
 
 
 def test_serve_command_binds_loopback_and_serves(tmp_path):
@@ -445,3 +450,13 @@ def test_aborted_reads_close_their_files(served):
     while opened() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert opened() == 0
+
+
+def test_serve_without_the_server_extra_names_the_install_line(tmp_path, capsys, monkeypatch):
+    from mechscope.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install 'mechscope[server]'` had not run
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "uvicorn is missing" in err and "pip install 'mechscope[server]'" in err

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import click
 
 from mechscope.cli.options import default_of
-from mechscope.errors import MechscopeError
+from mechscope.errors import BadInputError, MechscopeError
 from mechscope.server.config import ServeConfig
 
 __all__ = ["serve"]
@@ -36,6 +37,7 @@ def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb
         raise MechscopeError(f"mechscope serve needs the server extra ({e.name} is missing): "
                              "pip install 'mechscope[server]'") from e
     app = create_app(config)
+    _check_port_free(host, port)
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     click.echo(f"mechscope explorer: {where} ({len(app.state.graphs.names())} graphs in {directory}); "
                "Ctrl-C stops it")
@@ -43,3 +45,15 @@ def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb
         click.echo(f"warning: bound to {host}, not loopback: anyone who reaches this port can read and save "
                    "these graphs", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before the banner when the address is taken (uvicorn would log it and exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise BadInputError(f"cannot listen on {host} port {port}: {e.strerror}; choose another with --port "
+                                "(or --host)") from e
