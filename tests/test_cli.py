@@ -81,6 +81,7 @@ def test_trace_summary_and_no_prune(tiny_dirs, tmp_path, capsys):
     code, out, err = run(trace_args(tiny_dirs, tmp_path, "--no-prune", "--target", "t", "--target", "a"), capsys)
     assert code == 0, err
     assert "replacement score" in out and "most influential" not in out
+    assert f"(explore it: mechscope serve {tmp_path})" in out
     data = json.loads((tmp_path / "a-cat-sat.json").read_text())
     assert [n["clerp"] for n in data["nodes"] if n["feature_type"] == "logit"][0].startswith('Output "t"')
     graph = load_graph(tmp_path / "a-cat-sat")

@@ -154,6 +154,6 @@ def _print_summary(summary: dict, graph, pruned) -> None:
         for node in scores.argsort()[:10].tolist():
             layer, pos, feature, act = graph.feature_of(node)
             echo(f"  L{layer:<2} pos {pos:<3} #{feature:<6} act={act:.2f}  token {graph.input_tokens[pos]!r}")
-    echo(f"graph: {summary['graph_path']}")
+    echo(f"graph: {summary['graph_path']}  (explore it: mechscope serve {Path(summary['graph_path']).parent})")
     echo(f"wall time: {summary['seconds']:.1f}s (attribution {summary['attribution_seconds']:.1f}s), "
          f"peak RSS {summary['peak_rss_mb']:.0f} MB")
