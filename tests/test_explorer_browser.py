@@ -210,5 +210,40 @@ def test_explore_label_group_save_and_reload(explorer, page):
     _node(page, "2_3_5").hover()
     assert page.locator("#node-card .card-title").text_content() == "say Austin"
 
+    # unpinning a member takes it out of its supernode; removing the supernode leaves the pins
+    page.locator('.pinned-item[data-node-id="1_7_4"] button').click()
+    assert page.locator('.supernode-item[data-label="Texas"] .count').text_content() == "1 nodes"
+    assert _node(page, "1_7_4").locator(".shape").evaluate("e => e.style.fill") == ""
+    page.locator('.supernode-item[data-label="Texas"] button').click()
+    assert page.locator("#supernode-list .supernode-item").count() == 0
+    page.click("#save")
+    expect(page.locator("#status")).to_have_text("Saved texas.json")
+    saved = json.loads((root / "texas.json").read_text())
+    assert saved["qParams"]["supernodes"] == [] and saved["qParams"]["pinnedIds"] == ["0_5_4", "2_3_5"]
+
     assert all(url.startswith(base + "/") for url in page.requests), [u for u in page.requests if not u.startswith(base)]
+    assert page.problems == []
+
+
+def test_graph_text_is_shown_as_text(explorer, page):
+    """Labels, prompt and tokens holding HTML stay text: no element is made, no handler runs."""
+    base, root = explorer
+    attack = '<img src=x onerror="window.pwned=1">'
+    data = make_graph_json("xss")
+    data["metadata"]["prompt"] = attack
+    data["metadata"]["prompt_tokens"][1] = attack
+    for node in data["nodes"]:
+        node["clerp"] = attack + node["clerp"]
+    (root / "xss.json").write_text(json.dumps(data))
+    page.goto(f"{base}/")
+    page.wait_for_selector("#graph-list .graph-link")
+    page.goto(f"{base}/?graph=xss.json")
+    page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
+    _node(page, "0_5_4").hover()
+    page.wait_for_selector("#node-card .example")
+    _node(page, "0_5_4").click()
+    assert page.locator("#node-card .card-title").text_content() == attack + "Texas"
+    assert page.locator("#prompt").text_content() == attack
+    assert attack in page.locator("#graph-svg .axis-token").all_text_contents()
+    assert page.locator("img").count() == 0 and page.evaluate("() => window.pwned") is None
     assert page.problems == []

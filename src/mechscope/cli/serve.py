@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mechscope.cli.options import default_of
-from mechscope.errors import BadInputError, MechscopeError
+from mechscope.errors import BadInputError
 from mechscope.server.config import ServeConfig
 
 __all__ = ["serve"]
@@ -29,13 +29,8 @@ __all__ = ["serve"]
 def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb: float) -> None:
     """Explore the attribution graphs in DIRECTORY (default ./graphs) in a browser."""
     config = ServeConfig(directory, host, port, max_body_mb, store)
-    try:
-        import uvicorn
+    from mechscope.server.app import create_app, run_server  # names the pip line without the server extra
 
-        from mechscope.server.app import create_app
-    except ImportError as e:
-        raise MechscopeError(f"mechscope serve needs the server extra ({e.name} is missing): "
-                             "pip install 'mechscope[server]'") from e
     app = create_app(config)
     _check_port_free(host, port)
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
@@ -44,7 +39,7 @@ def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb
     if not config.loopback:
         click.echo(f"warning: bound to {host}, not loopback: anyone who reaches this port can read and save "
                    "these graphs", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, config)
 
 
 def _check_port_free(host: str, port: int) -> None:

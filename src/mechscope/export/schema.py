@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def _validator():
 
 def _check_references(data: dict) -> None:
     ids = {node["node_id"] for node in data["nodes"]}
+    if len(ids) < len(data["nodes"]):
+        counts = Counter(node["node_id"] for node in data["nodes"])
+        raise BadInputError(f"node ids must be unique; repeated: {sorted(k for k, n in counts.items() if n > 1)[:5]}")
+    n_pos = len(data["metadata"]["prompt_tokens"])
+    for node in data["nodes"]:
+        if not 0 <= node["ctx_idx"] < n_pos:
+            raise BadInputError(f"node {node['node_id']!r} has ctx_idx {node['ctx_idx']}; the prompt has {n_pos} "
+                                f"tokens (0..{n_pos - 1})")
     for link in data["links"]:
         if link["source"] not in ids or link["target"] not in ids:
             raise BadInputError(f"link {link} names a node that is not in the graph")

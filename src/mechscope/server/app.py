@@ -26,21 +26,27 @@ import json
 import os
 from pathlib import Path
 
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
-
 from mechscope.errors import BadInputError, MechscopeError
+
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+except ImportError as e:  # the lean install: say which extra brings the web framework
+    raise MechscopeError(f"the graph explorer needs the server extra ({e.name} is missing): "
+                         "pip install 'mechscope[server]'") from e
+
 from mechscope.server.cards import FeatureCards, NoStoreError
 from mechscope.server.config import ServeConfig
 from mechscope.server.files import GraphDirectory
 
-__all__ = ["create_app", "STATIC_DIR"]
+__all__ = ["create_app", "run_server", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 SECURITY_HEADERS = [
@@ -191,9 +197,14 @@ def create_app(config: ServeConfig) -> Starlette:
         Route("/api/features/{layer:int}/{feature:int}", feature_card),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    hosts = LOOPBACK_NAMES if config.loopback else ["*"]
+    hosts = [*LOOPBACK_NAMES, config.host] if config.loopback else ["*"]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts),  # outermost: before any body is read
                   Middleware(_BodyLimitAndHeaders, limit=config.max_body_bytes)]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.graphs, app.state.cards = graphs, cards
     return app
+
+
+def run_server(app: Starlette, config: ServeConfig) -> None:
+    """Serve ``app`` with uvicorn on ``config.host``:``config.port`` until interrupted."""
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from pathlib import Path
 
-from mechscope.errors import BadInputError
+from mechscope.errors import BadInputError, CorruptFileError
 from mechscope.features.store import FeatureStore
 from mechscope.paths import cache_root
 
@@ -69,6 +70,7 @@ class FeatureCards:
             NoStoreError: no store for ``scan``.
             FeatureNotFoundError: the feature is not in the store.
             BadInputError: ``scan`` is not a plain name, or the store belongs to another set.
+            CorruptFileError: the store is not a readable feature store (a missing table, say).
         """
         store = FeatureStore(self.store_path(scan))
         try:
@@ -80,6 +82,9 @@ class FeatureCards:
                 return card_json(store, layer, feature)
             except BadInputError as e:
                 raise FeatureNotFoundError(str(e)) from e
+            except sqlite3.Error as e:
+                raise CorruptFileError(f"feature store {str(store.path)!r} cannot be read: {e}; rebuild it with "
+                                       "`mechscope features build`") from e
         finally:
             store.con.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,12 @@ class ServeConfig:
             machine. Any other address lets every machine that reaches it read and save the graphs.
         port: TCP port, 1-65535.
         max_body_mb: largest request body accepted (a saved graph), in MiB, > 0.
-        store: a feature store to use for every graph; None finds each graph's by its transcoder set.
+        store: a feature store for the node cards of every graph traced with the transcoder set it
+            was built for (other graphs' cards say so); None finds each graph's store by its set.
+
+    Raises:
+        BadInputError: a port outside 1-65535, a body limit that is not a finite number > 0, an
+            empty host, or a ``store`` file that does not exist.
     """
 
     directory: Path = Path("graphs")
@@ -34,10 +40,13 @@ class ServeConfig:
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
             raise BadInputError(f"port {self.port} is out of range; give 1-65535")
-        if not self.max_body_mb > 0:
-            raise BadInputError(f"max_body_mb {self.max_body_mb} must be > 0 (MiB)")
+        if not 0 < self.max_body_mb < math.inf:
+            raise BadInputError(f"max_body_mb {self.max_body_mb} must be a finite number > 0 (MiB)")
         if not self.host:
             raise BadInputError("host is empty; give an address such as 127.0.0.1")
+        if self.store is not None and not Path(self.store).is_file():
+            raise BadInputError(f"feature store {str(self.store)!r} does not exist; give the .sqlite that "
+                                "`mechscope features build` wrote, or leave --store out")
 
     @property
     def max_body_bytes(self) -> int:

@@ -130,9 +130,10 @@ class GraphDirectory:
         path = self.resolve(name)
         try:
             validate_neuronpedia(data)
-            payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
         except RecursionError as e:
             raise BadInputError("graph JSON nests too deeply to be a graph") from e
+        try:
+            payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
         except (UnicodeEncodeError, ValueError) as e:
             raise BadInputError(f"graph JSON holds a value that cannot be saved: {e}") from e
         with self._write_lock, atomic_file(path) as tmp:

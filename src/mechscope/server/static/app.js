@@ -3,10 +3,10 @@
 // server's own files and API.
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, isPrunable, kindOf, matchesQuery, setStatus, state } from "./common.js";
+import { $, el, isPrunable, kindOf, matchesQuery, replyJson, setStatus, state } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, refreshTitles, render } from "./graph-view.js";
-import { makeSupernode, renderPinned, renderSubgraph, togglePin } from "./subgraph.js";
+import { makeSupernode, renderSubgraph, togglePin } from "./subgraph.js";
 
 function graphUrl(name) {
   return "/api/graphs/" + name.split("/").map(encodeURIComponent).join("/");
@@ -102,14 +102,19 @@ function exportGraph() {
 
 async function save() {
   setStatus("Saving…");
+  const sent = state.edits;
   const response = await fetch(graphUrl(state.name), {
     method: "PUT",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(exportGraph()),
   });
-  const body = await response.json();
+  const body = await replyJson(response);
   if (!response.ok) {
     setStatus(`Not saved: ${body.error}`, "error");
+    return;
+  }
+  if (state.edits !== sent) { // changed while the save was under way: those changes are not saved yet
+    setStatus(`Saved ${body.saved}; newer changes unsaved`, "dirty");
     return;
   }
   state.dirty = false;
@@ -160,7 +165,7 @@ function bindControls() {
   };
   state.on.labelled = () => {
     refreshTitles();
-    renderPinned();
+    renderSubgraph();
   };
   $("influence-slider").addEventListener("input", (e) => {
     state.threshold = +e.target.value;

@@ -1,7 +1,7 @@
 // mechscope graph explorer: the node card (graph fields, label editor, feature store section).
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, featureOf, fmt, kindOf, markDirty, state } from "./common.js";
+import { $, el, featureOf, fmt, kindOf, markDirty, replyJson, state } from "./common.js";
 
 const N_EDGES_LISTED = 6;
 
@@ -87,8 +87,13 @@ function cardFor(node) {
   const scan = state.graph.metadata.scan;
   const key = `${scan}/${layer}/${feature}`;
   if (!state.cards.has(key)) {
-    state.cards.set(key, fetch(`/api/features/${layer}/${feature}?scan=${encodeURIComponent(scan)}`)
-      .then(async (r) => ({ ok: r.ok, body: await r.json() })));
+    const request = fetch(`/api/features/${layer}/${feature}?scan=${encodeURIComponent(scan)}`)
+      .then(async (r) => ({ ok: r.ok, status: r.status, body: await replyJson(r) }))
+      .catch((e) => ({ ok: false, status: 0, body: { error: `no answer from the server: ${e.message}` } }));
+    state.cards.set(key, request);
+    request.then((reply) => { // keep cards and "no store" answers; ask again after a failure
+      if (!reply.ok && !reply.body.no_store && reply.status !== 404) state.cards.delete(key);
+    });
   }
   return state.cards.get(key);
 }

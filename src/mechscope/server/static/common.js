@@ -31,6 +31,7 @@ export const state = {
   shownEdges: [], // edges drawn, strongest first
   maxAbs: 1, // largest |weight| among the visible edges
   dirty: false,
+  edits: 0, // count of changes, so a save only clears "dirty" for the changes it sent
   cards: new Map(), // "scan/layer/feature" -> Promise of card JSON
   on: {}, // what the page does when a node is hovered (focus), clicked (pin), chosen in a card (select) or relabelled: set by app.js
 };
@@ -52,6 +53,7 @@ export function setStatus(text, kind = "") {
 
 export function markDirty() {
   state.dirty = true;
+  state.edits += 1;
   $("save").disabled = false;
   setStatus("Unsaved changes", "dirty");
 }
@@ -75,6 +77,15 @@ export function rowOf(node) {
 export function featureOf(node) {
   const [layer, feature] = node.node_id.split("_");
   return { layer: +layer, feature: +feature };
+}
+
+// The JSON body of a reply, or {error} with the status when the server sent something else.
+export async function replyJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return { error: `the server answered ${response.status} ${response.statusText} without JSON` };
+  }
 }
 
 // Whether a node answers a search: its label contains the text, or its id or "layer/feature" starts with it.

@@ -5,19 +5,30 @@ import { $, el, markDirty, rowOf, state, SUPERNODE_COLOURS } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, render } from "./graph-view.js";
 
+// Click on a node: pin it, or unpin it (which also takes it out of its supernode: every member of a
+// supernode is pinned, so the panel can always tick it).
 export function togglePin(id) {
   state.clicked = id;
   const i = state.pinned.indexOf(id);
   if (i >= 0) {
     state.pinned.splice(i, 1);
     state.selected.delete(id);
+    leaveSupernodes([id]);
   } else {
     state.pinned.push(id);
   }
   markDirty();
   renderSubgraph();
-  drawEdges();
+  render(); // a node shown only because it was pinned goes
   showCard(id);
+}
+
+// Take nodes out of every supernode; groups left empty are dropped (a node is in one supernode at most).
+function leaveSupernodes(ids) {
+  const leaving = new Set(ids);
+  state.supernodes = state.supernodes
+    .map(([label, ...members]) => [label, ...members.filter((m) => !leaving.has(m))])
+    .filter((entry) => entry.length > 1);
 }
 
 export function renderSubgraph() {
@@ -27,7 +38,7 @@ export function renderSubgraph() {
   $("make-supernode").disabled = !(state.selected.size && $("supernode-label").value.trim());
 }
 
-export function renderPinned() {
+function renderPinned() {
   const ul = $("pinned-list");
   ul.replaceChildren();
   $("pinned-count").textContent = `(${state.pinned.length} pinned)`;
@@ -79,6 +90,7 @@ export function makeSupernode() {
   if (!label || !members.length) return;
   const existing = state.supernodes.findIndex((s) => s[0] === label);
   if (existing >= 0) state.supernodes.splice(existing, 1); // same label: the new group replaces it
+  leaveSupernodes(members); // members move from their old groups
   state.supernodes.push([label, ...members]);
   state.selected.clear();
   $("supernode-label").value = "";
