@@ -247,3 +247,23 @@ def test_graph_text_is_shown_as_text(explorer, page):
     assert attack in page.locator("#graph-svg .axis-token").all_text_contents()
     assert page.locator("img").count() == 0 and page.evaluate("() => window.pwned") is None
     assert page.problems == []
+
+
+def test_changes_made_while_saving_stay_unsaved(explorer, page):
+    from playwright.sync_api import expect
+
+    base, root = explorer
+    page.goto(f"{base}/?graph=texas.json")
+    page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
+    held = []
+    page.route("**/api/graphs/texas.json", lambda route: held.append(route) if route.request.method == "PUT"
+               else route.continue_())
+    _node(page, "0_5_4").click()
+    page.click("#save")
+    expect(page.locator("#status")).to_have_text("Saving…")
+    _node(page, "1_7_4").click()  # a change while the save is under way
+    assert len(held) == 1
+    held[0].continue_()
+    expect(page.locator("#status")).to_have_text("Saved texas.json; newer changes unsaved")
+    assert page.locator("#save").is_enabled()
+    assert json.loads((root / "texas.json").read_text())["qParams"]["pinnedIds"] == ["0_5_4"]
