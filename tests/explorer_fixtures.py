@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
 import numpy as np
 
 from mechscope.features.store import write_store
@@ -76,3 +85,35 @@ def make_store(path) -> None:
               "neg": [[[" Paris", -0.7], [" London", -0.3 - 0.01 * i]] for i in range(n)]}
     write_store(path, {"transcoders": SCAN, "hist_edges": [0, 1, 2, 3, 4], "n_intervals": 0, "window": 8},
                 features, examples, SEQUENCES, logits)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_command(root, *options: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, int, dict]]:
+    """Run the real ``mechscope serve ROOT --port P OPTIONS`` in a subprocess; yield it, its port and
+    its first answer to ``GET /api/graphs`` once it serves; stop it afterwards."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mechscope", "serve", str(root), "--port", str(port), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                con = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                con.request("GET", "/api/graphs")
+                listing = json.loads(con.getresponse().read())
+                break
+            except ConnectionRefusedError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "mechscope serve did not start"
+                time.sleep(0.1)
+        yield process, port, listing
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -9,17 +9,13 @@ Skipped without them, unless ``MECHSCOPE_REQUIRE_BROWSER=1`` (set by CI) makes t
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
-from explorer_fixtures import PROMPT_TOKENS, make_graph_json, make_store
+from explorer_fixtures import PROMPT_TOKENS, make_graph_json, make_store, serve_command
 
 #: the flags the issue asks for; --user-data-dir comes from Playwright (a fresh temporary profile)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -48,30 +44,12 @@ def _chromium() -> str:
 @pytest.fixture
 def explorer(tmp_path):
     """``mechscope serve`` (the real command, in a subprocess) over a directory with one graph."""
-    from test_server import free_port
-
     root = tmp_path / "graphs"
     root.mkdir()
     (root / "texas.json").write_text(json.dumps(make_graph_json("texas")))
     make_store(tmp_path / "store.sqlite")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mechscope", "serve", str(root), "--port", str(port),
-                                "--store", str(tmp_path / "store.sqlite")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            con = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            con.request("GET", "/api/graphs")
-            assert con.getresponse().status == 200
-            break
-        except ConnectionRefusedError:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "mechscope serve did not start"
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", root
-    process.terminate()
-    process.wait(timeout=10)
+    with serve_command(root, "--store", str(tmp_path / "store.sqlite")) as (_, port, _listing):
+        yield f"http://127.0.0.1:{port}", root
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from explorer_fixtures import SCAN, SEQUENCES, make_graph_json, make_store
+from explorer_fixtures import SCAN, SEQUENCES, free_port, make_graph_json, make_store, serve_command
 
 pytest.importorskip("starlette", reason="the server extra: pip install 'mechscope[server]'")
 import uvicorn  # noqa: E402
@@ -26,12 +26,6 @@ from mechscope.server.app import STATIC_DIR, create_app  # noqa: E402
 from mechscope.server.config import ServeConfig  # noqa: E402
 
 SECRET = "top secret outside the served directory"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -404,29 +398,13 @@ def test_serve_command_binds_loopback_and_serves(tmp_path):
     root = tmp_path / "graphs"
     root.mkdir()
     (root / "g.json").write_text(json.dumps(make_graph_json()))
-    port = free_port()
     env = {**os.environ, "MECHSCOPE_HOME": str(tmp_path / "home")}
-    process = subprocess.Popen([sys.executable, "-m", "mechscope", "serve", str(root), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    try:
+    with serve_command(root, env=env) as (process, port, listing):
         assert process.stdout.readline().startswith(f"mechscope explorer: http://127.0.0.1:{port}/ (1 graphs")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                con = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                con.request("GET", "/api/graphs")
-                listing = json.loads(con.getresponse().read())
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
         assert [g["name"] for g in listing["graphs"]] == ["g.json"]
         listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
         local = {line.split()[1] for line in listening if line.split()[3] == "0A"}  # state LISTEN
         assert f"0100007F:{port:04X}" in local and f"00000000:{port:04X}" not in local
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def test_the_server_never_imports_torch():

@@ -2,8 +2,8 @@
 the graph explorer (``mechscope.server``) can check what it saves.
 
 The structure is Neuronpedia's ``graph-schema.json`` (``neuronpedia-graph-schema.json`` beside this
-file). On top of it, every link endpoint, pinned id and supernode member must name a node of the
-graph, and each ``qParams.supernodes`` entry must be ``[label, node_id, ...]`` with a non-empty
+file). On top of it, node ids must be unique, every ``ctx_idx`` must index ``prompt_tokens``, every
+link endpoint, pinned id and supernode member must name a node of the graph, and each ``qParams.supernodes`` entry must be ``[label, node_id, ...]`` with a non-empty
 label and at least one member (the list form Neuronpedia's explorer reads and writes).
 """
 

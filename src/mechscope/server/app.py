@@ -172,8 +172,6 @@ def create_app(config: ServeConfig) -> Starlette:
             data = json.loads(body, parse_constant=_no_constants)
         except (ValueError, RecursionError) as e:
             return JSONResponse({"error": f"request body is not JSON: {e or 'nested too deeply'}"}, status_code=400)
-        if not isinstance(data, dict):
-            return JSONResponse({"error": "a graph is a JSON object"}, status_code=422)
         try:
             path = await run_in_threadpool(graphs.save, request.path_params["name"], data)
         except BadInputError as e:

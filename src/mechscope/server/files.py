@@ -106,11 +106,11 @@ class GraphDirectory:
         entries = []
         for name in self.names():
             path = self.root / name
-            stat = path.stat()
-            key = (stat.st_mtime_ns, stat.st_size)
+            info = path.stat()
+            key = (info.st_mtime_ns, info.st_size)
             cached = self._listing_cache.get(path)
             if cached is None or cached[0] != key:
-                entry = _entry(name, path, stat.st_size)
+                entry = _entry(name, path, info.st_size)
                 cached = (key, entry)
                 self._listing_cache[path] = cached
             if cached[1] is not None:

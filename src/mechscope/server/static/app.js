@@ -3,10 +3,10 @@
 // server's own files and API.
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, isPrunable, kindOf, matchesQuery, replyJson, setStatus, state } from "./common.js";
+import { $, el, isPrunable, matchesQuery, replyJson, setStatus, state } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, refreshTitles, render } from "./graph-view.js";
-import { makeSupernode, renderSubgraph, togglePin } from "./subgraph.js";
+import { makeSupernode, renderSubgraph, togglePin, updateGroupButton } from "./subgraph.js";
 
 function graphUrl(name) {
   return "/api/graphs/" + name.split("/").map(encodeURIComponent).join("/");
@@ -50,7 +50,7 @@ async function loadGraph(name) {
   setStatus("Loading…");
   const response = await fetch(graphUrl(name));
   if (!response.ok) {
-    setStatus((await response.json()).error || `cannot load ${name}`, "error");
+    setStatus((await replyJson(response)).error, "error");
     return;
   }
   const graph = await response.json();
@@ -67,24 +67,31 @@ async function loadGraph(name) {
   const q = graph.qParams || {};
   state.pinned = (q.pinnedIds || []).filter((id) => state.byId.has(id));
   state.supernodes = (q.supernodes || []).map((s) => [...s]);
-  const layers = graph.nodes.filter((n) => kindOf(n) === "feature" || kindOf(n) === "error").map((n) => +n.layer);
+  const layers = graph.nodes.filter(isPrunable).map((n) => +n.layer);
   state.nRows = (layers.length ? Math.max(...layers) : 0) + 3; // embeddings, layers, logits
   const influences = graph.nodes.filter(isPrunable).map((n) => n.influence).filter((x) => x !== null && x !== undefined);
   const slider = $("influence-slider");
   slider.max = influences.length ? Math.max(0.05, Math.ceil(Math.max(...influences) * 100) / 100) : 1;
   slider.value = slider.max;
   state.threshold = +slider.value;
-  $("prompt").textContent = graph.metadata.prompt;
   const meta = graph.metadata;
+  $("prompt").textContent = meta.prompt;
   $("prompt").title = `${meta.prompt}\nmodel ${meta.model_id || "?"}, transcoders ${meta.scan}` +
     (meta.pruning_settings ? `, pruned at node ${meta.pruning_settings.node_threshold} / edge ${meta.pruning_settings.edge_threshold}` : "");
   $("controls").hidden = false;
   $("download").disabled = false;
-  document.title = `${graph.metadata.slug} · mechscope`;
+  document.title = `${meta.slug} · mechscope`;
   setStatus(`${graph.nodes.length} nodes, ${graph.links.length} edges`);
   render();
   renderSubgraph();
   $("graph-view").scrollLeft = $("graph-view").scrollWidth; // the last position, where the logits are
+}
+
+// Move the card and the highlighted edges to a node without pinning it (search, edge lists).
+function selectNode(id) {
+  state.clicked = id;
+  drawEdges();
+  showCard(id);
 }
 
 function setFocus(id) {
@@ -140,8 +147,7 @@ function search(query, go) {
   const hidden = state.matches.size - shown.length;
   $("search-count").textContent = query ? `${shown.length} found${hidden ? `, ${hidden} hidden by the slider` : ""}` : "";
   if (go && shown.length) {
-    state.clicked = shown[0];
-    showCard(shown[0]);
+    selectNode(shown[0]);
     document.querySelector(`#graph-svg .node[data-node-id="${CSS.escape(shown[0])}"]`).scrollIntoView({ block: "center", inline: "center" });
   }
   drawEdges();
@@ -158,11 +164,7 @@ function bindControls() {
   });
   state.on.focus = setFocus;
   state.on.pin = togglePin;
-  state.on.select = (id) => { // an edge list entry: focus that node without pinning it
-    state.clicked = id;
-    drawEdges();
-    showCard(id);
-  };
+  state.on.select = selectNode;
   state.on.labelled = () => {
     refreshTitles();
     renderSubgraph();
@@ -179,9 +181,7 @@ function bindControls() {
       drawEdges();
     }
   });
-  $("supernode-label").addEventListener("input", () => {
-    $("make-supernode").disabled = !(state.selected.size && $("supernode-label").value.trim());
-  });
+  $("supernode-label").addEventListener("input", updateGroupButton);
   $("supernode-label").addEventListener("keydown", (e) => { if (e.key === "Enter") makeSupernode(); });
   $("make-supernode").addEventListener("click", makeSupernode);
   $("save").addEventListener("click", save);

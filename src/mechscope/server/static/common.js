@@ -3,7 +3,11 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 
-export const SUPERNODE_COLOURS = ["#e11d48", "#7c3aed", "#0891b2", "#65a30d", "#c2410c", "#db2777", "#4f46e5", "#0d9488"];
+const SUPERNODE_COLOURS = ["#e11d48", "#7c3aed", "#0891b2", "#65a30d", "#c2410c", "#db2777", "#4f46e5", "#0d9488"];
+
+// The colour of the i-th supernode, and of an edge by its sign (as --positive / --negative in style.css).
+export const supernodeColour = (i) => SUPERNODE_COLOURS[i % SUPERNODE_COLOURS.length];
+export const edgeColour = (weight) => (weight > 0 ? "#2563b0" : "#d4461b");
 
 export const KIND = {
   "cross layer transcoder": "feature",
@@ -56,6 +60,11 @@ export function markDirty() {
   state.edits += 1;
   $("save").disabled = false;
   setStatus("Unsaved changes", "dirty");
+}
+
+// Whether both ends of a link are drawn.
+export function isShown(link) {
+  return state.visible.has(link.source) && state.visible.has(link.target);
 }
 
 export function kindOf(node) {

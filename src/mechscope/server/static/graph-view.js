@@ -1,7 +1,7 @@
 // mechscope graph explorer: the graph view, nodes by layer (rows) and token position (columns).
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, isPrunable, kindOf, rowOf, state, SUPERNODE_COLOURS } from "./common.js";
+import { $, edgeColour, el, isPrunable, isShown, kindOf, rowOf, state, supernodeColour } from "./common.js";
 
 const ROW_HEIGHT = { min: 22, max: 48 }; // rows fill the view's height within these bounds
 
@@ -108,7 +108,7 @@ export function render() {
 function supernodeColours() {
   const colours = new Map();
   state.supernodes.forEach((entry, i) => {
-    for (const id of entry.slice(1)) colours.set(id, SUPERNODE_COLOURS[i % SUPERNODE_COLOURS.length]);
+    for (const id of entry.slice(1)) colours.set(id, supernodeColour(i));
   });
   return colours;
 }
@@ -134,7 +134,7 @@ function nodeElement(node, colour) {
 
 // The edges among visible nodes, strongest first, capped at MAX_EDGES; recomputed when the visible set changes.
 function selectEdges() {
-  const shown = state.graph.links.filter((l) => state.visible.has(l.source) && state.visible.has(l.target));
+  const shown = state.graph.links.filter(isShown);
   state.maxAbs = shown.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
   state.shownEdges = shown.length > MAX_EDGES
     ? shown.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES) : shown;
@@ -152,7 +152,7 @@ export function drawEdges() {
       const a = state.pos.get(link.source);
       const b = state.pos.get(link.target);
       const strength = Math.abs(link.weight) / state.maxAbs;
-      ctx.strokeStyle = link.weight > 0 ? "#2563b0" : "#d4461b";
+      ctx.strokeStyle = edgeColour(link.weight);
       ctx.globalAlpha = fade ? 0.06 : 0.15 + 0.75 * Math.sqrt(strength);
       ctx.lineWidth = 0.4 + 3.6 * strength;
       ctx.beginPath();
@@ -161,7 +161,7 @@ export function drawEdges() {
       ctx.stroke();
     }
   };
-  const touching = focus ? state.edgesOf.get(focus).filter((l) => state.visible.has(l.source) && state.visible.has(l.target)) : [];
+  const touching = focus ? state.edgesOf.get(focus).filter(isShown) : [];
   draw(state.shownEdges, focus !== null);
   draw(touching, false);
   ctx.globalAlpha = 1;

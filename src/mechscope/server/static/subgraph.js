@@ -1,7 +1,7 @@
 // mechscope graph explorer: the subgraph panel (pinned nodes, supernodes, grouped view).
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, markDirty, rowOf, state, SUPERNODE_COLOURS } from "./common.js";
+import { $, edgeColour, el, markDirty, rowOf, state, supernodeColour } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, render } from "./graph-view.js";
 
@@ -17,10 +17,15 @@ export function togglePin(id) {
   } else {
     state.pinned.push(id);
   }
+  changed(); // redrawn: a node shown only because it was pinned goes
+  showCard(id);
+}
+
+// After pins or supernodes change: unsaved, the panel and the graph (colours, visibility) redrawn.
+function changed() {
   markDirty();
   renderSubgraph();
-  render(); // a node shown only because it was pinned goes
-  showCard(id);
+  render();
 }
 
 // Take nodes out of every supernode; groups left empty are dropped (a node is in one supernode at most).
@@ -35,6 +40,11 @@ export function renderSubgraph() {
   renderPinned();
   renderSupernodes();
   drawSubgraph();
+  updateGroupButton();
+}
+
+// "Group selected" needs ticked nodes and a label.
+export function updateGroupButton() {
   $("make-supernode").disabled = !(state.selected.size && $("supernode-label").value.trim());
 }
 
@@ -68,15 +78,13 @@ function renderSupernodes() {
   state.supernodes.forEach(([label, ...members], i) => {
     const li = el("li", { class: "supernode-item", "data-label": label });
     const dot = el("span", { class: "swatch-dot" });
-    dot.style.background = SUPERNODE_COLOURS[i % SUPERNODE_COLOURS.length];
+    dot.style.background = supernodeColour(i);
     const name = el("span", { class: "supernode-label", title: members.join(", ") }, label);
     const count = el("span", { class: "count" }, `${members.length} nodes`);
     const remove = el("button", { type: "button", title: "remove this supernode" }, "×");
     remove.addEventListener("click", () => {
       state.supernodes.splice(i, 1);
-      markDirty();
-      renderSubgraph();
-      render();
+      changed();
     });
     li.append(dot, name, count, remove);
     ul.append(li);
@@ -94,9 +102,7 @@ export function makeSupernode() {
   state.supernodes.push([label, ...members]);
   state.selected.clear();
   $("supernode-label").value = "";
-  markDirty();
-  renderSubgraph();
-  render();
+  changed();
 }
 
 // The subgraph: each supernode as one node, each pinned node outside supernodes as itself,
@@ -108,7 +114,7 @@ function drawSubgraph() {
   const groupOf = new Map();
   const groups = [];
   state.supernodes.forEach(([label, ...members], i) => {
-    groups.push({ label, members, colour: SUPERNODE_COLOURS[i % SUPERNODE_COLOURS.length] });
+    groups.push({ label, members, colour: supernodeColour(i) });
     for (const id of members) groupOf.set(id, groups.length - 1);
   });
   for (const id of state.pinned) {
@@ -131,19 +137,20 @@ function drawSubgraph() {
     };
   });
   const weights = new Map();
-  for (const link of state.graph.links) {
-    const a = groupOf.get(link.source);
-    const b = groupOf.get(link.target);
-    if (a === undefined || b === undefined || a === b) continue;
-    const key = `${a},${b}`;
-    weights.set(key, (weights.get(key) || 0) + link.weight);
+  for (const [id, a] of groupOf) { // the outgoing edges of each member: work by pinned degree, not graph size
+    for (const link of state.edgesOf.get(id)) {
+      const b = groupOf.get(link.target);
+      if (link.source !== id || b === undefined || a === b) continue;
+      const key = `${a},${b}`;
+      weights.set(key, (weights.get(key) || 0) + link.weight);
+    }
   }
   const maxAbs = Math.max(1e-12, ...[...weights.values()].map(Math.abs));
   for (const [key, w] of weights) {
     const [a, b] = key.split(",").map(Number);
     svg.append(el("svg:line", {
       x1: points[a].x, y1: points[a].y, x2: points[b].x, y2: points[b].y,
-      stroke: w > 0 ? "#2563b0" : "#d4461b", "stroke-width": 0.5 + 4 * Math.abs(w) / maxAbs, "stroke-opacity": 0.7,
+      stroke: edgeColour(w), "stroke-width": 0.5 + 4 * Math.abs(w) / maxAbs, "stroke-opacity": 0.7,
       class: "subgraph-edge",
     }));
   }
