@@ -92,6 +92,7 @@ def test_explore_label_group_save_and_reload(explorer, page):
 
     base, root = explorer
     page.goto(base + "/")  # the listing: one link per graph
+    page.wait_for_selector("#graph-list .graph-link")  # filled in once /api/graphs answers
     assert page.locator("#graph-list .graph-link").all_text_contents() == ["texas.json"]
     page.click("#graph-list .graph-link")
     page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
