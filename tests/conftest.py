@@ -143,6 +143,37 @@ def make_tiny_hf_model(family: str, seed: int = 0):
     return model.eval(), make_tiny_tokenizer(add_bos=family != "gpt2")
 
 
+#: a ChatML template shaped like Qwen's: a default system prompt unless the first message is one
+TINY_CHATML = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{% if not (loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_chat_adapter(seed: int = 0) -> ModelAdapter:
+    """A tiny random Qwen2 chat model: character tokenizer plus ChatML's ``<|im_start|>`` and
+    ``<|im_end|>`` special tokens, :data:`TINY_CHATML` as its chat template, no BOS added by the
+    tokenizer (as Qwen's), 128 positions."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config("qwen2")
+    config.max_position_embeddings = 128
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_norms_and_biases(hf, seed)
+    tokenizer = make_tiny_tokenizer(add_bos=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = TINY_CHATML
+    assert len(tokenizer) <= VOCAB_SIZE
+    cls = adapter_class_for(hf.config.model_type)
+    return cls(hf.eval(), tokenizer, "tiny-qwen2-chat")
+
+
 def make_tiny_adapter(family: str, seed: int = 0) -> ModelAdapter:
     """A tiny random model of ``family`` wrapped in the adapter ``load_model`` would choose."""
     hf, tokenizer = make_tiny_hf_model(family, seed)

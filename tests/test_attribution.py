@@ -68,8 +68,11 @@ def _setup(tiny_adapter, make_tiny_transcoders, family, skip=False, **kwargs):
 
 
 def test_replacement_reproduces_logits(tiny_adapter, make_tiny_transcoders, family, skip):
-    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
-    trace = rm.trace(rm.tokenize(TINY_PROMPT))
+    check_replacement_reproduces_logits(_setup(tiny_adapter, make_tiny_transcoders, family, skip), TINY_PROMPT)
+
+
+def check_replacement_reproduces_logits(rm: ReplacementModel, prompt: str) -> None:
+    trace = rm.trace(rm.tokenize(prompt))
     assert len(trace.active) > 0
     assert torch.allclose(rm.replacement_logits(trace), trace.run.logits, atol=1e-4, rtol=0)
     # the errors are real: without them the logits differ
@@ -77,8 +80,11 @@ def test_replacement_reproduces_logits(tiny_adapter, make_tiny_transcoders, fami
 
 
 def test_preactivation_is_sum_of_edges_plus_bias(tiny_adapter, make_tiny_transcoders, family, skip):
-    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
-    graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=16))
+    check_preactivation_is_sum_of_edges_plus_bias(_setup(tiny_adapter, make_tiny_transcoders, family, skip), TINY_PROMPT)
+
+
+def check_preactivation_is_sum_of_edges_plus_bias(rm: ReplacementModel, prompt: str) -> None:
+    graph = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=16))
     trace = rm.trace(graph.input_ids)
     assert graph.n_features == len(trace.active)
     # the constant part of the frozen model: every source zeroed, b_dec kept, and at BOS (no nodes)
@@ -114,8 +120,11 @@ def _target_value(rm, graph, node, inputs, final):
 
 
 def test_edges_predict_doubling_a_source(tiny_adapter, make_tiny_transcoders, family, skip):
-    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
-    graph = attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
+    check_edges_predict_doubling_a_source(_setup(tiny_adapter, make_tiny_transcoders, family, skip), TINY_PROMPT)
+
+
+def check_edges_predict_doubling_a_source(rm: ReplacementModel, prompt: str) -> None:
+    graph = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=32))
     trace = rm.trace(graph.input_ids)
     constants = _clean_constants(rm, trace)
     base_inputs, base_final = _frozen_sites(rm, trace, trace.run.embeddings, constants)

@@ -246,3 +246,23 @@ def test_changes_made_while_saving_stay_unsaved(explorer, page):
     expect(page.locator("#status")).to_have_text("Saved texas.json; newer changes unsaved")
     assert page.locator("#save").is_enabled()
     assert json.loads((root / "texas.json").read_text())["qParams"]["pinnedIds"] == ["0_5_4"]
+
+
+def test_chat_template_tokens_are_set_apart(explorer, page):
+    """A chat graph's tokens carry roles: template tokens dimmed, the user's words and the assistant's
+    prefix marked, so the question and the assistant header are found at a glance."""
+    base, root = explorer
+    data = make_graph_json("chat")
+    roles = ["template", "user", "user", "template", "assistant", "assistant"]
+    data["metadata"]["chat"] = {"messages": [{"role": "user", "content": "The capital"}], "assistant_prefix": "Texas is",
+                                "rendered": data["metadata"]["prompt"], "token_roles": roles}
+    (root / "chat.json").write_text(json.dumps(data))
+    page.goto(f"{base}/?graph=chat.json")
+    page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
+    axis = page.locator("#graph-svg .axis-token")
+    assert axis.all_text_contents() == PROMPT_TOKENS
+    classes = [axis.nth(i).get_attribute("class") for i in range(axis.count())]
+    assert classes == [f"axis-token role-{r}" for r in roles]
+    fills = [axis.nth(i).evaluate("e => getComputedStyle(e).fill") for i in range(axis.count())]
+    assert fills[0] != fills[1] != fills[4] and fills[0] == fills[3]  # three looks: template, user, assistant
+    assert page.problems == []

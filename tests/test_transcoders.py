@@ -415,10 +415,25 @@ def test_load_transcoder_set_dispatches_to_gemma_scope_2(tmp_path):
 def test_gemma_scope_2_layers_sort_numerically(tmp_path):
     names = [f"transcoder/layer_{i}_width_16k_l0_small" for i in range(12)]
     params = write_gemma_scope_2(tmp_path, names, d_model=4, d_sae=6)
-    transcoders = load_gemma_scope_2(tmp_path)
+    transcoders = load_gemma_scope_2(tmp_path / "transcoder")
     assert transcoders.n_layers == 12
     for layer, raw in enumerate(params):  # layer_10 comes after layer_9, not after layer_1
         assert torch.equal(transcoders[layer].W_dec, raw["w_dec"])
+
+
+def test_a_set_directory_is_what_it_names_not_what_lies_below(tmp_path):
+    # a Gemma Scope 2 set deep inside the named directory (as anywhere under /tmp) is not that directory
+    write_gemma_scope_2(tmp_path / "unrelated" / "deep" / "set", ["layer_0"])
+    with pytest.raises(UnknownNameError) as info:
+        load_transcoder_set(tmp_path)
+    assert str(tmp_path) in str(info.value) and "unrelated" not in str(info.value)
+    assert load_transcoder_set(tmp_path / "unrelated" / "deep" / "set").n_layers == 1
+
+
+def test_two_gemma_scope_2_variants_of_a_layer_are_refused(tmp_path):
+    write_gemma_scope_2(tmp_path, ["layer_0_width_16k_l0_small", "layer_0_width_16k_l0_big", "layer_1_width_16k_l0_small"])
+    with pytest.raises(BadInputError, match="layer 0 .*l0_big.*l0_small|layer 0 .*l0_small.*l0_big"):
+        load_transcoder_set(tmp_path)
 
 
 def test_gemma_scope_2_file_with_missing_tensor_is_corrupt(tmp_path):

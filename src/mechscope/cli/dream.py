@@ -8,7 +8,8 @@ import json
 import click
 
 from mechscope.cli.options import default_of
-from mechscope.errors import CorruptFileError
+from mechscope.cli.chat_options import chat_options
+from mechscope.errors import BadInputError, CorruptFileError
 from mechscope.features.dream import DreamConfig, DreamResult, dream_feature
 
 __all__ = ["dream"]
@@ -74,16 +75,28 @@ def _print_table(result: DreamResult, rows: list[dict], dashboard_max: float | N
               help="Members, one per fluency penalty (log-spaced 0.1 .. 10).")
 @click.option("--top-k", type=int, default=default_of(DreamConfig, "top_k"), show_default=True,
               help="Candidate tokens per position, by gradient score.")
-@click.option("--start", default=None, help="Start every member from this prompt (default: random tokens).")
-@click.option("--transcoders", "transcoders_name", default="gemma-3-270m-plt-v1", show_default=True)
+@click.option("--start", default=None, help="Start every member from this prompt (default: random tokens); "
+              "with --chat, the prompt is a user turn rendered with the model's chat template.")
+@click.option("--transcoders", "transcoders_name", default=None,
+              help="Shipped set name or set directory (default: the shipped set for the model).")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--store", default=None, help="Feature store for % of the dashboard max (default: the set's store).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def dream(feature_id, n_iters, seed, seq_len, population, top_k, start, transcoders_name, model_name, store, as_json):
+@chat_options
+def dream(feature_id, n_iters, seed, seq_len, population, top_k, start, chat_request, transcoders_name, model_name,
+          store, as_json):
     """Optimise fluent prompts that activate FEATURE_ID (LAYER/INDEX); print their Pareto frontier."""
     from mechscope.features.store import parse_feature_id
+    from mechscope.models.loading import HF_IDS
+    from mechscope.transcoders.io import default_transcoders_for
 
     layer, index = parse_feature_id(feature_id)
+    if chat_request.active:
+        if chat_request.messages_file is None and start is None:
+            raise BadInputError("--chat needs --start TEXT (the user turn to start from)")
+        chat_request.check(start if chat_request.messages_file is None else None)
+    if transcoders_name is None:
+        transcoders_name = default_transcoders_for(HF_IDS.get(model_name, model_name))
     config = DreamConfig(n_iters=n_iters, seq_len=seq_len, population=population, top_k=top_k, seed=seed)
     dashboard_max, why = _dashboard_max(store, transcoders_name, layer, index)
 
@@ -91,7 +104,10 @@ def dream(feature_id, n_iters, seed, seq_len, population, top_k, start, transcod
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
-    rm = ReplacementModel(load_model(model_name), load_transcoder_set(transcoders_name))
+    model = load_model(model_name)
+    if chat_request.active:
+        start = chat_request.render(model.tokenizer, start)[0]
+    rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     result = dream_feature(rm, layer, index, start=start, progress=not as_json, config=config)
     rows = _rows(result, dashboard_max)
     if as_json:

@@ -12,6 +12,7 @@ import math
 
 import click
 
+from mechscope.cli.chat_options import chat_options
 from mechscope.errors import BadInputError
 
 __all__ = ["intervene"]
@@ -91,8 +92,32 @@ class _Targets:
         )
 
 
+def _check_prompt_matches_graph(tokens: list[str], graph_tokens: list[str], interventions, readouts) -> None:
+    """Node ids name positions of the graph's prompt: refuse targets past the end of this prompt,
+    warn when this prompt's tokens differ from the graph's (the same ids then sit on other words)."""
+    def positions_of(target) -> list[int]:
+        if hasattr(target, "members"):
+            return [p for m in target.members for p in positions_of(m)]
+        return list(target.positions or ())
+
+    positions = [p for i in interventions if getattr(i, "target", None) is not None for p in positions_of(i.target)]
+    positions += [p for members in readouts.values() for m in members for p in positions_of(m)]
+    if positions and max(positions) >= len(tokens):
+        raise BadInputError(
+            f"a target sits at position {max(positions)}, but this prompt has {len(tokens)} tokens; the graph's prompt "
+            f"has {len(graph_tokens)} — run the graph's own prompt (leave out PROMPT) or one of the same length"
+        )
+    if tokens != graph_tokens:
+        first = next((i for i, (a, b) in enumerate(zip(tokens, graph_tokens)) if a != b), min(len(tokens), len(graph_tokens)))
+        here = tokens[first] if first < len(tokens) else "(end)"
+        there = graph_tokens[first] if first < len(graph_tokens) else "(end)"
+        click.echo(f"warning: this prompt's tokens differ from the graph's from position {first} ({here!r} here, "
+                   f"{there!r} in the graph): node ids refer to the graph's positions. Leave out PROMPT to run the "
+                   "graph's own prompt (add --chat if it was traced with --chat).", err=True)
+
+
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--graph", "graph_path", required=True, type=click.Path(dir_okay=False),
               help="Graph JSON written by `mechscope trace` (node ids and supernodes come from it).")
 @click.option("--scale", "scales", multiple=True, metavar="TARGET=FACTOR", help="Multiply activations (e.g. =-10).")
@@ -115,20 +140,27 @@ class _Targets:
 @click.option("--model", "model_name", default=None, help="Default: the graph's model.")
 @click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's transcoder set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def intervene(prompt, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
+@chat_options
+def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
               temperature, seed, readouts, tokens, top_k, model_name, transcoders_name, as_json):
-    """Run PROMPT clean and with interventions on the real model; compare outputs."""
+    """Run PROMPT clean and with interventions on the real model; compare outputs.
+
+    Without PROMPT (and without --chat/--messages) the graph's own prompt is run, as it was traced
+    (a chat graph's rendered conversation included)."""
     from mechscope.export.neuronpedia import read_neuronpedia
     from mechscope.interventions.records import FeatureTarget, Intervention
 
-    if not prompt.strip():
-        raise BadInputError("the prompt is empty; give some text to run")
+    use_graph_prompt = prompt is None and not chat_request.active
+    if not use_graph_prompt:
+        chat_request.check(prompt)
     for name, value, low in (("--generate", generate, 0), ("--top-k", top_k, 1)):
         if value < low:
             raise BadInputError(f"{name} must be >= {low}, got {value}")
     if temperature < 0:
         raise BadInputError(f"--temperature must be >= 0, got {temperature}")
     data = read_neuronpedia(graph_path)
+    if use_graph_prompt:
+        prompt = data["metadata"]["prompt"]
     targets = _Targets(data)
     interventions = []
     for operation, specs in (("scale", scales), ("set", sets)):
@@ -157,11 +189,14 @@ def intervene(prompt, graph_path, scales, sets, zeros, injections, freeze_attent
     if model_name is None and not metadata.get("model_id"):
         raise BadInputError(f"{graph_path} names no model (metadata.model_id); pass --model")
     model = load_model(model_name or model_name_for(metadata["model_id"]))
+    prompt, _ = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
+    input_ids = rm.tokenize(prompt)
+    _check_prompt_matches_graph(model.token_strings(input_ids), metadata["prompt_tokens"], interventions, readout_targets)
     token_ids = [_single_token(model, t) for t in tokens]
     config = InterventionConfig(freeze_attention=freeze_attention, constrained_layers=_parse_layers(layers, model.n_layers),
                                 generate=generate, open_ended=open_ended, temperature=temperature, seed=seed, top_k=top_k)
-    result = run_interventions(rm, rm.tokenize(prompt), interventions, config, readout_targets)
+    result = run_interventions(rm, input_ids, interventions, config, readout_targets)
 
     decode = model.tokenizer.decode
     summary = {

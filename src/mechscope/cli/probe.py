@@ -6,6 +6,7 @@ import json
 
 import click
 
+from mechscope.cli.chat_options import chat_options
 from mechscope.errors import BadInputError
 
 __all__ = ["probe"]
@@ -13,19 +14,31 @@ __all__ = ["probe"]
 
 @click.command()
 @click.argument("feature_id")
-@click.argument("prompts", nargs=-1, required=True)
-@click.option("--transcoders", "transcoders_name", default="gemma-3-270m-plt-v1", show_default=True)
+@click.argument("prompts", nargs=-1)
+@click.option("--transcoders", "transcoders_name", default=None,
+              help="Shipped set name or set directory (default: the shipped set for the model).")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--store", default=None, help="Feature store (default: <cache>/features/<set>.sqlite).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
-def probe(feature_id, prompts, transcoders_name, model_name, store, as_json):
-    """Maximum activation of FEATURE_ID on each PROMPT as % of the dashboard maximum."""
+@chat_options
+def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store, as_json):
+    """Maximum activation of FEATURE_ID on each PROMPT as % of the dashboard maximum
+    (with --chat, each PROMPT is a user turn rendered with the model's chat template)."""
     from mechscope.cli.features import _store_path
     from mechscope.features.store import FeatureStore, parse_feature_id
+    from mechscope.models.loading import HF_IDS
+    from mechscope.transcoders.io import default_transcoders_for
 
     layer, index = parse_feature_id(feature_id)
-    if any(not p.strip() for p in prompts):
-        raise BadInputError("a prompt is empty; give some text to probe")
+    if chat_request.messages_file is not None:
+        chat_request.check(None)
+        prompts = (None,)
+    elif not prompts:
+        raise BadInputError("give at least one PROMPT to probe (or --messages FILE.json)")
+    for p in prompts if prompts != (None,) else ():
+        chat_request.check(p)
+    if transcoders_name is None:
+        transcoders_name = default_transcoders_for(HF_IDS.get(model_name, model_name))
     dashboard = FeatureStore(_store_path(store, transcoders_name)).feature(layer, index)
 
     from mechscope.features.probe import probe_feature
@@ -33,8 +46,10 @@ def probe(feature_id, prompts, transcoders_name, model_name, store, as_json):
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
-    rm = ReplacementModel(load_model(model_name), load_transcoder_set(transcoders_name))
-    results = probe_feature(rm, layer, index, list(prompts), dashboard.max_value)
+    model = load_model(model_name)
+    texts = [chat_request.render(model.tokenizer, p)[0] for p in prompts]
+    rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
+    results = probe_feature(rm, layer, index, texts, dashboard.max_value)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results]))
         return

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from mechscope.attribution.attribute import AttributionConfig
+from mechscope.cli.chat_options import chat_options
 from mechscope.cli.options import CountOrAll, default_of
 from mechscope.errors import BadInputError
 from mechscope.memory import peak_rss_mb
@@ -23,7 +24,7 @@ __all__ = ["trace"]
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True,
               help="Offline name, model directory, .gguf file or Hugging Face id.")
 @click.option("--transcoders", "transcoders_name", default=None,
@@ -47,12 +48,12 @@ __all__ = ["trace"]
                    "when built).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
-def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
+@chat_options
+def trace(prompt, chat_request, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
           batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, store, out_dir, as_json):
     """Trace PROMPT: build, prune and export its attribution graph."""
     started = time.perf_counter()
-    if not prompt.strip():
-        raise BadInputError("the prompt is empty; give some text to trace")
+    chat_request.check(prompt)
     for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise BadInputError(f"{name} must be between 0 and 1, got {value}")
@@ -66,6 +67,7 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
     from mechscope.graph.io import save_graph
     from mechscope.graph.prune import graph_scores, prune_graph
+    from mechscope.models.chat import chat_metadata, chat_slug_text
     from mechscope.models.loading import load_model
     from mechscope.paths import atomic_write_text
     from mechscope.replacement.replacement_model import ReplacementModel
@@ -78,15 +80,18 @@ def trace(prompt, model_name, transcoders_name, targets, max_feature_nodes, node
     model = load_model(model_name, dtype=getattr(torch, dtype))
     transcoders_name = transcoders_name or default_transcoders_for(model.name)
     transcoders = load_transcoder_set(transcoders_name)
+    prompt, chat = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
     rm.tokenize(prompt)  # length check before the expensive part
     attribution_start = time.perf_counter()
     graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
     attribution_seconds = time.perf_counter() - attribution_start
+    if chat is not None:
+        graph.config["chat"] = chat_metadata(model.tokenizer, chat, graph.input_ids)
     model.release_weights()  # pruning, scores and export do not read the model
     pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
-    slug = slugify(prompt)
+    slug = slugify(chat_slug_text(chat) if chat is not None else prompt)
     labels, densities = _store_annotations(store, transcoders_name, transcoders.scan)
     exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold, labels=labels, densities=densities)
     validate_neuronpedia(exchange)

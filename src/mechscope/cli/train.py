@@ -23,7 +23,9 @@ def _opt(name: str, type_, help_: str):
 
 @click.command()
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
-@click.option("--corpus", "corpus_path", default=None, help="Built corpus directory (default: the default corpus).")
+@click.option("--corpus", "corpus_path", default=None,
+              help="Built corpus: a name under <cache>/corpus (e.g. chat-qwen2.5-coder-0.5b-instruct) or a directory "
+                   "(default: the default corpus).")
 @click.option("--name", default="gemma-3-270m-plt-v1", show_default=True, help="Name of the set.")
 @click.option("--out", "out_dir", default=None, help="Where to write the set (default: <cache>/transcoders/NAME).")
 @click.option("--checkpoint-dir", default=None, help="Resumable state (default: <cache>/training/NAME).")
@@ -36,10 +38,18 @@ def _opt(name: str, type_, help_: str):
 @_opt("eval_sequences", int, "Held-out sequences for evaluation.")
 @_opt("checkpoint_every_s", float, "Seconds between checkpoints.")
 @_opt("seed", int, "Seed.")
+@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the model forward giving the training activations (calibration and held-out "
+                   "figures always use float32).")
 @click.option("--no-skip", is_flag=True, help="No skip connection.")
 @click.option("--no-progress", is_flag=True)
 def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_progress, **fields):
-    """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration)."""
+    """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration).
+
+    When the corpus holds chat transcripts (`mechscope corpus chat`), held-out figures are also
+    reported separately on corpus text and on chat transcripts."""
+    import torch
+
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
 
     from mechscope.data.corpus import TokenStream, corpus_dir
@@ -47,13 +57,23 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_pr
     from mechscope.paths import cache_root
     from mechscope.training.trainer import train_transcoders
 
-    corpus = Path(corpus_path) if corpus_path else corpus_dir()
-    model = load_model(model_name)
+    corpus = corpus_dir() if corpus_path is None else Path(corpus_path)
+    if corpus_path is not None and not corpus.is_dir() and "/" not in corpus_path:
+        corpus = corpus_dir(corpus_path)
+    model = load_model(model_name, dtype=getattr(torch, cfg.model_dtype))
     train_stream = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "train", cfg.seed)
     heldout = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed)
+    names = [e["name"] for e in train_stream.manifest["sources"]]
+    by_kind = {}
+    if "chat" in names and len(names) > 1:
+        by_kind = {"corpus": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed,
+                                         sources=tuple(n for n in names if n != "chat")),
+                   "chat": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed, sources=("chat",))}
+    eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype=torch.float32))
     out = Path(out_dir) if out_dir else cache_root() / "transcoders" / name
     ckpt = Path(checkpoint_dir) if checkpoint_dir else cache_root() / "training" / name
-    _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress)
+    _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
+                                   eval_adapter=eval_adapter, heldout_by_kind=by_kind)
     click.echo(f"{'layer':>5} {'FVU':>7} {'L0':>7} {'dead':>6}")
     for m in metrics:
         click.echo(f"{m.layer:>5} {m.fvu:>7.3f} {m.l0:>7.1f} {m.dead_fraction:>6.3f}")

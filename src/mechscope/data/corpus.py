@@ -165,6 +165,8 @@ class TokenStream:
             cut at the document's end, pieces separated by EOS — so one context can hold code after
             e-mail after prose, as in pretraining data packed per document.
         min_piece: shortest piece in ``document`` mode.
+        sources: only these sources (manifest names, e.g. ``("chat",)``), weights renormalised;
+            ``None``: every source. Held-out figures per kind of text use it.
 
     Attributes:
         manifest: the corpus' ``manifest.json`` (sources, weights, document counts).
@@ -177,6 +179,7 @@ class TokenStream:
     seed: int = 0
     mix: str = "source"
     min_piece: int = 16
+    sources: tuple[str, ...] | None = None
     _tokens: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _doc_starts: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _weights: list[float] = field(default_factory=list, init=False, repr=False)
@@ -194,7 +197,15 @@ class TokenStream:
         if self.mix not in MIXES:
             raise BadInputError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
         self.manifest = manifest = json.loads(manifest_file.read_text())
+        names = [e["name"] for e in manifest["sources"]]
+        if self.sources is not None:
+            unknown = sorted(set(self.sources) - set(names))
+            if unknown or not self.sources:
+                raise BadInputError(f"corpus {self.corpus} has no source(s) {unknown or list(self.sources)}; "
+                                    f"its sources: {', '.join(names)}")
         for entry in manifest["sources"]:
+            if self.sources is not None and entry["name"] not in self.sources:
+                continue
             tokens = self._tokenized(entry["name"])
             if len(tokens) >= self.ctx_len:
                 self._tokens.append(tokens)

@@ -110,8 +110,10 @@ def to_neuronpedia(
             if t in kept_set and s in kept_set
         ]
     config = graph.config
+    chat = {"chat": config["chat"]} if config.get("chat") else {}
     return {
         "metadata": {
+            **chat,
             "slug": slug,
             "scan": graph.transcoder_set,
             "transcoder_list": [],

@@ -211,14 +211,20 @@ class ModelAdapter:
 
     # ----------------------------------------------------------------- tokenize
     def tokenize(self, prompt: str) -> Int[torch.Tensor, "pos"]:
-        """Token ids of ``prompt``, with the BOS token the tokenizer adds (Gemma: id 2).
+        """Token ids of ``prompt``, with the BOS token the tokenizer adds (Gemma: id 2), exactly once:
+        text that begins with the BOS token's text (Gemma's chat template writes ``<bos>``) keeps it
+        and gets no second one.
 
         Raises:
             BadInputError: for an empty prompt.
         """
         if not prompt or not prompt.strip():
             raise BadInputError("the prompt is empty; give some text to trace")
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        # text that already starts with the BOS token (a rendered chat template, hand-written Gemma
+        # chat text) gets no second one
+        bos_text = self.tokenizer.bos_token
+        written_bos = bool(bos_text) and prompt.startswith(bos_text)
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not written_bos).input_ids[0]
         bos = self.tokenizer.bos_token_id
         if bos is not None and (len(ids) == 0 or ids[0] != bos) and self.prepends_bos:
             ids = torch.cat([torch.tensor([bos]), ids])

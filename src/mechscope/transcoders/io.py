@@ -39,20 +39,48 @@ __all__ = [
     "load_transcoder_set",
     "load_gemma_scope_2",
     "shipped_sets",
+    "install_line",
     "resolve_transcoders",
     "default_transcoders_for",
 ]
 
-SHIPPED_DIR = Path(__file__).parent / "shipped"
+#: entry point group through which installed set packages announce themselves: ``NAME = "module"``,
+#: the module's directory holding ``files/`` (config.yaml and the layer files)
+ENTRY_POINT_GROUP = "mechscope.transcoder_sets"
+#: the sets mechscope's repository ships, each its own distribution under ``sets/<name>/``
+KNOWN_SETS = {
+    "gemma-3-270m-plt-v1": "mechscope-set-gemma-3-270m-plt-v1",
+    "qwen2.5-coder-0.5b-instruct-plt-v1": "mechscope-set-qwen2-5-coder-0-5b-instruct-plt-v1",
+}
 #: the set used when a model is traced without ``--transcoders``
-DEFAULTS = {"google/gemma-3-270m": "gemma-3-270m-plt-v1"}
+DEFAULTS = {
+    "google/gemma-3-270m": "gemma-3-270m-plt-v1",
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-plt-v1",
+}
+
+
+def _installed_sets() -> dict[str, Path]:
+    """Installed set packages by name -> their ``files`` directory (found without importing them)."""
+    import importlib.metadata
+    import importlib.util
+
+    found = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        spec = importlib.util.find_spec(ep.value)
+        if spec is not None and spec.origin is not None:
+            found[ep.name] = Path(spec.origin).parent / "files"
+    return found
 
 
 def shipped_sets() -> list[str]:
-    """Names of the transcoder sets that ship inside the package."""
-    if not SHIPPED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.yaml").exists())
+    """Names of the installed shipped transcoder sets (packages in the ``mechscope.transcoder_sets``
+    entry point group)."""
+    return sorted(name for name, path in _installed_sets().items() if (path / "config.yaml").exists())
+
+
+def install_line(name: str) -> str:
+    """How to install a shipped set that is missing (from a mechscope checkout)."""
+    return f"pip install ./sets/{name}  (the {KNOWN_SETS[name]} package in mechscope's repository; scripts/setup.sh installs it)"
 
 
 def default_transcoders_for(model_id: str) -> str:
@@ -73,10 +101,14 @@ def resolve_transcoders(name_or_path: str) -> Path:
     """Directory of a shipped set name or a local set directory.
 
     Raises:
+        BadInputError: a known shipped set whose package is not installed (names the install line).
         UnknownNameError: neither a shipped name nor a directory with ``config.yaml``.
     """
-    if name_or_path in shipped_sets():
-        return SHIPPED_DIR / name_or_path
+    installed = _installed_sets()
+    if name_or_path in installed and (installed[name_or_path] / "config.yaml").exists():
+        return installed[name_or_path]
+    if name_or_path in KNOWN_SETS:
+        raise BadInputError(f"transcoder set {name_or_path!r} is not installed: {install_line(name_or_path)}")
     path = Path(name_or_path).expanduser()
     if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path)):
         return path
@@ -193,20 +225,34 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> PerLayerTranscoderSe
     return result.requires_grad_(False)
 
 
+def _gemma_scope_2_files(path: Path) -> list[Path]:
+    """The layer files of a Gemma Scope 2 directory: ``path/layer_*/params.safetensors`` one level
+    down and no deeper, so a directory is what it names, not what some folder below it holds."""
+    return sorted(path.glob("layer_*/params.safetensors"), key=_layer_number)
+
+
 def _is_gemma_scope_2(path: Path) -> bool:
-    return any(path.glob("**/params.safetensors"))
+    return bool(_gemma_scope_2_files(path))
 
 
 def load_gemma_scope_2(path: str | os.PathLike, model_name: str = "") -> PerLayerTranscoderSet:
-    """Load Gemma Scope 2 per-layer transcoders from ``path/**/layer_{i}*/params.safetensors``.
+    """Load Gemma Scope 2 per-layer transcoders from ``path/layer_{i}*/params.safetensors``.
 
     Gemma Scope 2 stores ``w_enc`` as ``[d_model, d_sae]`` (transposed here to circuit-tracer's
     ``W_enc [d_sae, d_model]``) and the affine skip as ``[d_in, d_out]`` (``W_skip = A.T``).
     """
     path = Path(path)
-    files = sorted(path.glob("**/params.safetensors"), key=_layer_number)
+    files = _gemma_scope_2_files(path)
     if not files:
         raise UnknownNameError("transcoder set", str(path), shipped_sets())
+    layers = [_layer_number(f) for f in files]
+    for layer in sorted(set(layers)):
+        variants = [f.parent.name for f, n in zip(files, layers) if n == layer]
+        if len(variants) > 1:
+            raise BadInputError(
+                f"{path} holds {len(variants)} Gemma Scope 2 transcoders for layer {layer} ({', '.join(variants)}); "
+                "point --transcoders at a directory with one layer_* directory per layer"
+            )
     transcoders = []
     for file in files:
         raw = _read_safetensors(file)

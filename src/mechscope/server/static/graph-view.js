@@ -84,10 +84,14 @@ export function render() {
     label.style.top = `${y - 8}px`; // CSSOM, not a style attribute: the page's CSP forbids inline styles
     labels.append(label);
   }
+  // a chat prompt's tokens carry roles (metadata.chat.token_roles): template tokens are dimmed, the
+  // user's and the assistant's words stand out, so the question and the assistant header are easy to find
+  const roles = (state.graph.metadata.chat && state.graph.metadata.chat.token_roles) || [];
   state.graph.metadata.prompt_tokens.forEach((token, pos) => {
     const x = starts[pos] + widths[pos] / 2;
     const y = yOfRow(0) + state.rowHeight / 2 + 14;
-    const text = el("svg:text", { x, y, class: "axis-token", "text-anchor": "end", transform: `rotate(-45 ${x} ${y})` },
+    const role = roles[pos] ? ` role-${roles[pos]}` : "";
+    const text = el("svg:text", { x, y, class: `axis-token${role}`, "text-anchor": "end", transform: `rotate(-45 ${x} ${y})` },
       token.replace(/\n/g, "⏎"));
     svg.append(text);
   });
