@@ -212,23 +212,48 @@ def adapter_class_for(model_type: str) -> type[ModelAdapter]:
     return by_type[model_type]
 
 
-def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize ``gguf`` into a safetensors model directory (once; atomic via rename)."""
-    if (out_dir / "config.json").exists():
-        return out_dir
+def _dequantize_into(gguf: str, tmp: str) -> None:
+    """Child-process body of :func:`_convert_gguf`: dequantize and save, then fsync every file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    logger.info("dequantizing %s into %s (once)", gguf, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    hf_logging.disable_progress_bar()
+    gguf_path = Path(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     model.hf_quantizer = None  # dequantized weights are plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for file in Path(tmp).iterdir():  # written back now, not while the first trace reads them
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize ``gguf`` into a safetensors model directory (once; atomic via rename).
+
+    The conversion runs in a child process: the dequantized float32 copy and the GGUF reader's
+    buffers (about 1 GB for Gemma 3 270M) are then returned to the system before the model is
+    loaded for use, so the first command on a fresh cache peaks no higher than later ones, and
+    its files are synced to disk before they are read.
+
+    Raises:
+        CorruptFileError: the conversion failed (the message of the child's error).
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import multiprocessing
+
+    logger.info("dequantizing %s into %s (once)", gguf, out_dir)
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        context = multiprocessing.get_context("spawn")
+        child = context.Process(target=_dequantize_into, args=(str(gguf), str(tmp)))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise CorruptFileError(f"dequantizing {gguf} failed (exit code {child.exitcode}); see the error above")
     return out_dir
 
 
