@@ -125,3 +125,57 @@ def test_suggestions_on_a_real_graph_export_validate(tiny_adapter, make_tiny_tra
     validate_neuronpedia(data)
     view = supernode_view(data)
     assert torch.isclose(view.adjacency.sum(), torch.tensor(sum(l["weight"] for l in data["links"])), rtol=1e-4)
+
+
+def _merge_loop(similarity: torch.Tensor, threshold: float) -> list[list[int]]:
+    """The original reference: merge the pair of clusters with the highest mean similarity while it
+    is at least ``threshold`` (quadratic per merge; fine for small graphs)."""
+    clusters = [[i] for i in range(len(similarity))]
+    while len(clusters) > 1:
+        best, pair = threshold, None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                mean = float(similarity[clusters[a]][:, clusters[b]].mean())
+                if mean >= best:
+                    best, pair = mean, (a, b)
+        if pair is None:
+            break
+        a, b = pair
+        clusters[a] = clusters[a] + clusters.pop(b)
+    return clusters
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
+def test_scipy_average_linkage_gives_the_merge_loops_groups(seed, threshold):
+    from mechscope.graph.supernodes import _average_linkage
+
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, 12, generator=gen)  # five families of profiles, noisy members
+    profiles = centres[torch.randint(0, 5, (40,), generator=gen)] + 0.7 * torch.randn(40, 12, generator=gen)
+    profiles = profiles / profiles.norm(dim=1, keepdim=True)
+    similarity = profiles @ profiles.T
+    expected = sorted(sorted(c) for c in _merge_loop(similarity, threshold))
+    got = _average_linkage(similarity, threshold)
+    assert sorted(got) == expected
+    assert 1 < len(expected) < 40  # the threshold really cuts the tree
+
+
+def test_suggestions_on_a_thousand_feature_graph_finish(two_hop):
+    """A graph of 1,000 feature nodes (the README graph has 969): the old merge loop took minutes
+    per pass here; average linkage finishes (no timing asserted: see benchmarks for speed)."""
+    import random
+
+    rng = random.Random(0)
+    nodes = [{"node_id": f"{i % 18}_{i}_{i % 9}", "feature_type": "cross layer transcoder", "layer": str(i % 18),
+              "ctx_idx": i % 9, "clerp": ""} for i in range(1000)]
+    nodes.append({"node_id": "19_7_8", "feature_type": "logit", "layer": "19", "ctx_idx": 8, "clerp": 'Output " x"'})
+    links = []
+    for _ in range(20000):  # acyclic, as attribution graphs are: edges go to a later layer or to the logit
+        a, b = rng.randrange(1000), rng.randrange(1001)
+        if b == 1000 or int(nodes[a]["layer"]) < int(nodes[b]["layer"]):
+            links.append({"source": nodes[a]["node_id"], "target": nodes[b]["node_id"], "weight": rng.uniform(-1, 1)})
+    data = {"metadata": {"prompt_tokens": [f"t{i}" for i in range(9)]}, "nodes": nodes, "links": links}
+    suggestions = suggest_supernodes(data, min_similarity=0.1)
+    members = [n for s in suggestions for n in s.node_ids]
+    assert len(members) == len(set(members)) and all(len(s.node_ids) >= 2 for s in suggestions)
