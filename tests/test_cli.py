@@ -130,3 +130,18 @@ def test_unknown_model_name_lists_known_models(tmp_path, capsys, monkeypatch):
     code, _, err = run(["trace", "x", "--model", "no-such-model", "--out", str(tmp_path / "out")], capsys)
     assert code == 2
     assert "unknown model 'no-such-model'" in err and "gemma-3-270m" in err and "smollm2-135m-instruct" in err
+
+
+def test_the_serve_hint_names_the_command_as_it_can_be_run(tmp_path, monkeypatch):
+    from mechscope.cli.trace import command_name
+
+    exe = tmp_path / "venv" / "bin" / "mechscope"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(exe)])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert command_name() == "venv/bin/mechscope"  # not on PATH: the path it was started by
+    monkeypatch.setenv("PATH", str(exe.parent))
+    assert command_name() == "mechscope"

@@ -179,10 +179,35 @@ def test_probe_percentages_are_exact_against_the_store(setup, tiny_dirs, capsys)
     code, out, err = run(argv, capsys)
     assert code == 0, err
     rows = json.loads(out)
-    assert [set(r) for r in rows] == [{"prompt", "max_activation", "percent_of_max", "token", "position"}] * 2
+    assert [set(r) for r in rows] == [{"prompt", "max_activation", "percent_of_max", "token", "position", "active",
+                                       "pre_activation"}] * 2
     assert [r["percent_of_max"] for r in rows] == pytest.approx([r.percent_of_max for r in results], rel=1e-5)
     code, out, err = run(argv[:2] + [" "] + argv[4:], capsys)
     assert code == 2 and "prompt is empty" in err
+
+
+def test_probe_says_when_a_feature_does_not_fire(setup, tiny_dirs, capsys):  # noqa: F811
+    from test_cli import run
+
+    from mechscope.features.probe import probe_feature
+
+    rm, _, path, _ = setup
+    store = FeatureStore(path)
+    prompt = "a cat sat on the mat"
+    ids = rm.tokenize(prompt)
+    inputs, _ = rm.model.run_with_mlp_sites(ids[None])
+    silent = [(layer, f) for layer in range(2) for f in range(48) if store.feature(layer, f).max_value > 0
+              and not (rm.transcoders.encode(layer, inputs[layer][0].float())[1:, f] > 0).any()]
+    assert silent, "every feature fires on the prompt"
+    layer, feature = silent[0]
+    (result,) = probe_feature(rm, layer, feature, [prompt], store.feature(layer, feature).max_value)
+    pre = rm.transcoders.pre_activations(layer, inputs[layer][0].float())[1:, feature]
+    assert not result.active and result.max_activation == 0.0 and str(result.percent_of_max) == "0.0"
+    assert result.position == int(pre.argmax()) + 1 and result.pre_activation == pytest.approx(float(pre.max()))
+    code, out, err = run(["probe", f"{layer}/{feature}", prompt, "--store", str(path), "--model", str(tiny_dirs / "model"),
+                          "--transcoders", str(tiny_dirs / "tcs")], capsys)
+    assert code == 0, err
+    assert "inactive" in out and "closest at" in out and "-0.0" not in out
 
 
 def test_coactivation_matches_brute_force(setup):

@@ -9,6 +9,7 @@ unembedding row ("demeaned"), so its attribution explains the logit relative to 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,12 @@ from jaxtyping import Float
 
 from mechscope.errors import BadInputError
 
-__all__ = ["LogitTarget", "select_logit_targets"]
+__all__ = ["LogitTarget", "select_logit_targets", "unlikely_target_warnings"]
+
+logger = logging.getLogger(__name__)
+
+#: a named target below this probability gets a warning (it explains an output the model does not give)
+UNLIKELY = 0.01
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ def select_logit_targets(
                 )
             ids.append(encoded[0])
         ids_t = torch.tensor(ids)
+        for message in unlikely_target_warnings(tokens, ids, probs, tokenizer):
+            logger.warning(message)
     else:
         top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
         cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob))) + 1
@@ -74,3 +82,41 @@ def select_logit_targets(
     vectors = W_U[ids_t].float() - W_U_mean
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors
+
+
+def _variants(text: str) -> list[str]:
+    stripped = text.strip()
+    return list(dict.fromkeys(v for v in (" " + stripped, stripped, " " + stripped.capitalize(), stripped.capitalize(),
+                                          " " + stripped.lower()) if v and v != text))
+
+
+def unlikely_target_warnings(
+    texts: tuple[str, ...], ids: list[int], probs: Float[torch.Tensor, "vocab"], tokenizer
+) -> list[str]:
+    """Warnings for named targets the model hardly predicts (p < 0.01): the likely intent is a
+    variant — most often the leading space (``"basketball"`` vs ``" basketball"``) — when that is one
+    token with a higher probability; otherwise the top token is named.
+
+    Args:
+        texts, ids: the named targets and their token ids.
+        probs: ``[vocab]`` next-token probabilities at the last position.
+    """
+    messages = []
+    for text, token_id in zip(texts, ids):
+        p = float(probs[token_id])
+        if p >= UNLIKELY:
+            continue
+        better = []
+        for variant in _variants(text):
+            encoded = tokenizer(variant, add_special_tokens=False).input_ids
+            if len(encoded) == 1 and float(probs[encoded[0]]) > max(10 * p, UNLIKELY):
+                better.append((float(probs[encoded[0]]), variant))
+        if better:
+            q, variant = max(better)
+            messages.append(f"target {text!r} has p = {p:.4f} here, but {variant!r} has p = {q:.3f}: "
+                            f"did you mean --target {variant!r}?")
+        else:
+            top = int(probs.argmax())
+            messages.append(f"target {text!r} has p = {p:.4f} here: the graph explains an output the model hardly "
+                            f"gives (its top token is {tokenizer.decode([top])!r}, p = {float(probs[top]):.3f})")
+    return messages

@@ -135,7 +135,7 @@ def _check_prompt_matches_graph(tokens: list[str], graph_tokens: list[str], inte
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--readout", "readouts", multiple=True, metavar="SUPERNODE_LABEL",
               help="Report this supernode's activation as % of clean.")
-@click.option("--token", "tokens", multiple=True, help="Report this token's logit difference (single token).")
+@click.option("--token", "tokens", multiple=True, help="Report this token's probability and logit change, intervened minus clean (single token).")
 @click.option("--top-k", type=int, default=10, show_default=True)
 @click.option("--model", "model_name", default=None, help="Default: the graph's model.")
 @click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's transcoder set.")
@@ -234,7 +234,7 @@ def _token_report(result, token: str, token_id: int) -> dict:
     import torch
 
     probs = {w: float(torch.softmax(getattr(result, f"{w}_logits"), -1)[token_id]) for w in ("clean", "intervened")}
-    return {"token": token, "token_id": token_id, "logit_difference": result.logit_difference(token_id),
+    return {"token": token, "token_id": token_id, "logit_change": result.logit_change(token_id),
             "clean_prob": probs["clean"], "intervened_prob": probs["intervened"]}
 
 
@@ -249,7 +249,7 @@ def _print(summary: dict) -> None:
         echo(f"  {c['token']!r:>18} {c['prob']:.3f}   {n['token']!r:>18} {n['prob']:.3f}")
     for t in summary["tokens"]:
         echo(f"token {t['token']!r}: p {t['clean_prob']:.3f} -> {t['intervened_prob']:.3f}, "
-             f"logit {t['logit_difference']:+.3f}")
+             f"logit change (intervened - clean) {t['logit_change']:+.3f}")
     for label, percent in summary["readouts"].items():
         echo(f"supernode {label!r}: {percent:.1f}% of clean activation")
         for m in summary["readout_members"][label]:

@@ -55,4 +55,8 @@ def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store
         return
     click.echo(f"feature {layer}/{index}: dashboard max {dashboard.max_value:.3f}")
     for r in results:
-        click.echo(f"  {r.percent_of_max:7.1f}%  {r.max_activation:8.3f}  at {r.token!r} (pos {r.position})  {r.prompt!r}")
+        if r.active:
+            click.echo(f"  {r.percent_of_max:7.1f}%  {r.max_activation:8.3f}  at {r.token!r} (pos {r.position})  {r.prompt!r}")
+        else:
+            click.echo(f"  {'inactive':>8}  {'':>8}  closest at {r.token!r} (pos {r.position}, pre-activation "
+                       f"{r.pre_activation:.3f})  {r.prompt!r}")

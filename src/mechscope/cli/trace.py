@@ -143,6 +143,25 @@ def _store_annotations(store: str | None, transcoders_name: str, scan: str):
     return feature_store.labels(), feature_store.density_table()
 
 
+def command_name() -> str:
+    """How to call mechscope again from here: ``mechscope`` when that is on PATH and is this one,
+    else the path it was started by (``.venv/bin/mechscope`` after ``scripts/setup.sh``)."""
+    import os
+    import shutil
+
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if started is None or started.name != "mechscope":
+        return "mechscope"
+    on_path = shutil.which("mechscope")
+    if on_path and Path(on_path).resolve() == started.resolve():
+        return "mechscope"
+    try:
+        relative = os.path.relpath(started)
+    except ValueError:
+        return str(started)
+    return relative if not relative.startswith("..") else str(started)
+
+
 def _print_summary(summary: dict, graph, pruned) -> None:
     echo = click.echo
     echo(f"prompt tokens: {summary['prompt_tokens']}")
@@ -159,6 +178,6 @@ def _print_summary(summary: dict, graph, pruned) -> None:
         for node in scores.argsort()[:10].tolist():
             layer, pos, feature, act = graph.feature_of(node)
             echo(f"  L{layer:<2} pos {pos:<3} #{feature:<6} act={act:.2f}  token {graph.input_tokens[pos]!r}")
-    echo(f"graph: {summary['graph_path']}  (explore it: mechscope serve {Path(summary['graph_path']).parent})")
+    echo(f"graph: {summary['graph_path']}  (explore it: {command_name()} serve {Path(summary['graph_path']).parent})")
     echo(f"wall time: {summary['seconds']:.1f}s (attribution {summary['attribution_seconds']:.1f}s), "
          f"peak RSS {summary['peak_rss_mb']:.0f} MB")

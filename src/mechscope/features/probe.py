@@ -19,13 +19,20 @@ __all__ = ["ProbeResult", "probe_feature"]
 
 @dataclass
 class ProbeResult:
-    """One prompt's maximum activation (``position`` / ``token`` where it occurs; BOS excluded)."""
+    """One prompt's maximum activation (``position`` / ``token`` where it occurs; BOS excluded).
+
+    When the feature does not fire on the prompt (``active`` false), ``max_activation`` and
+    ``percent_of_max`` are 0 and ``position`` / ``token`` name where it came closest: the largest
+    pre-activation, ``pre_activation``.
+    """
 
     prompt: str
     max_activation: float
     percent_of_max: float
     token: str
     position: int
+    active: bool = True
+    pre_activation: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,9 +57,14 @@ def probe_feature(rm: ReplacementModel, layer: int, feature: int, prompts: list[
         ids = rm.tokenize(prompt)
         first = 1 if rm.model.has_bos(ids) else 0
         inputs, _ = rm.model.run_with_mlp_sites(ids[None], layers=[layer])
-        acts = rm.transcoders.encode(layer, inputs[0][0].float())[:, feature]
-        position = first + int(acts[first:].argmax())  # BOS excluded, also when the feature never fires
-        value = float(acts[position])
+        x = inputs[0][0].float()
+        acts = rm.transcoders.encode(layer, x)[:, feature]
+        pre = rm.transcoders.pre_activations(layer, x)[:, feature]
+        active = bool((acts[first:] > 0).any())
+        # BOS excluded; a feature that does not fire is placed where its pre-activation is largest
+        position = first + int((acts if active else pre)[first:].argmax())
+        value = float(acts[position]) if active else 0.0
         results.append(ProbeResult(prompt, value, 100.0 * value / dashboard_max,
-                                   rm.model.tokenizer.decode([int(ids[position])]), position))
+                                   rm.model.tokenizer.decode([int(ids[position])]), position, active,
+                                   float(pre[position])))
     return results

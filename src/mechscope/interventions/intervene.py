@@ -105,7 +105,7 @@ class InterventionResult:
         values, ids = probs.topk(k)
         return [(int(i), float(v)) for i, v in zip(ids, values)]
 
-    def logit_difference(self, token_id: int) -> float:
+    def logit_change(self, token_id: int) -> float:
         """Intervened minus clean logit of ``token_id``."""
         return float(self.intervened_logits[token_id] - self.clean_logits[token_id])
 
