@@ -38,7 +38,7 @@ def make_graph_json(slug: str = "texas") -> dict:
         nodes.append({"node_id": f"{layer}_{feature}_{pos}", "feature": cantor_pair(layer, feature), "layer": str(layer),
                       "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{feature}-0",
                       "clerp": label, "influence": influence, "activation": activation, "token_prob": 0.0,
-                      "is_target_logit": False})
+                      "is_target_logit": False, "direct_effect": 0.1 * feature - 0.45, "total_effect": -0.25 * feature})
     for layer, pos in ((0, 4), (2, 5)):
         nodes.append({"node_id": f"{layer}_-1_{pos}", "feature": -1, "layer": str(layer), "ctx_idx": pos,
                       "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0",
@@ -55,7 +55,7 @@ def make_graph_json(slug: str = "texas") -> dict:
              ("E_105_5", "2_4_5", 0.5)]
     return {
         "metadata": {"slug": slug, "scan": SCAN, "prompt_tokens": PROMPT_TOKENS,
-                     "prompt": "".join(PROMPT_TOKENS[1:]), "node_threshold": 0.8,
+                     "prompt": "".join(PROMPT_TOKENS[1:]), "node_threshold": 0.8, "effects_target": " Austin",
                      "info": {"generator": {"name": "mechscope", "version": "test"}}},
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,

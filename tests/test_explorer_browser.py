@@ -113,6 +113,9 @@ def test_explore_label_group_save_and_reload(explorer, page):
     card = page.locator("#node-card")
     assert card.locator(".card-title").text_content() == "Texas"
     assert "2.500" in card.locator(".card-facts").text_content()
+    facts = card.locator(".card-facts").text_content()  # node 0_5_4: signed effects next to unsigned influence
+    assert 'influence (unsigned)0.100' in facts and 'direct effect on " Austin"+0.050' in facts
+    assert 'total effect on " Austin"-1.25' in facts
     page.wait_for_selector("#node-card .example")
     assert card.locator(".logits .up li").first.text_content().startswith('" Austin"')
     assert card.locator(".logits .down li").first.text_content().startswith('" Paris"')

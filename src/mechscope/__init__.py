@@ -37,6 +37,7 @@ _API = {
     "PruneResult": "mechscope.graph.prune",
     "graph_scores": "mechscope.graph.prune",
     "logit_influence": "mechscope.graph.prune",
+    "signed_effects": "mechscope.graph.effects",
     "Supernode": "mechscope.graph.supernodes",
     "suggest_supernodes": "mechscope.graph.supernodes",
     "supernode_view": "mechscope.graph.supernodes",

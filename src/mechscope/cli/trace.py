@@ -173,11 +173,17 @@ def _print_summary(summary: dict, graph, pruned) -> None:
     echo(f"replacement score: {summary['replacement_score']:.3f}   "
          f"completeness score: {summary['completeness_score']:.3f}")
     if pruned is not None and graph.n_features:
+        from mechscope.graph.effects import signed_effects
+
         scores = pruned.cumulative_scores[: graph.n_features]
-        echo("most influential features (layer/pos/index, activation):")
+        effects = signed_effects(graph)
+        target = graph.logit_tokens[0]
+        echo(f"most influential features (influence is unsigned; effects are signed, on {target!r}, in logit units):")
+        echo(f"  {'node id':<14} {'layer/feature':<14} {'token':<14} {'act':>7} {'direct':>8} {'total':>8}")
         for node in scores.argsort()[:10].tolist():
             layer, pos, feature, act = graph.feature_of(node)
-            echo(f"  L{layer:<2} pos {pos:<3} #{feature:<6} act={act:.2f}  token {graph.input_tokens[pos]!r}")
+            echo(f"  {graph.node_id(node):<14} {f'{layer}/{feature}':<14} {graph.input_tokens[pos]!r:<14} {act:7.2f} "
+                 f"{float(effects.direct[node, 0]):+8.3f} {float(effects.total[node, 0]):+8.3f}")
     echo(f"graph: {summary['graph_path']}  (explore it: {command_name()} serve {Path(summary['graph_path']).parent})")
     echo(f"wall time: {summary['seconds']:.1f}s (attribution {summary['attribution_seconds']:.1f}s), "
          f"peak RSS {summary['peak_rss_mb']:.0f} MB")

@@ -15,6 +15,7 @@ import re
 import time
 
 from mechscope.export.schema import read_neuronpedia, validate_neuronpedia, write_neuronpedia
+from mechscope.graph.effects import signed_effects
 from mechscope.graph.graph import Graph, NodeKind
 from mechscope.graph.prune import PruneResult
 from mechscope.node_ids import cantor_pair
@@ -35,11 +36,13 @@ def slugify(text: str, max_len: int = 60) -> str:
     return slug or "graph"
 
 
-def _node(graph: Graph, node: int, influence: float, labels: dict[str, str], densities) -> dict:
+def _node(graph: Graph, node: int, influence: float, labels: dict[str, str], densities, effects) -> dict:
     kind = graph.node_kind(node)
     node_id = graph.node_id(node)
     entry = {"node_id": node_id, "feature_type": FEATURE_TYPES[kind], "influence": influence,
              "activation": None, "clerp": "", "token_prob": 0.0, "is_target_logit": False}
+    if kind != NodeKind.LOGIT:  # signed, on the top logit target (see mechscope.graph.effects)
+        entry.update(direct_effect=float(effects.direct[node, 0]), total_effect=float(effects.total[node, 0]))
     if kind == NodeKind.FEATURE:
         layer, pos, feature, activation = graph.feature_of(node)
         entry.update(feature=cantor_pair(layer, feature), layer=str(layer), ctx_idx=pos,
@@ -80,6 +83,9 @@ def to_neuronpedia(
     Args:
         labels: human feature labels keyed ``"layer/feature"`` (become ``clerp``), e.g.
             ``FeatureStore.labels()``.
+        Every node but the logits carries ``direct_effect`` and ``total_effect``: its signed effect on
+        the top logit target (``metadata.effects_target``), in demeaned-logit units
+        (:func:`mechscope.graph.effects.signed_effects`; ``influence`` is unsigned).
         densities: ``[n_layers, d_transcoder]`` activation densities from a feature store
             (``FeatureStore.density_table()``); feature nodes then carry ``density`` (an extra field
             Neuronpedia ignores; ``suggest_supernodes`` leaves dense features out).
@@ -93,7 +99,9 @@ def to_neuronpedia(
     influence = pruned.cumulative_scores if pruned is not None else None
     kept = [i for i in range(n) if node_mask is None or bool(node_mask[i])]
     labels = labels or {}
-    nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities) for i in kept]
+    effects = signed_effects(graph)
+    nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities, effects)
+             for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
     kept_set = set(kept)
     links, block_rows = [], 1024  # row blocks: no N x N boolean copies
@@ -120,6 +128,7 @@ def to_neuronpedia(
             "prompt_tokens": graph.input_tokens,
             "prompt": graph.prompt,
             "model_id": graph.model_id,
+            "effects_target": graph.logit_tokens[0] if graph.n_logits else None,
             "node_threshold": node_threshold if node_threshold is not None else 1.0,
             "schema_version": 1,
             "info": {

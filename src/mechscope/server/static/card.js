@@ -21,8 +21,15 @@ export function showCard(id) {
   fact("token", `${node.ctx_idx}: ${JSON.stringify(token)}`);
   if (kind === "feature") fact("activation", fmt(node.activation, 4));
   if (kind === "logit") fact("probability", fmt(node.token_prob, 3));
-  fact("influence", fmt(node.influence));
-  fact("density", node.density !== undefined ? fmt(node.density) : "–");
+  fact("influence (unsigned)", fmt(node.influence));
+  if (node.total_effect !== undefined) {
+    const target = state.graph.metadata.effects_target;
+    const on = target !== undefined && target !== null ? ` on ${JSON.stringify(target)}` : "";
+    const signed = (v) => (v > 0 ? "+" : "") + fmt(v, 3);
+    fact(`direct effect${on}`, signed(node.direct_effect));
+    fact(`total effect${on}`, signed(node.total_effect));
+  }
+  if (node.density !== undefined) fact("density", fmt(node.density));
   const children = [el("p", { class: "card-title" }, title), facts];
   if (kind === "feature") {
     const input = el("input", { id: "label-input", type: "text", placeholder: "feature label", "aria-label": "feature label" });
