@@ -145,3 +145,49 @@ def test_the_serve_hint_names_the_command_as_it_can_be_run(tmp_path, monkeypatch
     assert command_name() == "venv/bin/mechscope"  # not on PATH: the path it was started by
     monkeypatch.setenv("PATH", str(exe.parent))
     assert command_name() == "mechscope"
+
+
+def _run_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run the mechscope command with stderr on a pseudo-terminal; returns (exit code, what it wrote there)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
+    exe = os.path.join(os.path.dirname(sys.executable), "mechscope")
+    proc = subprocess.Popen([exe, *argv], stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_long_commands_show_phases_on_a_terminal_only(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    args = trace_args(tiny_dirs, tmp_path / "g", "--max-feature-nodes", "20")[1:]
+    code, terminal = _run_on_a_terminal(["trace", *args])
+    assert code == 0, terminal
+    for phase in ("s] loading", "s] clean run of", "active features;", "s] pruning and scores", "s] exporting"):
+        assert phase in terminal, (phase, terminal)
+    assert "attribution" in terminal  # the bar
+    code, terminal = _run_on_a_terminal(["trace", *args, "--json"])
+    assert code == 0 and "s] " not in terminal and "attribution" not in terminal, terminal
+    exe = sys.executable.replace("python", "mechscope")
+    piped = subprocess.run([exe, "trace", *args], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "s] " not in piped.stderr and "attribution:" not in piped.stderr, piped.stderr

@@ -166,7 +166,7 @@ def test_dream_cli(tiny_dirs, tmp_path, capsys, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["dream", "1-3"], "feature id '1-3' must be LAYER/INDEX"),
+    (["dream", "1-3"], "feature '1-3' is not a feature id; write LAYER/FEATURE"),
     (["dream", "1/999"], "feature 999 is out of range 0..47"),
     (["dream", "7/3"], "layer 7 is out of range 0..1"),
     (["dream", "1/3", "--iters", "0"], "n_iters must be >= 1"),

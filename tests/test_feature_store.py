@@ -124,8 +124,8 @@ def test_labels_bad_ids_and_reader_without_torch(setup, tmp_path):
     assert len(store.densest(5)) == 5
     with pytest.raises(BadInputError, match="feature 9/0 is not in the store; layers 0..1"):
         store.feature(9, 0)
-    with pytest.raises(BadInputError, match="LAYER/INDEX"):
-        parse_feature_id("12:3")
+    with pytest.raises(BadInputError, match="LAYER/FEATURE"):
+        parse_feature_id("12-3")
     with pytest.raises(BadInputError, match="no feature store"):
         FeatureStore(tmp_path / "none.sqlite")
     with pytest.raises(BadInputError, match="--tokens must be >= 1"):
@@ -147,7 +147,7 @@ def test_features_cli_show_and_label(setup, capsys):
     assert code == 0 and FeatureStore(path).labels()["1/4"] == "a label"
     code, out, err = run(["features", "show", "1/4", "--store", str(path)], capsys)
     assert code == 0 and '"a label"' in out and "top activations" in out
-    for argv, message in ((["features", "show", "1-4", "--store", str(path)], "LAYER/INDEX"),
+    for argv, message in ((["features", "show", "1-4", "--store", str(path)], "LAYER/FEATURE"),
                           (["features", "show", "7/0", "--store", str(path)], "not in the store"),
                           (["features", "show", "1/4", "--store", str(path) + ".none"], "no feature store"),
                           (["features", "build", "--tokens", "0"], "--tokens must be >= 1")):

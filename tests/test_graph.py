@@ -133,6 +133,43 @@ def test_save_load_round_trip(graph, tmp_path):
         load_graph(tmp_path / "g")
 
 
+def test_a_pruned_save_holds_exactly_the_exchange_graph(graph, tmp_path):
+    """What trace keeps by default: the pruned graph's edges, in a file proportional to them, and
+    exactly the nodes and links of the exchange JSON that intervene, supernodes and serve read."""
+    from mechscope.graph.io import saved_edges
+
+    pruned = prune_graph(graph, 0.8, 0.98)
+    save_graph(graph, tmp_path / "full")
+    save_graph(graph, tmp_path / "pruned", pruned, (0.8, 0.98))
+    assert saved_edges(tmp_path / "pruned") == {"kept": "pruned", "node_threshold": 0.8, "edge_threshold": 0.98,
+                                                "n_edges": int(pruned.edge_mask.sum())}
+    small, full = (tmp_path / d / "graph.safetensors" for d in ("pruned", "full"))
+    assert small.stat().st_size < 0.5 * full.stat().st_size
+    loaded = load_graph(tmp_path / "pruned")
+    assert torch.equal(loaded.adjacency, torch.where(pruned.edge_mask, graph.adjacency, torch.zeros(())))
+    exchange = to_neuronpedia(graph, pruned, "x")
+    again = to_neuronpedia(loaded, pruned, "x")
+    links = {(link["source"], link["target"]): link["weight"] for link in exchange["links"]}
+    assert {(link["source"], link["target"]): link["weight"] for link in again["links"]} == links
+    assert [n["node_id"] for n in again["nodes"]] == [n["node_id"] for n in exchange["nodes"]]
+    index = loaded.adjacency.nonzero().tolist()
+    assert {(loaded.node_id(s), loaded.node_id(t)) for t, s in index} == set(links)
+
+
+def test_schema_1_dense_graphs_still_load(graph, tmp_path):
+    from safetensors.torch import save_file
+
+    save_graph(graph, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "graph.json").read_text())
+    meta["schema_version"] = 1
+    (tmp_path / "g" / "graph.json").write_text(json.dumps(meta))
+    tensors = {name: getattr(graph, name).contiguous() for name in ("input_ids", "active_features", "activation_values",
+                                                                     "selected_features", "logit_token_ids",
+                                                                     "logit_probabilities", "adjacency")}
+    save_file(tensors, str(tmp_path / "g" / "graph.safetensors"))
+    assert torch.equal(load_graph(tmp_path / "g").adjacency, graph.adjacency)
+
+
 def test_node_ids_follow_the_conventions(graph):
     ids = [graph.node_id(i) for i in range(graph.n_nodes)]
     assert len(set(ids)) == len(ids)

@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mechscope.attribution.edge_rows import EdgeRows
 from mechscope.attribution.targets import select_logit_targets
+from mechscope.progress import Progress
 from mechscope.errors import BadInputError
 from mechscope.graph.graph import Graph
 from mechscope.memory import release_free_memory
@@ -169,15 +169,21 @@ def _feature_rows(
     return features[: len(idx)], others[: len(idx)]
 
 
-def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(), progress: bool = False) -> Graph:
+def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(),
+              progress: Progress | bool = False) -> Graph:
     """Attribution graph of ``prompt`` (unpruned; see :func:`mechscope.graph.prune.prune_graph`).
+
+    Args:
+        progress: phase lines and a bar on stderr (:class:`mechscope.progress.Progress`, or a bool).
 
     Raises:
         BadInputError: empty or over-long prompt, or a target that is not a single token.
     """
     start = time.perf_counter()
+    progress = Progress.of(progress)
     # phase 1: trace
     input_ids = rm.tokenize(prompt)
+    progress.phase(f"clean run of {len(input_ids)} tokens, encoding {rm.model.n_layers} layers")
     # the unembedding is read in blocks released after use, here and for its mean: the backward
     # passes never read it, and on Gemma 3 270M it is two thirds of the weights
     trace = rm.trace(input_ids, release_vocabulary=True)
@@ -192,6 +198,9 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     n_pos, n_layers = trace.n_pos, rm.model.n_layers
     n_visit = n_active if config.max_feature_nodes is None else min(config.max_feature_nodes, n_active)
     logger.info("%d tokens, %d active features, visiting %d, %d logit targets", n_pos, n_active, n_visit, n_logits)
+    progress.phase(f"{n_active:,} active features; {n_logits} logit targets "
+                   f"({', '.join(repr(t.token) for t in targets[:3])}{', ...' if n_logits > 3 else ''}); "
+                   f"edges of {n_visit:,} features by influence")
     # phase 3: one frozen forward pass, reused by every backward pass
     batch = max(1, min(config.batch_size, max(n_visit, n_logits)))
     frozen = FrozenReplacement(rm, trace, batch)
@@ -210,7 +219,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     # below its highest target and stores only the feature columns those layers hold
     visited = torch.zeros(n_active, dtype=torch.bool)
     n_done = 0
-    bar = tqdm(total=n_visit, disable=not progress, desc="attribution", unit="feature")
+    bar = progress.bar(total=n_visit, desc="attribution", unit="feature")
     logit_probs = torch.tensor([t.prob for t in targets])
     while n_done < n_visit:
         if n_visit == n_active:
@@ -230,6 +239,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     bar.close()
     stored_mb = rows.nbytes() / 2**20
     # phase 6: assemble the node set [selected features, errors, tokens, logits]
+    progress.phase("assembling the adjacency")
     selected = visited.nonzero().flatten()
     release_free_memory()
     adjacency = rows.assemble(selected, n_logits)

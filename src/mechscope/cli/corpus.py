@@ -32,7 +32,9 @@ def build(sources, weights, max_docs, out_dir):
 
     config = CorpusConfig(sources=tuple(sources) or DEFAULT_SOURCES, weights=tuple(weights),
                           max_docs_per_source=max_docs)
-    out = build_corpus(config, Path(out_dir) if out_dir else None)
+    from mechscope.progress import Progress
+
+    out = build_corpus(config, Path(out_dir) if out_dir else None, progress=Progress.for_terminal())
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["sources"]:
         click.echo(f"{entry['name']:>14}: {entry['documents']:>6} documents, "

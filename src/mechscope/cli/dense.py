@@ -71,13 +71,18 @@ def dense(top, transcoders_name, model_name, store, corpus_path, coactivation_se
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
+    from mechscope.progress import Progress
+
+    progress = Progress.for_terminal(quiet=as_json)
+    progress.phase(f"loading {model_name} and {transcoders_name}")
     model = load_model(model_name)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     ids = [(layer, feature) for layer, feature, _ in densest]
     cosines = decoder_cosines(rm.transcoders, ids)
     stream = TokenStream(Path(corpus_path) if corpus_path else corpus_dir(), model.tokenizer,
                          feature_store.meta["ctx_len"], "train", feature_store.meta["seed"], mix=feature_store.meta["mix"])
-    coactive = coactivation(rm, stream, ids, coactivation_sequences)
+    progress.phase(f"co-activation of the {len(ids)} densest features on {coactivation_sequences} corpus sequences")
+    coactive = coactivation(rm, stream, ids, coactivation_sequences, progress=progress)
     pairs = antipodal_pairs(cosines, coactive)
     rows = []
     for layer, feature, density in densest:
@@ -93,6 +98,9 @@ def dense(top, transcoders_name, model_name, store, corpus_path, coactivation_se
                                "coactivation_tokens": coactivation_sequences * (stream.ctx_len - 1),
                                "antipodal_pairs": [{"a": names[a], "b": names[b], "cosine": c} for a, b, c in pairs]}))
         return
+    n_dense = sum(d > 0.5 for d in feature_store.densities())
+    click.echo(f"the {len(rows)} densest of {len(feature_store.densities()):,} features ({n_dense:,} active on more than "
+               f"half of the store's {feature_store.meta['n_tokens']:,} tokens):")
     for r in rows:
         click.echo(f"{r['layer']:>2}/{r['feature']:<6} density {r['density']:.3f}  max {r['max_value']:.2f}  "
                    f"promotes {' '.join(repr(t) for t, _ in r['pos_tokens'][:3])}")

@@ -56,15 +56,20 @@ def build_command(transcoders_name, model_name, corpus_path, n_tokens, ctx_len, 
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set, resolve_transcoders
 
+    from mechscope.progress import Progress
+
     resolve_transcoders(transcoders_name)
+    progress = Progress.for_terminal(quiet=no_progress)
     out = _store_path(store, transcoders_name)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_suffix(".build")
+    progress.phase(f"loading {model_name} and {transcoders_name}")
     model = load_model(model_name)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
+    progress.phase("tokenizing the corpus (once per tokenizer; cached)")
     stream = TokenStream(Path(corpus_path) if corpus_path else corpus_dir(), model.tokenizer, ctx_len, "train", seed,
                          mix=mix)
     path = build_feature_store(rm, stream, n_tokens, out, ckpt, batch_sequences, quantile_tokens=quantile_tokens,
-                               progress=not no_progress)
+                               progress=progress)
     click.echo(f"feature store written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -31,28 +31,19 @@ def _split_assignment(text: str, flag: str) -> tuple[str, float]:
     return target, number
 
 
-def _parse_positions(text: str, spec: str) -> tuple[int, ...] | None:
-    if text in ("all", "*"):
-        return None
-    try:
-        return tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise BadInputError(f"--inject {spec!r}: positions {text!r} must be integers (comma-separated) or 'all'") from None
-
-
 def _parse_injection(spec: str):
     from mechscope.interventions.records import FeatureTarget, Intervention
+    from mechscope.node_ids import FEATURE_FORMS, parse_feature_ref
 
     where, value = _split_assignment(spec, "--inject")
-    feature_part, at, positions = where.partition("@")
-    layer, colon, index = feature_part.partition(":")
-    if not (at and colon):
-        raise BadInputError(f"--inject expects LAYER:INDEX@POS=VALUE, got {spec!r}")
     try:
-        layer_i, index_i = int(layer), int(index)
-    except ValueError:
-        raise BadInputError(f"--inject {spec!r}: LAYER and INDEX must be integers") from None
-    return Intervention(FeatureTarget(layer_i, index_i, _parse_positions(positions, spec)), "add", value)
+        ref = parse_feature_ref(where)
+    except BadInputError as e:
+        detail = str(e) if "positions" in str(e) else f"FEATURE must be one of {FEATURE_FORMS}"
+        raise BadInputError(f"--inject expects FEATURE@POS=VALUE, got {spec!r}: {detail}") from None
+    if ref.positions is None and "@" not in where:
+        raise BadInputError(f"--inject {spec!r}: say where, e.g. {ref}@8=VALUE (or @all)")
+    return Intervention(FeatureTarget(ref.layer, ref.feature, ref.positions), "add", value)
 
 
 def _parse_layers(text: str | None, n_layers: int) -> range | None:
@@ -85,10 +76,17 @@ class _Targets:
             return SupernodeTarget(name, members)
         if name in self.node_ids:
             return target_from_node_id(name)
+        from mechscope.interventions.records import FeatureTarget
+        from mechscope.node_ids import FEATURE_FORMS, parse_feature_ref
+
+        if "/" in name:  # a feature by LAYER/FEATURE[@POS]: any feature, active in the graph or not
+            ref = parse_feature_ref(name)
+            return FeatureTarget(ref.layer, ref.feature, ref.positions)
         labels = ", ".join(repr(label) for label in self.supernodes) or "(none)"
         raise BadInputError(
             f"unknown target {name!r}: not a node id of the graph nor a supernode label; supernodes: {labels}; "
-            "node ids look like 12_3456_5 (feature) or 12_-1_5 (error)"
+            f"targets are node ids of the graph (12_3456_5 a feature, 12_-1_5 an error), features as {FEATURE_FORMS}, "
+            "or supernode labels"
         )
 
 
@@ -123,8 +121,8 @@ def _check_prompt_matches_graph(tokens: list[str], graph_tokens: list[str], inte
 @click.option("--scale", "scales", multiple=True, metavar="TARGET=FACTOR", help="Multiply activations (e.g. =-10).")
 @click.option("--set", "sets", multiple=True, metavar="TARGET=VALUE", help="Set activations to VALUE.")
 @click.option("--zero", "zeros", multiple=True, metavar="TARGET", help="Zero activations (errors too).")
-@click.option("--inject", "injections", multiple=True, metavar="LAYER:INDEX@POS=VALUE",
-              help="Add VALUE to a feature at POS (comma-separated, or 'all').")
+@click.option("--inject", "injections", multiple=True, metavar="LAYER/FEATURE@POS=VALUE",
+              help="Add VALUE to a feature at POS (comma-separated, or 'all'); 16_759_8=VALUE and 16:759@8=VALUE work too.")
 @click.option("--freeze-attention/--no-freeze-attention", default=True, show_default=True,
               help="Replay the clean attention patterns (first forward pass).")
 @click.option("--layers", default=None, metavar="START:END",

@@ -48,7 +48,14 @@ def suggest(graph_path, min_similarity, min_size, max_density, accept, as_json):
     from mechscope.graph.supernodes import add_supernode, dense_feature_nodes, suggest_supernodes
 
     data = _load(graph_path)
+    from mechscope.progress import Progress
+
+    progress = Progress.for_terminal(quiet=as_json)
+    n_features = sum(node["feature_type"] == "cross layer transcoder" for node in data["nodes"])
+    progress.phase(f"average-linkage clustering of {n_features:,} feature nodes by edge profile "
+                   f"({len(data['links']):,} edges)")
     suggestions = suggest_supernodes(data, min_similarity, min_size, max_density)
+    progress.phase(f"{len(suggestions)} suggestions")
     dense = dense_feature_nodes(data, max_density)
     chosen: list[int] = []
     if accept is not None:

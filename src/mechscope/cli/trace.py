@@ -43,6 +43,8 @@ __all__ = ["trace"]
                    "(edges, influence and pruning stay float32).")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
 @click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
+@click.option("--full-graph", is_flag=True,
+              help="Keep every non-zero edge in DIR/<slug>/graph.safetensors (default: the pruned graph's edges).")
 @click.option("--store", default=None,
               help="Feature store whose labels (clerp) and densities go into the graph (default: the set's store, "
                    "when built).")
@@ -50,7 +52,8 @@ __all__ = ["trace"]
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @chat_options
 def trace(prompt, chat_request, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
-          batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, store, out_dir, as_json):
+          batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, full_graph, store, out_dir,
+          as_json):
     """Trace PROMPT: build, prune and export its attribution graph."""
     started = time.perf_counter()
     chat_request.check(prompt)
@@ -77,27 +80,34 @@ def trace(prompt, chat_request, model_name, transcoders_name, targets, max_featu
         resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
     import torch
 
+    from mechscope.progress import Progress
+
+    progress = Progress.for_terminal(quiet=as_json)
+    progress.phase(f"loading {model_name}")
     model = load_model(model_name, dtype=getattr(torch, dtype))
     transcoders_name = transcoders_name or default_transcoders_for(model.name)
+    progress.phase(f"loading transcoders {transcoders_name}")
     transcoders = load_transcoder_set(transcoders_name)
     prompt, chat = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
     rm.tokenize(prompt)  # length check before the expensive part
     attribution_start = time.perf_counter()
-    graph = attribute(rm, prompt, config, progress=not as_json and sys.stderr.isatty())
+    graph = attribute(rm, prompt, config, progress=progress)
     attribution_seconds = time.perf_counter() - attribution_start
     if chat is not None:
         graph.config["chat"] = chat_metadata(model.tokenizer, chat, graph.input_ids)
     model.release_weights()  # pruning, scores and export do not read the model
+    progress.phase("pruning and scores" if not no_prune else "scores")
     pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
     slug = slugify(chat_slug_text(chat) if chat is not None else prompt)
     labels, densities = _store_annotations(store, transcoders_name, transcoders.scan)
+    progress.phase("exporting the graph JSON")
     exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold, labels=labels, densities=densities)
     validate_neuronpedia(exchange)
     out = Path(out_dir)
     graph_path = out / f"{slug}.json"
-    save_graph(graph, out / slug)
+    save_graph(graph, out / slug, None if full_graph else pruned, (node_threshold, edge_threshold))
     atomic_write_text(graph_path, json.dumps(exchange))
 
     n_edges = int(torch.count_nonzero(graph.adjacency))  # (A != 0).sum() would cast N x N bools to int64

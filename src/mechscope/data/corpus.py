@@ -27,6 +27,7 @@ import numpy as np
 from mechscope.data.sources import SOURCES, iter_source
 from mechscope.errors import BadInputError
 from mechscope.paths import atomic_write_bytes, atomic_write_text, cache_root
+from mechscope.progress import Progress
 
 __all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir", "MIXES"]
 
@@ -112,8 +113,10 @@ def _iter_documents(source: str) -> Iterator[str]:
                     yield json.loads(line)["text"]
 
 
-def build_corpus(config: CorpusConfig = CorpusConfig(), out: Path | None = None) -> Path:
+def build_corpus(config: CorpusConfig = CorpusConfig(), out: Path | None = None, progress=False) -> Path:
     """Gather the documents of every source into ``out`` (default ``<cache>/corpus/default``).
+
+    ``progress``: a phase line per source (:class:`mechscope.progress.Progress` or a bool).
 
     Returns:
         the corpus directory, holding ``<source>.train.jsonl``, ``<source>.heldout.jsonl`` and
@@ -125,8 +128,10 @@ def build_corpus(config: CorpusConfig = CorpusConfig(), out: Path | None = None)
     out = Path(out) if out is not None else corpus_dir()
     shutil.rmtree(out / "tokens", ignore_errors=True)  # token caches of a previous build are stale
     manifest = {"sources": [], "heldout_every": config.heldout_every}
-    for source, weight in zip(config.sources, config.normalized_weights()):
+    progress = Progress.of(progress)
+    for n, (source, weight) in enumerate(zip(config.sources, config.normalized_weights()), start=1):
         key = _source_key(source)
+        progress.phase(f"source {n}/{len(config.sources)}: {key} (fetched from its registry on first use)")
         splits: dict[str, list[str]] = {"train": [], "heldout": []}
         for i, text in enumerate(_iter_documents(source)):
             if config.max_docs_per_source and i >= config.max_docs_per_source:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
@@ -27,6 +26,7 @@ from mechscope.features.dense import logit_effects
 from mechscope.features.statistics import HIST_EDGES, FeatureStatistics, QuantileExamples
 from mechscope.features.store import write_store
 from mechscope.paths import atomic_directory
+from mechscope.progress import Progress
 from mechscope.replacement.replacement_model import ReplacementModel
 
 __all__ = ["build_feature_store"]
@@ -71,7 +71,7 @@ def build_feature_store(
     n_intervals: int = 10,
     per_interval: int = 2,
     checkpoint_every_s: float = 300.0,
-    progress: bool = True,
+    progress: Progress | bool = True,
 ) -> Path:
     """Stream ``n_tokens`` (non-BOS) tokens, then sample quantile examples from the first
     ``quantile_tokens`` of them, and write the store to ``out``.
@@ -84,6 +84,7 @@ def build_feature_store(
         raise BadInputError(f"--tokens must be >= 1, got {n_tokens}")
     if quantile_tokens < 0:
         raise BadInputError(f"--quantile-tokens must be >= 0, got {quantile_tokens}")
+    progress = Progress.of(progress)
     n_layers = rm.model.n_layers
     d_transcoder = rm.transcoders.d_transcoder(0)
     per_sequence = stream.ctx_len - 1
@@ -110,8 +111,8 @@ def build_feature_store(
         logger.info("resumed at sequence %d of the %s pass", state["next_sequence"], state["phase"])
 
     def stream_pass(total: int, fold, description: str) -> None:
-        bar = tqdm(total=total * per_sequence, initial=state["next_sequence"] * per_sequence, unit="tok",
-                   unit_scale=True, disable=not progress, desc=description)
+        bar = progress.bar(total=total * per_sequence, initial=state["next_sequence"] * per_sequence, unit="tok",
+                           unit_scale=True, desc=description)
         last_save = time.monotonic()
         while state["next_sequence"] < total:
             start = state["next_sequence"]
@@ -135,11 +136,12 @@ def build_feature_store(
         _save(ckpt, stats, quantiles, state)
     stream_pass(n_quantile_sequences, quantiles.update, "quantiles")
     _save(ckpt, stats, quantiles, state)
-    return _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens)
+    return _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens, progress)
 
 
 def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, quantiles: QuantileExamples,
-           n_quantile_tokens: int, out: Path, n_logit_tokens: int) -> Path:
+           n_quantile_tokens: int, out: Path, n_logit_tokens: int, progress: Progress) -> Path:
+    progress.phase("collecting examples")
     L, F = stats.n_layers, stats.d_transcoder
     layer = torch.arange(L)[:, None].expand(L, F).reshape(-1)
     feature = torch.arange(F)[None, :].expand(L, F).reshape(-1)
@@ -167,7 +169,9 @@ def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, 
     decode = rm.model.tokenizer.decode
     sequences = {int(s): [decode([int(t)]) for t in stream.sequence(int(s))]
                  for s in np.unique(examples["sequence"])}
+    progress.phase(f"direct logit effects of {L * F:,} features")
     pos, neg = _logit_tokens(rm, n_logit_tokens)
+    progress.phase(f"writing the store ({len(examples['layer']):,} examples) to {out}")
     meta = {"model": rm.model.name, "transcoders": rm.transcoders.scan, "n_tokens": stats.n_tokens,
             "hist_edges": HIST_EDGES.tolist(), "window": stats.window, "top_k": stats.top_k,
             "n_intervals": quantiles.n_intervals, "per_interval": quantiles.per_interval,

@@ -96,12 +96,17 @@ def antipodal_pairs(
 
 @torch.no_grad()
 def coactivation(
-    rm: ReplacementModel, stream: TokenStream, features: list[tuple[int, int]], n_sequences: int, batch: int = 8
+    rm: ReplacementModel, stream: TokenStream, features: list[tuple[int, int]], n_sequences: int, batch: int = 8,
+    progress=False,
 ) -> Int[torch.Tensor, "n n"]:
     """Tokens (BOS excluded) on which each pair of features is active together, over the first
-    ``n_sequences`` sequences of ``stream``; the diagonal counts each feature's active tokens."""
+    ``n_sequences`` sequences of ``stream``; the diagonal counts each feature's active tokens.
+    ``progress``: a bar over the sequences (:class:`mechscope.progress.Progress` or a bool)."""
     import numpy as np
 
+    from mechscope.progress import Progress
+
+    bar = Progress.of(progress).bar(total=n_sequences, desc="co-activation", unit="seq")
     layers = sorted({layer for layer, _ in features})
     counts = torch.zeros(len(features), len(features), dtype=torch.long)
     for start in range(0, n_sequences, batch):
@@ -113,4 +118,6 @@ def coactivation(
             for layer, feature in features
         ]).long()  # [n, tokens]
         counts += active @ active.T
+        bar.update(len(ids))
+    bar.close()
     return counts

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mechscope.node_ids import parse_feature_ref
 from mechscope.errors import BadInputError, CorruptFileError
 
 __all__ = ["FeatureStore", "FeatureDashboard", "Example", "QuantileInterval", "write_store", "parse_feature_id",
@@ -50,15 +51,14 @@ CREATE TABLE sequences (sequence INTEGER PRIMARY KEY, tokens TEXT);
 
 
 def parse_feature_id(text: str) -> tuple[int, int]:
-    """``"LAYER/INDEX"`` -> ``(layer, index)``.
+    """``(layer, index)`` of a feature named in any form of :data:`mechscope.node_ids.FEATURE_FORMS`
+    (``16/759``, ``16/759@8``, ``16_759_8``); a position, if given, is ignored.
 
     Raises:
-        BadInputError: not two non-negative integers separated by ``/``.
+        BadInputError: the text names no feature.
     """
-    layer, sep, index = text.partition("/")
-    if not sep or not layer.isdigit() or not index.isdigit():
-        raise BadInputError(f"feature id {text!r} must be LAYER/INDEX, e.g. 12/345")
-    return int(layer), int(index)
+    ref = parse_feature_ref(text)
+    return ref.layer, ref.feature
 
 
 @dataclass

@@ -11,11 +11,12 @@ This module imports only torch and the standard library, so a saved graph loads 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 
-__all__ = ["Graph", "NodeKind"]
+__all__ = ["Graph", "NodeKind", "FeatureNode"]
 
 
 class NodeKind:
@@ -25,7 +26,26 @@ class NodeKind:
     LOGIT = "logit"
 
 
-@dataclass
+class FeatureNode(NamedTuple):
+    """A feature node: ``layer``, token position ``pos``, transcoder ``feature`` index and its
+    ``activation``. Unpacks as ``layer, pos, feature, activation``; :attr:`node_id` (``16_759_8``)
+    and :attr:`ref` (``16/759@8``) are the forms every command accepts (:mod:`mechscope.node_ids`)."""
+
+    layer: int
+    pos: int
+    feature: int
+    activation: float
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.layer}_{self.feature}_{self.pos}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.layer}/{self.feature}@{self.pos}"
+
+
+@dataclass(repr=False)
 class Graph:
     """An attribution graph of one prompt.
 
@@ -55,6 +75,14 @@ class Graph:
     logit_probabilities: Float[torch.Tensor, "n_logits"]
     adjacency: Float[torch.Tensor, "n_nodes n_nodes"]
     config: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        prompt = self.prompt if len(self.prompt) <= 60 else self.prompt[:57] + "..."
+        targets = ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(self.logit_tokens[:3], self.logit_probabilities[:3]))
+        more = ", ..." if self.n_logits > 3 else ""
+        return (f"Graph({prompt!r}, model={self.model_id!r}, transcoders={self.transcoder_set!r}, n_pos={self.n_pos}, "
+                f"features={self.n_features} of {len(self.active_features)} active, errors={self.n_errors}, "
+                f"logits=[{targets}{more}], nodes={self.n_nodes})")
 
     # ----------------------------------------------------------------- sizes and offsets
     @property
@@ -105,11 +133,11 @@ class Graph:
             return NodeKind.TOKEN
         return NodeKind.LOGIT
 
-    def feature_of(self, node: int) -> tuple[int, int, int, float]:
-        """``(layer, pos, feature, activation)`` of feature node ``node``."""
+    def feature_of(self, node: int) -> FeatureNode:
+        """The :class:`FeatureNode` ``(layer, pos, feature, activation)`` of feature node ``node``."""
         i = int(self.selected_features[node])
         layer, pos, feature = (int(v) for v in self.active_features[i])
-        return layer, pos, feature, float(self.activation_values[i])
+        return FeatureNode(layer, pos, feature, float(self.activation_values[i]))
 
     def error_of(self, node: int) -> tuple[int, int]:
         """``(layer, pos)`` of error node ``node``."""

@@ -78,7 +78,7 @@ class SupernodeReadout:
         return float("nan") if total == 0 else 100.0 * float(self.intervened.sum()) / total
 
 
-@dataclass
+@dataclass(repr=False)
 class InterventionResult:
     """Clean and intervened next-token distributions, continuations and readouts.
 
@@ -97,6 +97,11 @@ class InterventionResult:
     intervened_continuation: list[int] = field(default_factory=list)
     readouts: dict[str, SupernodeReadout] = field(default_factory=dict)
     mlp_inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        clean, after = self.top_tokens("clean", 1)[0], self.top_tokens("intervened", 1)[0]
+        return (f"InterventionResult(top clean: id {clean[0]} p={clean[1]:.3f}, top intervened: id {after[0]} "
+                f"p={after[1]:.3f}, readouts={list(self.readouts)}, generated={len(self.intervened_continuation)})")
 
     def top_tokens(self, which: str, k: int) -> list[tuple[int, float]]:
         """``(token_id, probability)`` of the ``k`` most likely next tokens, ``which`` = clean|intervened."""

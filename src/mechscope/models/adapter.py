@@ -121,6 +121,15 @@ class ModelAdapter:
         return next(self.hf.parameters()).dtype
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (``cpu`` here; the first parameter's device)."""
+        return next(self.hf.parameters()).device
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+                f"vocab={self.vocab_size}, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
+
+    @property
     def W_U(self) -> Float[torch.Tensor, "vocab d_model"]:
         """Unembedding matrix, rows are tokens (``lm_head.weight``)."""
         return self.hf.get_output_embeddings().weight
