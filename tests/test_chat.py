@@ -59,7 +59,9 @@ def test_token_roles_mark_the_users_words_and_the_assistant_prefix(chat_adapter)
     ids = chat_adapter.tokenize(chat.text)
     tokens = chat_adapter.token_strings(ids)
     roles = chat_metadata(tok, chat, ids)["token_roles"]
-    assert len(roles) == len(ids) and tokens[0] == "<bos>" and roles[0] == "template"  # the BOS mechscope adds
+    # the template opens with its own start token, so no BOS is added (the model reads what its template writes)
+    assert len(roles) == len(ids) and tokens[0] == "<|im_start|>" and roles[0] == "template"
+    assert chat_adapter.has_bos(ids)  # a start token: position 0 gets no nodes
     assert "".join(t for t, r in zip(tokens, roles) if r == "user") == "a cat"
     assert "".join(t for t, r in zip(tokens, roles) if r == "assistant") == "I do"
     assert tokens[-4:] == ["I", " ", "d", "o"] and roles[-5] == "template"  # the header's newline before it

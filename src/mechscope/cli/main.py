@@ -40,11 +40,13 @@ def _register() -> None:
     from mechscope.cli.probe import probe
     from mechscope.cli.serve import serve
     from mechscope.cli.supernodes import supernodes
+    from mechscope.cli.sweep import sweep
     from mechscope.cli.trace import trace
     from mechscope.cli.train import train
 
     cli.add_command(trace)
     cli.add_command(intervene)
+    cli.add_command(sweep)
     cli.add_command(supernodes)
     cli.add_command(train)
     cli.add_command(corpus)

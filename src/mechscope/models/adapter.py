@@ -220,20 +220,23 @@ class ModelAdapter:
 
     # ----------------------------------------------------------------- tokenize
     def tokenize(self, prompt: str) -> Int[torch.Tensor, "pos"]:
-        """Token ids of ``prompt``, with the BOS token the tokenizer adds (Gemma: id 2), exactly once:
-        text that begins with the BOS token's text (Gemma's chat template writes ``<bos>``) keeps it
-        and gets no second one.
+        """Token ids of ``prompt`` with a start token at position 0, exactly once.
+
+        Plain text gets the BOS token (the one the tokenizer adds, Gemma's id 2; or prepended, as
+        for Qwen's ``<|endoftext|>`` and GPT-2). Text that already begins with a special token — a
+        rendered chat template (``<|im_start|>``, Gemma's ``<bos>``) or hand-written chat text — is
+        tokenized as written: no second BOS, nothing the model would not see from its own template
+        (so a chat prompt's probabilities equal plain transformers' on the rendered text).
 
         Raises:
             BadInputError: for an empty prompt.
         """
         if not prompt or not prompt.strip():
             raise BadInputError("the prompt is empty; give some text to trace")
-        # text that already starts with the BOS token (a rendered chat template, hand-written Gemma
-        # chat text) gets no second one
-        bos_text = self.tokenizer.bos_token
-        written_bos = bool(bos_text) and prompt.startswith(bos_text)
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not written_bos).input_ids[0]
+        bare = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if len(bare) and int(bare[0]) in self._special_ids:
+            return bare
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
         bos = self.tokenizer.bos_token_id
         if bos is not None and (len(ids) == 0 or ids[0] != bos) and self.prepends_bos:
             ids = torch.cat([torch.tensor([bos]), ids])
@@ -242,9 +245,14 @@ class ModelAdapter:
     #: whether mechscope makes sure position 0 is BOS (and so gives it no feature nodes)
     prepends_bos: bool = True
 
+    @property
+    def _special_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
+
     def has_bos(self, input_ids: torch.Tensor) -> bool:
-        bos = self.tokenizer.bos_token_id
-        return bos is not None and len(input_ids) > 0 and int(input_ids[0]) == bos
+        """Whether position 0 holds a start token — the BOS or another special token such as a chat
+        template's ``<|im_start|>`` — which, as in circuit-tracer, gets no feature or error nodes."""
+        return len(input_ids) > 0 and int(input_ids[0]) in self._special_ids | {self.tokenizer.bos_token_id}
 
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode([int(t)]) for t in input_ids]
