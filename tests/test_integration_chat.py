@@ -43,7 +43,8 @@ def test_the_chat_prompt_starts_a_refusal_with_I(chat_model):
         ours = chat_model.hf(ids[None]).logits[0, -1].softmax(-1)
     i = tok.convert_tokens_to_ids("I")
     assert int(ours.argmax()) == i == int(plain.argmax())
-    assert abs(float(ours[i]) - float(plain[i])) < 0.02 and 0.6 < float(plain[i]) < 0.8
+    assert torch.equal(ids, torch.tensor(tok(chat.text).input_ids))  # the rendered text as written, no BOS added
+    assert abs(float(ours[i]) - float(plain[i])) < 1e-6 and 0.6 < float(plain[i]) < 0.8
 
 
 @pytest.mark.skipif(SET not in shipped_sets(), reason=f"the shipped set {SET} is not installed yet (still training)")

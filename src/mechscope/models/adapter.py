@@ -247,7 +247,10 @@ class ModelAdapter:
 
     @property
     def _special_ids(self) -> set[int]:
-        return set(self.tokenizer.all_special_ids)
+        """The tokenizer's special tokens: the named ones and every added token marked special
+        (a GGUF-converted Qwen tokenizer names only ``<|endoftext|>`` and ``<|im_end|>``)."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return set(self.tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
     def has_bos(self, input_ids: torch.Tensor) -> bool:
         """Whether position 0 holds a start token — the BOS or another special token such as a chat
