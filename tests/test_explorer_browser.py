@@ -269,3 +269,56 @@ def test_chat_template_tokens_are_set_apart(explorer, page):
     fills = [axis.nth(i).evaluate("e => getComputedStyle(e).fill") for i in range(axis.count())]
     assert fills[0] != fills[1] != fills[4] and fills[0] == fills[3]  # three looks: template, user, assistant
     assert page.problems == []
+
+
+def _wide_graph() -> dict:
+    """The fixture graph plus 300 weak features spread over layers and positions."""
+    from explorer_fixtures import cantor_pair
+
+    data = make_graph_json("wide")
+    for i in range(300):
+        layer, pos, feature = i % 3, 1 + i % 5, 100 + i
+        data["nodes"].append({"node_id": f"{layer}_{feature}_{pos}", "feature": cantor_pair(layer, feature),
+                              "layer": str(layer), "ctx_idx": pos, "feature_type": "cross layer transcoder",
+                              "jsNodeId": f"{layer}_{feature}-0", "clerp": "", "influence": 0.8 + i / 1500,
+                              "activation": 0.1, "token_prob": 0.0, "is_target_logit": False})
+        data["links"].append({"source": f"{layer}_{feature}_{pos}", "target": "4_7_5", "weight": 0.01})
+    return data
+
+
+def test_first_sight_of_a_wide_graph(tmp_path, page):
+    """At 1600 px without a store: the listing shows no graph controls; a graph of 305 features opens
+    at a readable threshold with its first tokens in view, logits and the strongest features labelled
+    on the canvas, no console error; a screenshot of it is written."""
+    root = tmp_path / "graphs"
+    root.mkdir()
+    (root / "wide.json").write_text(json.dumps(_wide_graph()))
+    page.set_viewport_size({"width": 1600, "height": 900})
+    with serve_command(root) as (_, port, _listing):
+        base = f"http://127.0.0.1:{port}"
+        page.goto(f"{base}/")
+        page.wait_for_selector("#graph-list .graph-link")
+        assert not page.locator("#controls").is_visible() and not page.locator("#side").is_visible()
+        page.goto(f"{base}/?graph=wide.json")
+        page.wait_for_selector('#graph-svg .node[data-node-id="0_5_4"]')
+        assert page.locator("#side").is_visible() and page.locator("#controls").is_visible()
+        features = page.locator("#graph-svg .node.feature").count()
+        assert features == 60  # the 60 most influential of 305
+        assert page.evaluate("() => document.getElementById('graph-view').scrollLeft") == 0
+        first = page.locator("#graph-svg .axis-token").nth(1).bounding_box()
+        assert 0 <= first["x"] < 1600
+        labels = page.locator("#graph-svg .canvas-label").all_text_contents()
+        assert " Austin" in labels and " Dallas" in labels and "Texas" in labels and "say a capital" in labels
+        _node(page, "0_5_4").hover()
+        page.wait_for_selector("#node-card .card-placeholder")
+        facts = page.locator("#node-card .card-facts").text_content()
+        assert "per-layer transcoder feature" in facts or "transcoder feature" in facts
+        assert "cross layer transcoder" not in facts
+        page.locator("#influence-slider").fill("1")
+        assert page.locator("#influence-value").text_content() == "1.00 (all)"
+        assert page.locator("#graph-svg .node.feature").count() == 305
+        page.locator("#influence-slider").fill("0.5")
+        shot = tmp_path / "first-sight.png"
+        page.screenshot(path=str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert page.problems == [], page.problems  # no 404 logged for the missing store

@@ -346,7 +346,7 @@ def test_without_a_store_the_card_says_how_to_build_one(tmp_path, monkeypatch):
     try:
         status, _, body = server.request("GET", f"/api/features/1/7?scan={SCAN}")
         reply = json.loads(body)
-        assert status == 404 and reply["no_store"] is True
+        assert status == 200 and reply["no_store"] is True  # a normal state: nothing logged as a failed request
         assert f"mechscope features build --transcoders {SCAN}" in reply["error"]
         make_store(tmp_path / "home" / "features" / f"{SCAN}.sqlite")  # the default location, found per scan
         status, _, body = server.request("GET", f"/api/features/1/7?scan={SCAN}")

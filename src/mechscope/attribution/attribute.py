@@ -260,6 +260,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         logit_probabilities=logit_probs,
         adjacency=adjacency,
         config={**asdict(config), "targets": list(config.targets), "attribution_seconds": seconds,
+                "transcoder_kind": rm.transcoders.kind,
                 "first_pos": trace.first_pos, "edge_rows_mb": stored_mb,
                 "dtype": str(rm.model.dtype).removeprefix("torch.")},
     )

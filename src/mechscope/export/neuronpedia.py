@@ -129,6 +129,7 @@ def to_neuronpedia(
             "prompt": graph.prompt,
             "model_id": graph.model_id,
             "effects_target": graph.logit_tokens[0] if graph.n_logits else None,
+            "transcoder_kind": config.get("transcoder_kind", "per-layer"),
             "node_threshold": node_threshold if node_threshold is not None else 1.0,
             "schema_version": 1,
             "info": {

@@ -8,8 +8,8 @@ Routes:
 - ``GET /api/graphs/NAME``: the graph JSON file itself;
 - ``PUT /api/graphs/NAME``: save an edited graph (supernodes, pinned ids, labels) over the existing
   file, after schema validation, atomically; ``application/json`` only, same origin only;
-- ``GET /api/features/LAYER/FEATURE?scan=SET``: the feature card from the store (404 with
-  ``"no_store": true`` when no store was built).
+- ``GET /api/features/LAYER/FEATURE?scan=SET``: the feature card from the store (200 with
+  ``"no_store": true`` and the build command when no store was built).
 
 Safety (DESIGN.md, "server"): binds 127.0.0.1 unless told otherwise, and then answers only requests
 addressed to a loopback host name (no DNS rebinding); every graph name is resolved inside the

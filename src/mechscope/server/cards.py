@@ -25,9 +25,11 @@ _SCAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class NoStoreError(BadInputError):
-    """No feature store exists for the graph's transcoder set (HTTP 404, the card shows a placeholder)."""
+    """No feature store exists for the graph's transcoder set. Answered with HTTP 200 and
+    ``"no_store": true`` — a normal state, not a failed request (a 404 would be logged as an error in
+    the browser's console on every card); the card shows how to build one."""
 
-    http_status = 404
+    http_status = 200
 
 
 class FeatureNotFoundError(BadInputError):

@@ -92,6 +92,8 @@ class GraphDirectory:
         """Relative names of every servable ``*.json`` under the directory, sorted."""
         names = []
         for path in self.root.rglob("*.json"):
+            if path.name == "graph.json" and (path.parent / "graph.safetensors").exists():
+                continue  # the internal graph `trace` writes beside the exchange JSON, not a graph to explore
             name = path.relative_to(self.root).as_posix()
             try:
                 self.resolve(name)

@@ -82,8 +82,10 @@ class TranscoderSet(nn.Module):
     Attributes:
         n_layers, d_model: shape of the model the set was trained on.
         model_name: Hugging Face id of that model; ``scan``: the set's identifier.
+        kind: ``per-layer`` or ``cross-layer`` (recorded in graphs, shown by the explorer).
     """
 
+    kind = "per-layer"
     n_layers: int
     d_model: int
     model_name: str

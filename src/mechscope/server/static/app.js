@@ -3,10 +3,12 @@
 // server's own files and API.
 // Plain JavaScript, no dependencies; every text from a graph goes through textContent.
 
-import { $, el, isPrunable, matchesQuery, replyJson, setStatus, state } from "./common.js";
+import { $, el, isPrunable, kindOf, matchesQuery, replyJson, setStatus, state } from "./common.js";
 import { showCard } from "./card.js";
 import { drawEdges, refreshTitles, render } from "./graph-view.js";
 import { makeSupernode, renderSubgraph, togglePin, updateGroupButton } from "./subgraph.js";
+
+const OPEN_FEATURES = 60; // feature nodes shown when a graph opens (the slider shows the rest)
 
 function graphUrl(name) {
   return "/api/graphs/" + name.split("/").map(encodeURIComponent).join("/");
@@ -71,9 +73,15 @@ async function loadGraph(name) {
   state.nRows = (layers.length ? Math.max(...layers) : 0) + 3; // embeddings, layers, logits
   const influences = graph.nodes.filter(isPrunable).map((n) => n.influence).filter((x) => x !== null && x !== undefined);
   const slider = $("influence-slider");
-  slider.max = influences.length ? Math.max(0.05, Math.ceil(Math.max(...influences) * 100) / 100) : 1;
-  slider.value = slider.max;
-  state.threshold = +slider.value;
+  // the slider runs to 1 (every node); the graph opens at a readable threshold: the OPEN_FEATURES
+  // most influential features (all of them when there are fewer), so the view fits the window
+  slider.max = 1;
+  state.maxInfluence = influences.length ? Math.max(...influences) : 1;
+  const features = graph.nodes.filter((n) => kindOf(n) === "feature" && n.influence !== null && n.influence !== undefined)
+    .map((n) => n.influence).sort((a, b) => a - b);
+  const opening = features.length > OPEN_FEATURES ? features[OPEN_FEATURES - 1] : 1;
+  slider.value = Math.max(+slider.min, opening);
+  state.threshold = Math.max(+slider.min, opening); // exactly, not snapped to the slider's steps
   const meta = graph.metadata;
   $("prompt").textContent = meta.prompt;
   $("prompt").title = `${meta.prompt}\nmodel ${meta.model_id || "?"}, transcoders ${meta.scan}` +
@@ -84,7 +92,8 @@ async function loadGraph(name) {
   setStatus(`${graph.nodes.length} nodes, ${graph.links.length} edges`);
   render();
   renderSubgraph();
-  $("graph-view").scrollLeft = $("graph-view").scrollWidth; // the last position, where the logits are
+  $("graph-view").scrollLeft = 0; // the prompt's first tokens in view; the logits' column fits at the opening threshold
+  $("side").hidden = false;
 }
 
 // Move the card and the highlighted edges to a node without pinning it (search, edge lists).

@@ -5,6 +5,14 @@ import { $, el, featureOf, fmt, kindOf, markDirty, replyJson, state } from "./co
 
 const N_EDGES_LISTED = 6;
 
+// Neuronpedia's feature_type says "cross layer transcoder" for every transcoder feature; name what it is
+function typeName(node) {
+  if (node.feature_type !== "cross layer transcoder") return node.feature_type;
+  const kind = state.graph.metadata.transcoder_kind;
+  return kind === "cross-layer" ? "cross-layer transcoder feature" : kind === "per-layer"
+    ? "per-layer transcoder feature" : "transcoder feature";
+}
+
 export function showCard(id) {
   const node = state.byId.get(id);
   const kind = kindOf(node);
@@ -15,7 +23,7 @@ export function showCard(id) {
   const facts = el("dl", { class: "card-facts" });
   const fact = (k, v) => facts.append(el("dt", {}, k), el("dd", {}, String(v)));
   fact("node", id);
-  fact("type", node.feature_type);
+  fact("type", typeName(node));
   if (kind === "feature") fact("feature", `${featureOf(node).layer}/${featureOf(node).feature}`);
   fact("layer", node.layer);
   fact("token", `${node.ctx_idx}: ${JSON.stringify(token)}`);
@@ -29,7 +37,11 @@ export function showCard(id) {
     fact(`direct effect${on}`, signed(node.direct_effect));
     fact(`total effect${on}`, signed(node.total_effect));
   }
-  if (node.density !== undefined) fact("density", fmt(node.density));
+  if (node.density !== undefined) {
+    fact("density", fmt(node.density));
+    facts.lastChild.classList.add("fact-density");
+    facts.lastChild.previousSibling.classList.add("fact-density");
+  }
   const children = [el("p", { class: "card-title" }, title), facts];
   if (kind === "feature") {
     const input = el("input", { id: "label-input", type: "text", placeholder: "feature label", "aria-label": "feature label" });
@@ -108,11 +120,13 @@ function cardFor(node) {
 async function fillStoreSection(node, box) {
   const { ok, body } = await cardFor(node);
   if ($("node-card").dataset.nodeId !== node.node_id) return; // another node took the card meanwhile
-  if (!ok) {
+  if (!ok || body.no_store) {
     box.replaceChildren(el("p", { class: "card-placeholder" }, body.no_store
       ? `No feature store yet, so no examples or logits: ${body.error}.` : body.error));
     return;
   }
+  // the store's density replaces the graph's: one density on the card
+  $("node-card").querySelectorAll(".fact-density").forEach((e) => e.remove());
   const logits = el("div", { class: "logits" });
   const list = (title, items, cls) => {
     const col = el("div");

@@ -10,9 +10,11 @@ const NODE_SPACING = 15;
 const MIN_COLUMN = 30; // px; columns then widen to fill the view when the graph is narrower
 const MIN_SQUEEZE = 0.6; // a graph wider than the view is narrowed at most this much, then scrolls
 
-const MARGIN = { left: 96, right: 24, top: 20, bottom: 72 };
+const MARGIN = { left: 96, right: 72, top: 64, bottom: 72 }; // room above for the logits' slanted labels
 
-const MAX_EDGES = 15000; // strongest edges drawn at once (all edges of the focused node are drawn)
+const MAX_EDGES = 2000; // strongest edges drawn at once (all edges of the focused node are drawn): more is a tangle
+
+const N_LABELLED = 10; // the most influential visible features get their label on the canvas, as every logit does
 
 function computeVisible() {
   const pinned = new Set(state.pinned);
@@ -97,8 +99,10 @@ export function render() {
   });
   const colourOf = supernodeColours();
   for (const id of state.visible) svg.append(nodeElement(state.byId.get(id), colourOf.get(id)));
+  for (const node of labelledNodes()) svg.append(canvasLabel(node));
   $("node-count").textContent = `${state.visible.size} of ${state.graph.nodes.length} nodes`;
-  $("influence-value").textContent = state.threshold.toFixed(2);
+  $("influence-value").textContent = state.threshold >= (state.maxInfluence ?? 1) - 1e-9
+    ? `${state.threshold.toFixed(2)} (all)` : state.threshold.toFixed(2);
   const canvas = $("edge-canvas");
   const ratio = window.devicePixelRatio || 1;
   canvas.width = width * ratio;
@@ -107,6 +111,33 @@ export function render() {
   canvas.style.height = `${height}px`;
   selectEdges();
   drawEdges();
+}
+
+// logits by their token, the strongest features by their label (or layer/feature): what a reader
+// needs first without hovering
+function labelledNodes() {
+  const visible = [...state.visible].map((id) => state.byId.get(id));
+  const features = visible.filter((n) => kindOf(n) === "feature" && n.influence !== null && n.influence !== undefined)
+    .sort((a, b) => a.influence - b.influence).slice(0, N_LABELLED);
+  return [...visible.filter((n) => kindOf(n) === "logit"), ...features];
+}
+
+function canvasLabel(node) {
+  const { x, y } = state.pos.get(node.node_id);
+  let text;
+  if (kindOf(node) === "logit") {
+    const match = /^Output "(.*)" \(p=/s.exec(node.clerp || "");
+    text = match ? match[1] : node.clerp || node.node_id;
+  } else {
+    const [layer, feature] = node.node_id.split("_");
+    text = node.clerp || `${layer}/${feature}`;
+  }
+  if (text.length > 24) text = `${text.slice(0, 23)}…`;
+  const shown = text.replace(/\n/g, "⏎");
+  if (kindOf(node) === "logit") { // slanted up and right: neighbouring logits do not overwrite each other
+    return el("svg:text", { x: x + 2, y: y - 9, class: "canvas-label logit", transform: `rotate(-40 ${x + 2} ${y - 9})` }, shown);
+  }
+  return el("svg:text", { x: x + 8, y: y - 7, class: "canvas-label feature" }, shown);
 }
 
 function supernodeColours() {
