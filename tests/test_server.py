@@ -400,7 +400,7 @@ def test_serve_command_binds_loopback_and_serves(tmp_path):
     (root / "g.json").write_text(json.dumps(make_graph_json()))
     env = {**os.environ, "MECHSCOPE_HOME": str(tmp_path / "home")}
     with serve_command(root, env=env) as (process, port, listing):
-        assert process.stdout.readline().startswith(f"mechscope explorer: http://127.0.0.1:{port}/ (1 graphs")
+        assert process.stdout.readline().startswith(f"mechscope explorer: http://127.0.0.1:{port}/ (1 graph in")
         assert [g["name"] for g in listing["graphs"]] == ["g.json"]
         listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
         local = {line.split()[1] for line in listening if line.split()[3] == "0A"}  # state LISTEN
@@ -478,3 +478,16 @@ def test_serve_without_the_server_extra_names_the_install_line(tmp_path, capsys,
     assert e.value.code == 2 and "uvicorn is missing" in err and "pip install 'mechscope[server]'" in err
     with pytest.raises(MechscopeError, match=r"pip install 'mechscope\[server\]'"):
         import mechscope.server.app  # noqa: F401  (the library API says the same)
+
+
+def test_the_internal_graph_beside_an_exchange_graph_is_not_listed(tmp_path):
+    """`trace` writes DIR/<slug>.json and DIR/<slug>/graph.json + graph.safetensors: one graph to explore."""
+    from mechscope.server.files import GraphDirectory
+
+    (tmp_path / "texas.json").write_text(json.dumps(make_graph_json("texas")))
+    (tmp_path / "texas").mkdir()
+    (tmp_path / "texas" / "graph.json").write_text("{}")
+    (tmp_path / "texas" / "graph.safetensors").write_bytes(b"")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "graph.json").write_text(json.dumps(make_graph_json("other")))  # no tensors: a graph
+    assert GraphDirectory(tmp_path).names() == ["other/graph.json", "texas.json"]

@@ -34,8 +34,8 @@ def serve(directory: Path, host: str, port: int, store: Path | None, max_body_mb
     app = create_app(config)
     _check_port_free(host, port)
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
-    click.echo(f"mechscope explorer: {where} ({len(app.state.graphs.names())} graphs in {directory}); "
-               "Ctrl-C stops it")
+    n = len(app.state.graphs.names())
+    click.echo(f"mechscope explorer: {where} ({n} graph{'' if n == 1 else 's'} in {directory}); Ctrl-C stops it")
     if not config.loopback:
         click.echo(f"warning: bound to {host}, not loopback: anyone who reaches this port can read and save "
                    "these graphs", err=True)
