@@ -124,3 +124,19 @@ def test_supernodes_bad_input_leaves_the_file_unchanged(graph_file, capsys, tmp_
     code, out, err = run([a.format(g=copy, missing=tmp_path / "none.json") for a in argv], capsys)
     assert code == 2 and message in err
     assert copy.read_text() == before
+
+
+def test_a_prompt_other_than_the_graphs_warns_or_is_refused(tiny_dirs, graph_file, capsys):  # noqa: F811
+    node = _features(graph_file)[-1]
+    common = ["--graph", str(graph_file), "--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / "tcs"),
+              "--zero", node, "--json"]
+    code, out, err = run(["intervene", *common], capsys)  # no PROMPT: the graph's own prompt, no warning
+    assert code == 0 and "warning" not in err, err
+    own = json.loads(out)
+    code, out, err = run(["intervene", "a cat sat", *common], capsys)
+    assert code == 0 and "warning" not in err and json.loads(out)["intervened"] == own["intervened"]
+    code, out, err = run(["intervene", "a dog sat", *common], capsys)  # same length, other tokens
+    assert code == 0 and "warning: this prompt's tokens differ from the graph's from position 3" in err, err
+    far = max(int(n.split("_")[2]) for n in _features(graph_file))
+    code, _, err = run(["intervene", "a c", *common[:-3], "--zero", f"0/0@{far}"], capsys)  # too short for the target
+    assert code == 2 and f"position {far}" in err and "has 4 tokens" in err, err
