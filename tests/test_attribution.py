@@ -225,3 +225,25 @@ def test_logit_targets(tiny_adapter, make_tiny_transcoders):
     assert torch.equal(graph.logit_token_ids, probs.topk(3).indices)
     named = attribute(rm, TINY_PROMPT, AttributionConfig(targets=("t",), max_feature_nodes=8))
     assert named.logit_tokens == ["t"]
+
+
+def test_a_logit_difference_target_has_the_difference_of_the_two_tokens_edges(tiny_adapter, make_tiny_transcoders):
+    """``--logit-diff A B``: one target node; every edge into it equals the edge into A minus the edge
+    into B (all features kept, so the node sets match)."""
+    rm = _setup(tiny_adapter, make_tiny_transcoders, "qwen2", skip=True)
+    kept = dict(max_feature_nodes=None, batch_size=32)
+    diff = attribute(rm, TINY_PROMPT, AttributionConfig(logit_diff=("t", "e"), **kept))
+    a = attribute(rm, TINY_PROMPT, AttributionConfig(targets=("t",), **kept))
+    b = attribute(rm, TINY_PROMPT, AttributionConfig(targets=("e",), **kept))
+    assert diff.n_logits == 1 and diff.logit_tokens == ["t - e"] and int(diff.logit_token_ids[0]) == int(a.logit_token_ids[0])
+    assert torch.equal(diff.active_features, a.active_features) and torch.equal(diff.selected_features, a.selected_features)
+    row = diff.logit_offset
+    expected = a.adjacency[a.logit_offset] - b.adjacency[b.logit_offset]
+    torch.testing.assert_close(diff.adjacency[row], expected, atol=1e-5, rtol=1e-5)
+    assert float(expected.abs().max()) > 1e-3
+    from mechscope.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="not a single token"):
+        attribute(rm, TINY_PROMPT, AttributionConfig(logit_diff=("t", "ab"), **kept))
+    with pytest.raises(BadInputError, match="leave out --target"):
+        AttributionConfig(logit_diff=("t", "e"), targets=("t",))

@@ -191,3 +191,23 @@ def test_long_commands_show_phases_on_a_terminal_only(tiny_dirs, tmp_path):
     exe = sys.executable.replace("python", "mechscope")
     piped = subprocess.run([exe, "trace", *args], capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0 and "s] " not in piped.stderr and "attribution:" not in piped.stderr, piped.stderr
+
+
+def test_trace_and_intervene_take_a_logit_difference(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "g"
+    code, stdout, err = run(trace_args(tiny_dirs, out, "--json", "--logit-diff", "t", "e", "--max-feature-nodes", "20"), capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert [t["token"] for t in summary["logit_targets"]] == ["t - e"]
+    data = json.loads((out / "a-cat-sat.json").read_text())
+    validate_neuronpedia(data)
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert [n["clerp"] for n in logits] == ['Logit difference "t" - "e"']
+    node = next(n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    code, stdout, err = run(["intervene", "--graph", str(out / "a-cat-sat.json"), "--model", str(tiny_dirs / "model"),
+                             "--transcoders", str(tiny_dirs / "tcs"), "--zero", node, "--logit-diff", "t", "e", "--json"], capsys)
+    assert code == 0, err
+    diff = json.loads(stdout)["logit_diff"]
+    assert diff["tokens"] == ["t", "e"] and diff["change"] == pytest.approx(diff["intervened"] - diff["clean"])
+    code, _, err = run(trace_args(tiny_dirs, tmp_path / "bad", "--logit-diff", "t", "ee"), capsys)
+    assert code == 2 and "not a single token" in err and not (tmp_path / "bad").exists()

@@ -47,6 +47,9 @@ class AttributionConfig:
         max_n_logits: at most this many logit targets (>= 1).
         desired_logit_prob: add top tokens until their cumulative probability reaches this (0, 1].
         targets: tokens to explain instead (each a single token); empty = top tokens.
+        logit_diff: ``(A, B)``: explain one target, the logit of A minus the logit of B (each a
+            single token; circuit-tracer's ``CustomTarget``, Neuronpedia's ``logitDiff``); replaces
+            ``targets`` and the top tokens.
         batch_size: target rows per backward pass (>= 1).
         max_feature_nodes: feature nodes kept, chosen by influence; ``None`` keeps every active one.
         update_interval: batches between re-rankings of features by influence (>= 1).
@@ -55,6 +58,7 @@ class AttributionConfig:
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
     targets: tuple[str, ...] = ()
+    logit_diff: tuple[str, str] | None = None
     batch_size: int = 64
     max_feature_nodes: int | None = 8192
     update_interval: int = 4
@@ -70,6 +74,11 @@ class AttributionConfig:
             raise BadInputError(f"max_feature_nodes must be >= 0, got {self.max_feature_nodes}")
         if self.update_interval < 1:
             raise BadInputError(f"update_interval must be >= 1, got {self.update_interval}")
+        if self.logit_diff is not None:
+            if len(self.logit_diff) != 2 or self.logit_diff[0] == self.logit_diff[1]:
+                raise BadInputError(f"--logit-diff takes two different tokens A B, got {list(self.logit_diff)}")
+            if self.targets:
+                raise BadInputError("--logit-diff A B is the one target; leave out --target")
 
 
 @dataclass
@@ -192,6 +201,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     targets, vectors = select_logit_targets(
         trace.run.logits, rm.model.W_U, rm.model.tokenizer, config.max_n_logits,
         config.desired_logit_prob, config.targets, rm.model.unembedding_mean(release_vocabulary=True),
+        logit_diff=config.logit_diff,
     )
     n_logits = len(targets)
     rm.model.release_vocabulary_weights()  # and the embedding, when it is not tied to the unembedding
@@ -259,7 +269,8 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         logit_tokens=[t.token for t in targets],
         logit_probabilities=logit_probs,
         adjacency=adjacency,
-        config={**asdict(config), "targets": list(config.targets), "attribution_seconds": seconds,
+        config={**asdict(config), "targets": list(config.targets),
+                "logit_diff": list(config.logit_diff) if config.logit_diff else None, "attribution_seconds": seconds,
                 "transcoder_kind": rm.transcoders.kind,
                 "first_pos": trace.first_pos, "edge_rows_mb": stored_mb,
                 "dtype": str(rm.model.dtype).removeprefix("torch.")},

@@ -42,6 +42,7 @@ def select_logit_targets(
     desired_logit_prob: float = 0.95,
     tokens: tuple[str, ...] = (),
     W_U_mean: Float[torch.Tensor, "1 d_model"] | None = None,
+    logit_diff: tuple[str, str] | None = None,
 ) -> tuple[list[LogitTarget], Float[torch.Tensor, "n_targets d_model"]]:
     """Choose logit targets and their demeaned unembedding vectors.
 
@@ -51,6 +52,10 @@ def select_logit_targets(
         tokens: user-named target strings; each must encode to exactly one token.
         W_U_mean: the mean unembedding row in float32, when already computed (see
             ``ModelAdapter.unembedding_mean``); otherwise computed from ``W_U``.
+        logit_diff: ``(A, B)``: one target whose vector is ``W_U[A] - W_U[B]`` (the demeaned
+            difference: the mean cancels), explaining logit(A) - logit(B). Its ``token`` reads
+            ``"A - B"``, its ``token_id`` is A's and its ``prob`` (the weight influence is measured
+            by) is 1, as the only target.
 
     Returns:
         ``(targets, vectors [n_targets, d_model])``.
@@ -59,6 +64,11 @@ def select_logit_targets(
         BadInputError: a named target that is not a single token.
     """
     probs = torch.softmax(logits.float(), dim=-1)
+    if logit_diff is not None:
+        a, b = (_single_token_id(tokenizer, text) for text in logit_diff)
+        vector = (W_U[a].float() - W_U[b].float())[None]
+        label = f"{tokenizer.decode([a])} - {tokenizer.decode([b])}"
+        return [LogitTarget(label, a, 1.0)], vector
     if tokens:
         ids = []
         for text in tokens:
@@ -82,6 +92,15 @@ def select_logit_targets(
     vectors = W_U[ids_t].float() - W_U_mean
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors
+
+
+def _single_token_id(tokenizer, text: str) -> int:
+    encoded = tokenizer(text, add_special_tokens=False).input_ids
+    if len(encoded) != 1:
+        pieces = [tokenizer.decode([t]) for t in encoded]
+        raise BadInputError(f"--logit-diff token {text!r} is not a single token (it encodes to {len(encoded)} tokens: "
+                            f"{pieces}); name one token, e.g. with its leading space")
+    return encoded[0]
 
 
 def _variants(text: str) -> list[str]:

@@ -134,13 +134,15 @@ def _check_prompt_matches_graph(tokens: list[str], graph_tokens: list[str], inte
 @click.option("--readout", "readouts", multiple=True, metavar="SUPERNODE_LABEL",
               help="Report this supernode's activation as % of clean.")
 @click.option("--token", "tokens", multiple=True, help="Report this token's probability and logit change, intervened minus clean (single token).")
+@click.option("--logit-diff", nargs=2, default=None, metavar="A B",
+              help="Report logit(A) - logit(B), clean and intervened (single tokens).")
 @click.option("--top-k", type=int, default=10, show_default=True)
 @click.option("--model", "model_name", default=None, help="Default: the graph's model.")
 @click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's transcoder set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @chat_options
 def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
-              temperature, seed, readouts, tokens, top_k, model_name, transcoders_name, as_json):
+              temperature, seed, readouts, tokens, logit_diff, top_k, model_name, transcoders_name, as_json):
     """Run PROMPT clean and with interventions on the real model; compare outputs.
 
     Without PROMPT (and without --chat/--messages) the graph's own prompt is run, as it was traced
@@ -192,6 +194,7 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     input_ids = rm.tokenize(prompt)
     _check_prompt_matches_graph(model.token_strings(input_ids), metadata["prompt_tokens"], interventions, readout_targets)
     token_ids = [_single_token(model, t) for t in tokens]
+    diff_ids = [_single_token(model, t) for t in logit_diff] if logit_diff else None
     config = InterventionConfig(freeze_attention=freeze_attention, constrained_layers=_parse_layers(layers, model.n_layers),
                                 generate=generate, open_ended=open_ended, temperature=temperature, seed=seed, top_k=top_k)
     result = run_interventions(rm, input_ids, interventions, config, readout_targets)
@@ -213,6 +216,11 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     }
     summary["interventions"] = [i.as_dict() for i in interventions]
     summary["tokens"] = [_token_report(result, decode([i]), i) for i in token_ids]
+    if diff_ids:
+        a, b = diff_ids
+        values = {w: float(getattr(result, f"{w}_logits")[a] - getattr(result, f"{w}_logits")[b]) for w in ("clean", "intervened")}
+        summary["logit_diff"] = {"tokens": [decode([a]), decode([b])], **values,
+                                 "change": values["intervened"] - values["clean"]}
     summary["settings"] = {"freeze_attention": freeze_attention, "layers": layers, "generate": generate,
                            "open_ended": open_ended, "temperature": temperature, "seed": seed}
     if as_json:
@@ -245,6 +253,10 @@ def _print(summary: dict) -> None:
     echo(f"{'clean':>28}   {'intervened':>28}")
     for c, n in zip(summary["clean"]["top_tokens"], summary["intervened"]["top_tokens"]):
         echo(f"  {c['token']!r:>18} {c['prob']:.3f}   {n['token']!r:>18} {n['prob']:.3f}")
+    if "logit_diff" in summary:
+        d = summary["logit_diff"]
+        echo(f"logit {d['tokens'][0]!r} - logit {d['tokens'][1]!r}: {d['clean']:+.3f} -> {d['intervened']:+.3f} "
+             f"(change {d['change']:+.3f})")
     for t in summary["tokens"]:
         echo(f"token {t['token']!r}: p {t['clean_prob']:.3f} -> {t['intervened_prob']:.3f}, "
              f"logit change (intervened - clean) {t['logit_change']:+.3f}")

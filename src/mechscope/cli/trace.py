@@ -30,6 +30,8 @@ __all__ = ["trace"]
 @click.option("--transcoders", "transcoders_name", default=None,
               help="Shipped set name or set directory (default: the shipped set for the model).")
 @click.option("--target", "targets", multiple=True, help="Explain this token's logit (repeatable).")
+@click.option("--logit-diff", nargs=2, default=None, metavar="A B",
+              help="Explain one target: the logit of token A minus that of token B (e.g. \"I\" \"Sure\").")
 @click.option("--max-feature-nodes", type=CountOrAll(), default=default_of(AttributionConfig, "max_feature_nodes"),
               show_default=True, help="Feature nodes kept, chosen by influence; 'all' keeps every active feature.")
 @click.option("--node-threshold", type=float, default=0.8, show_default=True)
@@ -51,7 +53,7 @@ __all__ = ["trace"]
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @chat_options
-def trace(prompt, chat_request, model_name, transcoders_name, targets, max_feature_nodes, node_threshold, edge_threshold,
+def trace(prompt, chat_request, model_name, transcoders_name, targets, logit_diff, max_feature_nodes, node_threshold, edge_threshold,
           batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, full_graph, store, out_dir,
           as_json):
     """Trace PROMPT: build, prune and export its attribution graph."""
@@ -62,6 +64,7 @@ def trace(prompt, chat_request, model_name, transcoders_name, targets, max_featu
             raise BadInputError(f"{name} must be between 0 and 1, got {value}")
     config = AttributionConfig(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
                                targets=tuple(targets), batch_size=batch_size,
+                               logit_diff=tuple(logit_diff) if logit_diff else None,
                                max_feature_nodes=max_feature_nodes)
     if max_prompt_tokens < 1:
         raise BadInputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")

@@ -64,8 +64,16 @@ def _node(graph: Graph, node: int, influence: float, labels: dict[str, str], den
         token_id, prob = int(graph.logit_token_ids[k]), float(graph.logit_probabilities[k])
         entry.update(feature=token_id, layer=str(graph.n_layers + 1), ctx_idx=graph.n_pos - 1,
                      jsNodeId=f"L_{token_id}-{graph.n_pos - 1}", token_prob=prob, is_target_logit=k == 0,
-                     clerp=f'Output "{graph.logit_tokens[k]}" (p={prob:.3f})')
+                     clerp=_logit_label(graph, k, prob))
     return entry
+
+
+def _logit_label(graph: Graph, k: int, prob: float) -> str:
+    diff = graph.config.get("logit_diff")
+    if diff:
+        a, b = graph.logit_tokens[k].split(" - ", 1) if " - " in graph.logit_tokens[k] else diff
+        return f'Logit difference "{a}" - "{b}"'
+    return f'Output "{graph.logit_tokens[k]}" (p={prob:.3f})'
 
 
 def to_neuronpedia(
