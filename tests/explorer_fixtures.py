@@ -54,7 +54,7 @@ def make_graph_json(slug: str = "texas") -> dict:
              ("2_3_5", "4_7_5", 1.5), ("2_4_5", "4_7_5", -0.4), ("2_-1_5", "4_7_5", 0.3), ("1_7_4", "4_8_5", -0.6),
              ("E_105_5", "2_4_5", 0.5)]
     return {
-        "metadata": {"slug": slug, "scan": SCAN, "prompt_tokens": PROMPT_TOKENS,
+        "metadata": {"slug": slug, "scan": SCAN, "prompt_tokens": list(PROMPT_TOKENS),
                      "prompt": "".join(PROMPT_TOKENS[1:]), "node_threshold": 0.8, "effects_target": " Austin",
                      "info": {"generator": {"name": "mechscope", "version": "test"}}},
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},

@@ -322,3 +322,23 @@ def test_first_sight_of_a_wide_graph(tmp_path, page):
         page.screenshot(path=str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert page.problems == [], page.problems  # no 404 logged for the missing store
+
+
+def test_a_diff_graph_shows_both_graphs_values(explorer, page):
+    from test_diff import _shifted
+
+    from mechscope.graph.diff import diff_graph_json
+
+    base, root = explorer
+    a = make_graph_json("a")
+    (root / "diff.json").write_text(json.dumps(diff_graph_json(a, _shifted(a), slug="diff")))
+    page.goto(f"{base}/?graph=diff.json")
+    page.wait_for_selector('#graph-svg .node[data-node-id="0_5_5"]')
+    _node(page, "0_5_5").hover()
+    facts = page.locator("#node-card .card-facts").text_content()
+    assert "in graphA and B" in facts and "activation A / B2.50 / 5.00" in facts
+    assert "total effect A / B-1.25 / 1.50" in facts and "direct effect on" not in facts
+    _node(page, "1_9_6").hover()
+    assert "in graphB only" in page.locator("#node-card .card-facts").text_content()
+    assert page.locator("#graph-svg .axis-token").nth(3).text_content() == " capital |  city"
+    assert page.problems == []

@@ -34,6 +34,7 @@ def cli(verbose: int) -> None:
 def _register() -> None:
     from mechscope.cli.corpus import corpus
     from mechscope.cli.dense import dense
+    from mechscope.cli.diff import diff
     from mechscope.cli.dream import dream
     from mechscope.cli.features import features
     from mechscope.cli.intervene import intervene
@@ -47,6 +48,7 @@ def _register() -> None:
     cli.add_command(trace)
     cli.add_command(intervene)
     cli.add_command(sweep)
+    cli.add_command(diff)
     cli.add_command(supernodes)
     cli.add_command(train)
     cli.add_command(corpus)

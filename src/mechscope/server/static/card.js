@@ -29,6 +29,13 @@ export function showCard(id) {
   fact("token", `${node.ctx_idx}: ${JSON.stringify(token)}`);
   if (kind === "feature") fact("activation", fmt(node.activation, 4));
   if (kind === "logit") fact("probability", fmt(node.token_prob, 3));
+  if (node.diff_side !== undefined) { // a node of a `mechscope diff` graph: both graphs' values
+    const side = { both: "A and B", a: "A only", b: "B only" }[node.diff_side] || node.diff_side;
+    const pair = (a, b) => `${a === undefined || a === null ? "–" : fmt(a, 3)} / ${b === undefined || b === null ? "–" : fmt(b, 3)}`;
+    fact("in graph", side);
+    fact("activation A / B", pair(node.activation_a, node.activation_b));
+    fact("total effect A / B", pair(node.total_effect_a, node.total_effect_b));
+  }
   fact("influence (unsigned)", fmt(node.influence));
   if (node.total_effect !== undefined) {
     const target = state.graph.metadata.effects_target;
