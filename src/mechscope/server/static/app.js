@@ -5,10 +5,10 @@
 
 import { $, el, isPrunable, kindOf, matchesQuery, replyJson, setStatus, state } from "./common.js";
 import { showCard } from "./card.js";
-import { drawEdges, refreshTitles, render } from "./graph-view.js";
+import { drawEdges, fittingThreshold, refreshTitles, render } from "./graph-view.js";
 import { makeSupernode, renderSubgraph, togglePin, updateGroupButton } from "./subgraph.js";
 
-const OPEN_FEATURES = 60; // feature nodes shown when a graph opens (the slider shows the rest)
+const OPEN_FEATURES = 60; // at most this many feature nodes when a graph opens, fewer if they would not fit the window
 
 function graphUrl(name) {
   return "/api/graphs/" + name.split("/").map(encodeURIComponent).join("/");
@@ -72,6 +72,8 @@ async function loadGraph(name) {
   const layers = graph.nodes.filter(isPrunable).map((n) => +n.layer);
   state.nRows = (layers.length ? Math.max(...layers) : 0) + 3; // embeddings, layers, logits
   const influences = graph.nodes.filter(isPrunable).map((n) => n.influence).filter((x) => x !== null && x !== undefined);
+  $("side").hidden = false; // before measuring the view: the panels take part of its width
+  $("controls").hidden = false;
   const slider = $("influence-slider");
   // the slider runs to 1 (every node); the graph opens at a readable threshold: the OPEN_FEATURES
   // most influential features (all of them when there are fewer), so the view fits the window
@@ -79,7 +81,8 @@ async function loadGraph(name) {
   state.maxInfluence = influences.length ? Math.max(...influences) : 1;
   const features = graph.nodes.filter((n) => kindOf(n) === "feature" && n.influence !== null && n.influence !== undefined)
     .map((n) => n.influence).sort((a, b) => a - b);
-  const opening = features.length > OPEN_FEATURES ? features[OPEN_FEATURES - 1] : 1;
+  const most = features.length > OPEN_FEATURES ? features[OPEN_FEATURES - 1] : 1;
+  const opening = fittingThreshold(most); // and no wider than the window
   slider.value = Math.max(+slider.min, opening);
   state.threshold = Math.max(+slider.min, opening); // exactly, not snapped to the slider's steps
   const meta = graph.metadata;
@@ -93,7 +96,6 @@ async function loadGraph(name) {
   render();
   renderSubgraph();
   $("graph-view").scrollLeft = 0; // the prompt's first tokens in view; the logits' column fits at the opening threshold
-  $("side").hidden = false;
 }
 
 // Move the card and the highlighted edges to a node without pinning it (search, edge lists).

@@ -29,6 +29,38 @@ function computeVisible() {
   }
 }
 
+// The largest influence threshold at which the graph fits the view's width without scrolling (its
+// columns squeezed at most to MIN_SQUEEZE), and at most `cap`: a graph opens there. Column widths
+// follow computeLayout: the most crowded cell of each position sets its width.
+export function fittingThreshold(cap) {
+  const room = $("graph-view").clientWidth - MARGIN.left - MARGIN.right;
+  const nPos = state.graph.metadata.prompt_tokens.length;
+  const showErrors = $("show-errors").checked;
+  const nodes = state.graph.nodes.filter((n) => showErrors || kindOf(n) !== "error");
+  const fits = (t) => {
+    const counts = new Map();
+    for (const n of nodes) {
+      if (isPrunable(n) && n.influence !== null && n.influence !== undefined && n.influence > t + 1e-9) continue;
+      const key = `${n.ctx_idx},${rowOf(n)}`;
+      counts.set(key, (counts.get(key) || 0) + 1);
+    }
+    const widths = new Array(nPos).fill(MIN_COLUMN);
+    for (const [key, count] of counts) {
+      const pos = +key.split(",")[0];
+      widths[pos] = Math.max(widths[pos], count * NODE_SPACING + 12);
+    }
+    return widths.reduce((a, b) => a + b, 0) * MIN_SQUEEZE <= room;
+  };
+  const candidates = [...new Set(nodes.filter((n) => isPrunable(n) && n.influence !== null && n.influence !== undefined)
+    .map((n) => n.influence))].filter((t) => t <= cap).sort((a, b) => a - b);
+  let lo = 0, hi = candidates.length - 1, best = candidates.length ? candidates[0] : cap;
+  while (lo <= hi) { // fitting is monotone in the threshold: fewer nodes, narrower columns
+    const mid = (lo + hi) >> 1;
+    if (fits(candidates[mid])) { best = candidates[mid]; lo = mid + 1; } else hi = mid - 1;
+  }
+  return best;
+}
+
 function computeLayout() {
   const available = $("graph-view").clientHeight - MARGIN.top - MARGIN.bottom;
   state.rowHeight = Math.max(ROW_HEIGHT.min, Math.min(ROW_HEIGHT.max, available / state.nRows));
