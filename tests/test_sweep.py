@@ -145,3 +145,66 @@ def test_sweep_bad_input_exits_2(chat_model_dir, tmp_path, capsys, extra, messag
                         "2" if "--samples" not in extra else "0", "--plot", str(plot)], capsys)
     assert code == 2 and err.startswith("error:") and message in err, err
     assert not plot.exists()
+
+
+def test_batched_editing_equals_each_sequence_alone(tiny_adapter, make_tiny_transcoders):
+    """The batched path of sampling under interventions equals the plain one, row by row."""
+    from mechscope.interventions.intervene import BatchEditor, InterventionConfig, _Editor
+    from mechscope.interventions.records import FeatureTarget, Intervention
+    from mechscope.replacement.replacement_model import ReplacementModel
+
+    adapter = tiny_adapter("llama")
+    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    prompt = rm.tokenize("a cat sat")
+    trace = rm.trace(prompt)
+    layer, pos, feature = (int(v) for v in trace.active[0])
+    interventions = [Intervention(FeatureTarget(layer, feature, None), "scale", -3.0)]
+    config = InterventionConfig(open_ended=True)
+    rows = torch.stack([torch.cat([prompt, torch.tensor(t)]) for t in ([5, 6], [7, 8], [9, 9])])  # (3, pos + 2)
+    batched = rm.model.edited_forward(rows, BatchEditor(lambda: _Editor(rm, trace, interventions, config, {}, False), 3))
+    for b in range(3):
+        alone = rm.model.edited_forward(rows[b : b + 1], _Editor(rm, trace, interventions, config, {}, False))
+        torch.testing.assert_close(batched[b], alone[0], atol=1e-5, rtol=1e-5)
+    plain = rm.model.edited_forward(rows[:1], lambda layer, x, y: y)
+    assert not torch.allclose(plain[0], batched[0], atol=1e-4)  # the intervention did something
+
+
+def test_sweep_under_interventions_is_seeded_and_scale_one_changes_nothing(chat_model, make_tiny_transcoders):
+    from mechscope.interventions.intervene import InterventionConfig
+    from mechscope.interventions.records import FeatureTarget, Intervention
+    from mechscope.models.chat import build_chat_prompt
+    from mechscope.replacement.replacement_model import ReplacementModel
+
+    rm = ReplacementModel(chat_model, make_tiny_transcoders(chat_model, skip=True))
+    prompt = build_chat_prompt(chat_model.tokenizer, "a cat").text
+    trace = rm.trace(rm.tokenize(prompt))
+    layer, _, feature = (int(v) for v in trace.active[0])
+    cfg = SweepConfig(samples=6, max_new_tokens=3, batch_size=4, classifier="regex:a", first_token="a")
+    config = InterventionConfig()
+    one = [Intervention(FeatureTarget(layer, feature, None), "scale", 1.0)]
+    strong = [Intervention(FeatureTarget(layer, feature, None), "add", 50.0)]
+    base = run_sweep(chat_model, [prompt], cfg)
+    same = run_sweep(chat_model, [prompt], cfg, rm=rm, interventions=one, intervention_config=config)
+    again = run_sweep(chat_model, [prompt], cfg, rm=rm, interventions=one, intervention_config=config)
+    pushed = run_sweep(chat_model, [prompt], cfg, rm=rm, interventions=strong, intervention_config=config)
+    assert same.prompts[0].samples == again.prompts[0].samples and len(same.prompts[0].samples) == 6
+    assert same.prompts[0].p_first_token == pytest.approx(base.prompts[0].p_first_token, rel=1e-4)
+    assert pushed.prompts[0].p_first_token != pytest.approx(base.prompts[0].p_first_token, rel=1e-3)
+    assert same.settings["interventions"] and not base.settings["interventions"]
+    with pytest.raises(BadInputError, match="--continuation"):
+        run_sweep(chat_model, [prompt], SweepConfig(**{**cfg.__dict__, "continuation": "a"}), rm=rm, interventions=one,
+                  intervention_config=config)
+
+
+def test_sweep_cli_with_an_injection(chat_model, chat_model_dir, make_tiny_transcoders, tmp_path, capsys):
+    from mechscope.transcoders.io import save_transcoder_set
+
+    save_transcoder_set(make_tiny_transcoders(chat_model, skip=True), tmp_path / "tcs")
+    args = ["sweep", "a cat", "--chat", "--model", str(chat_model_dir), "--samples", "4", "--max-new-tokens", "2",
+            "--classifier", "regex:a", "--first-token", "a", "--json", "--transcoders", str(tmp_path / "tcs")]
+    code, out, err = run([*args, "--inject", "1/3@all=40"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["settings"]["interventions"] and len(data["prompts"][0]["samples"]) == 4
+    code, _, err = run([*args, "--zero", "1_3_5"], capsys)
+    assert code == 2 and "--graph" in err

@@ -45,6 +45,32 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _interventions(graph_path, scales, sets, zeros, injections):
+    """Interventions named as in ``mechscope intervene`` (targets resolved against ``--graph``)."""
+    from mechscope.cli.intervene import _parse_injection, _split_assignment, _Targets
+    from mechscope.interventions.records import Intervention
+
+    named = [*scales, *sets, *zeros]
+    if not named and not injections:
+        return [], None
+    data = None
+    if named:
+        if graph_path is None:
+            raise BadInputError("--scale/--set/--zero name graph nodes or supernodes: give --graph GRAPH.json")
+        from mechscope.export.neuronpedia import read_neuronpedia
+
+        data = read_neuronpedia(graph_path)
+    targets = _Targets(data) if data else None
+    interventions = []
+    for operation, specs in (("scale", scales), ("set", sets)):
+        for spec in specs:
+            target, value = _split_assignment(spec, f"--{operation}")
+            interventions.append(Intervention(targets.resolve(target), operation, value))
+    interventions += [Intervention(targets.resolve(t), "zero") for t in zeros]
+    interventions += [_parse_injection(spec) for spec in injections]
+    return interventions, data
+
+
 def _plot(result, path: Path) -> None:
     import matplotlib
 
@@ -86,11 +112,22 @@ def _plot(result, path: Path) -> None:
 @click.option("--first-token", default=default_of(SweepConfig, "first_token"), show_default=True,
               help="Token whose exact next-token probability is reported.")
 @click.option("--continuation", default=None, help="Text whose exact log-probability after each prompt is reported.")
+@click.option("--graph", "graph_path", default=None, type=click.Path(dir_okay=False),
+              help="Graph JSON whose node ids and supernodes --zero/--scale/--set name (as in intervene).")
+@click.option("--scale", "scales", multiple=True, metavar="TARGET=FACTOR", help="Sample with activations scaled.")
+@click.option("--set", "sets", multiple=True, metavar="TARGET=VALUE", help="Sample with activations set.")
+@click.option("--zero", "zeros", multiple=True, metavar="TARGET", help="Sample with activations zeroed.")
+@click.option("--inject", "injections", multiple=True, metavar="LAYER/FEATURE@POS=VALUE", help="Sample with a feature added.")
+@click.option("--freeze-attention/--no-freeze-attention", default=True, show_default=True,
+              help="Replay the clean attention patterns on the prompt pass (with interventions).")
+@click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's set, else the model's.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Draw the rates to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, samples, max_new_tokens, temperature, seed,
-          batch_size, classifier, first_token, continuation, plot_path, as_json):
-    """Sample continuations of each prompt, classify them and report rates with 95 % intervals."""
+          batch_size, classifier, first_token, continuation, graph_path, scales, sets, zeros, injections,
+          freeze_attention, transcoders_name, plot_path, as_json):
+    """Sample continuations of each prompt, classify them and report rates with 95 % intervals;
+    with --zero/--scale/--set/--inject, under those interventions on the real model."""
     cfg = SweepConfig(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                       batch_size=batch_size, classifier=classifier, first_token=first_token, continuation=continuation)
     if prompts_file is not None:
@@ -102,6 +139,7 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
     request = ChatRequest(chat, system, assistant_prefix, None)
     for prompt in prompts:
         request.check(prompt)
+    interventions, graph_data = _interventions(graph_path, scales, sets, zeros, injections)
 
     from mechscope.interventions.sweep import run_sweep
     from mechscope.models.loading import load_model
@@ -111,7 +149,17 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
     progress.phase(f"loading {model_name}")
     model = load_model(model_name)
     texts = [request.render(model.tokenizer, p)[0] for p in prompts]
-    result = run_sweep(model, texts, cfg, labels=list(prompts), progress=progress)
+    rm = config = None
+    if interventions:
+        from mechscope.interventions.intervene import InterventionConfig
+        from mechscope.replacement.replacement_model import ReplacementModel
+        from mechscope.transcoders.io import default_transcoders_for, load_transcoder_set
+
+        name = transcoders_name or (graph_data["metadata"]["scan"] if graph_data else default_transcoders_for(model.name))
+        rm = ReplacementModel(model, load_transcoder_set(name))
+        config = InterventionConfig(freeze_attention=freeze_attention)
+    result = run_sweep(model, texts, cfg, labels=list(prompts), progress=progress, rm=rm, interventions=interventions,
+                       intervention_config=config)
     if plot_path:
         _plot(result, Path(plot_path))
     if as_json:

@@ -33,7 +33,8 @@ from mechscope.errors import BadInputError
 from mechscope.interventions.records import ErrorTarget, FeatureTarget, Intervention
 from mechscope.replacement.replacement_model import ReplacementModel, Trace
 
-__all__ = ["InterventionConfig", "InterventionResult", "SupernodeReadout", "run_interventions"]
+__all__ = ["InterventionConfig", "InterventionResult", "SupernodeReadout", "run_interventions", "BatchEditor",
+           "sample_with_interventions"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,52 @@ class _Editor:
         if layer in self.pending:
             out = out + self.pending.pop(layer)
         return out[None].to(y.dtype)
+
+
+class BatchEditor:
+    """One :class:`_Editor` per row of a batch of sequences of equal length (each keeps its own
+    pending deltas), so sampling many continuations under interventions runs the model batched.
+    Rows are independent: row ``b`` of a batched pass equals the same sequence run alone (tested)."""
+
+    def __init__(self, make_editor, batch: int):
+        self.editors = [make_editor() for _ in range(batch)]
+
+    def __call__(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x, y: (batch, pos, d_model) -> rows edited one by one, (batch, pos, d_model)
+        return torch.cat([e(layer, x[b : b + 1], y[b : b + 1]) for b, e in enumerate(self.editors)])
+
+
+def sample_with_interventions(
+    rm: ReplacementModel, input_ids: Int[torch.Tensor, "pos"], interventions: list[Intervention],
+    config: InterventionConfig, n_samples: int, n_tokens: int, batch_size: int, generator: torch.Generator,
+) -> list[list[int]]:
+    """``n_samples`` continuations of ``n_tokens`` sampled at ``config.temperature`` (> 0) under
+    ``interventions``, as ``run_interventions`` generates one: the first token from the intervened
+    prompt pass (attention frozen if ``config.freeze_attention``), every later one from a full
+    forward pass with live attention and fresh editors, ``batch_size`` sequences at a time (no
+    key-value cache: each step recomputes the sequence). Continuations stop at the end-of-sequence token.
+
+    Raises:
+        BadInputError: a target out of range (see :func:`run_interventions`).
+    """
+    first = run_interventions(rm, input_ids, interventions, InterventionConfig(
+        freeze_attention=config.freeze_attention, constrained_layers=config.constrained_layers, top_k=1))
+    trace = rm.trace(input_ids)
+    eos = rm.model.tokenizer.eos_token_id
+    first_probs = torch.softmax(first.intervened_logits.float() / config.temperature, -1)
+    samples: list[list[int]] = []
+    for start in range(0, n_samples, batch_size):
+        count = min(batch_size, n_samples - start)
+        tokens = torch.multinomial(first_probs, count, replacement=True, generator=generator)[:, None]  # (count, 1)
+        for _ in range(n_tokens - 1):
+            ids = torch.cat([input_ids[None].expand(count, -1), tokens], dim=1)  # (count, pos + generated)
+            editor = BatchEditor(lambda: _Editor(rm, trace, interventions, config, {}, first_pass=False), count)
+            final = rm.model.edited_forward(ids, editor)
+            probs = torch.softmax(rm.model.output_logits(final[:, -1]).float() / config.temperature, -1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        for row in tokens.tolist():
+            samples.append(row[: row.index(eos)] if eos in row else row)
+    return samples
 
 
 def _check_targets(rm: ReplacementModel, trace: Trace, interventions: list[Intervention],

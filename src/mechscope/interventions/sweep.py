@@ -226,8 +226,23 @@ def _sample(model, input_ids: torch.Tensor, cfg: SweepConfig, seed: int, progres
     return texts
 
 
+def _intervened(rm, input_ids, interventions, config, cfg: SweepConfig, index: int, first_id: int):
+    """Samples under interventions, and the intervened probability of the first token."""
+    from dataclasses import replace
+
+    from mechscope.interventions.intervene import run_interventions, sample_with_interventions
+
+    config = replace(config, temperature=cfg.temperature)
+    generator = torch.Generator().manual_seed(cfg.seed + index)
+    rows = sample_with_interventions(rm, input_ids, interventions, config, cfg.samples, cfg.max_new_tokens,
+                                     cfg.batch_size, generator)
+    texts = [rm.model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    first = run_interventions(rm, input_ids, interventions, replace(config, generate=0))
+    return texts, float(torch.softmax(first.intervened_logits.float(), -1)[first_id]), None
+
+
 def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), labels: list[str] | None = None,
-              progress=False) -> SweepResult:
+              progress=False, rm=None, interventions=None, intervention_config=None) -> SweepResult:
     """Sample, classify and compare (see the module docstring).
 
     Args:
@@ -235,10 +250,19 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
         prompts: the texts the model reads (chat prompts already rendered).
         labels: how each prompt is named in the result (default: the prompt itself).
         progress: a bar over all samples (:class:`mechscope.progress.Progress` or a bool).
+        rm, interventions, intervention_config: sample under these interventions on the real model
+            (a :class:`~mechscope.replacement.replacement_model.ReplacementModel`, a list of
+            :class:`~mechscope.interventions.records.Intervention`, an ``InterventionConfig``):
+            :func:`~mechscope.interventions.intervene.sample_with_interventions`; ``p_first_token``
+            is then the intervened model's.
 
     Raises:
-        BadInputError: no prompts, an empty prompt, a ``first_token`` that is not one token.
+        BadInputError: no prompts, an empty prompt, a ``first_token`` that is not one token,
+            ``continuation`` together with interventions.
     """
+    if interventions and cfg.continuation is not None:
+        raise BadInputError("--continuation is measured on the model without interventions; leave it out or "
+                            "drop the interventions")
     from mechscope.progress import Progress
 
     if not prompts:
@@ -251,14 +275,19 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
     results = []
     for i, (prompt, label) in enumerate(zip(prompts, labels)):
         input_ids = model.tokenize(prompt)
-        samples = _sample(model, input_ids, cfg, cfg.seed + i, bar)
+        if interventions:
+            samples, p_first, logprob = _intervened(rm, input_ids, interventions, intervention_config, cfg, i, first_id)
+            bar.update(cfg.samples)
+        else:
+            samples = _sample(model, input_ids, cfg, cfg.seed + i, bar)
+            p_first, logprob = _exact_readouts(model, input_ids, first_id, continuation)
         count = sum(classify(s) for s in samples)
-        p_first, logprob = _exact_readouts(model, input_ids, first_id, continuation)
         results.append(PromptResult(label, cfg.samples, count, count / cfg.samples, wilson_interval(count, cfg.samples),
                                     p_first, logprob, samples))
     bar.close()
     base = results[0]
     comparisons = [Comparison(r.prompt, r.rate - base.rate, newcombe_interval(r.count, r.n, base.count, base.n),
                               fisher_p_value(r.count, r.n, base.count, base.n)) for r in results[1:]]
-    settings = {**asdict(cfg), "model": model.name}
+    settings = {**asdict(cfg), "model": model.name,
+                "interventions": [i.describe() if hasattr(i, "describe") else repr(i) for i in interventions or []]}
     return SweepResult(results, comparisons, settings)
