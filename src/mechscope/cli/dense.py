@@ -13,15 +13,13 @@ __all__ = ["dense"]
 
 
 def _plot(path: Path, densities, cosines, names: list[str]) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from mechscope.paths import atomic_write_bytes
+    from mechscope.cli.options import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     positive = densities[densities > 0]
@@ -35,10 +33,7 @@ def _plot(path: Path, densities, cosines, names: list[str]) -> None:
     right.set_title("decoder cosine similarity of the densest features")
     fig.colorbar(image, ax=right)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 @click.command()

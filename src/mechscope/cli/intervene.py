@@ -46,6 +46,20 @@ def _parse_injection(spec: str):
     return Intervention(FeatureTarget(ref.layer, ref.feature, ref.positions), "add", value)
 
 
+def parse_interventions(targets, scales, sets, zeros, injections) -> list:
+    """The interventions the ``--scale/--set/--zero/--inject`` flags name (``targets``: a
+    :class:`_Targets` of the graph, needed unless only ``--inject`` is given)."""
+    from mechscope.interventions.records import Intervention
+
+    interventions = []
+    for operation, specs in (("scale", scales), ("set", sets)):
+        for spec in specs:
+            target, value = _split_assignment(spec, f"--{operation}")
+            interventions.append(Intervention(targets.resolve(target), operation, value))
+    interventions += [Intervention(targets.resolve(t), "zero") for t in zeros]
+    return interventions + [_parse_injection(spec) for spec in injections]
+
+
 def _parse_layers(text: str | None, n_layers: int) -> range | None:
     if text is None:
         return None
@@ -162,13 +176,7 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     if use_graph_prompt:
         prompt = data["metadata"]["prompt"]
     targets = _Targets(data)
-    interventions = []
-    for operation, specs in (("scale", scales), ("set", sets)):
-        for spec in specs:
-            target, value = _split_assignment(spec, f"--{operation}")
-            interventions.append(Intervention(targets.resolve(target), operation, value))
-    interventions += [Intervention(targets.resolve(t), "zero") for t in zeros]
-    interventions += [_parse_injection(spec) for spec in injections]
+    interventions = parse_interventions(targets, scales, sets, zeros, injections)
     if not interventions:
         raise BadInputError("no intervention given; use --scale, --set, --zero or --inject")
     readout_targets = {}

@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-__all__ = ["default_of", "CountOrAll"]
+__all__ = ["default_of", "CountOrAll", "save_figure"]
 
 
 class CountOrAll(click.ParamType):
@@ -36,3 +36,17 @@ def default_of(config_class, name: str):
                 return f.default
             return f.default_factory()  # type: ignore[misc]
     raise KeyError(name)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from mechscope.paths import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -47,8 +46,7 @@ def _read_prompts(path: str) -> list[str]:
 
 def _interventions(graph_path, scales, sets, zeros, injections):
     """Interventions named as in ``mechscope intervene`` (targets resolved against ``--graph``)."""
-    from mechscope.cli.intervene import _parse_injection, _split_assignment, _Targets
-    from mechscope.interventions.records import Intervention
+    from mechscope.cli.intervene import _Targets, parse_interventions
 
     named = [*scales, *sets, *zeros]
     if not named and not injections:
@@ -60,15 +58,7 @@ def _interventions(graph_path, scales, sets, zeros, injections):
         from mechscope.export.neuronpedia import read_neuronpedia
 
         data = read_neuronpedia(graph_path)
-    targets = _Targets(data) if data else None
-    interventions = []
-    for operation, specs in (("scale", scales), ("set", sets)):
-        for spec in specs:
-            target, value = _split_assignment(spec, f"--{operation}")
-            interventions.append(Intervention(targets.resolve(target), operation, value))
-    interventions += [Intervention(targets.resolve(t), "zero") for t in zeros]
-    interventions += [_parse_injection(spec) for spec in injections]
-    return interventions, data
+    return parse_interventions(_Targets(data) if data else None, scales, sets, zeros, injections), data
 
 
 def _plot(result, path: Path) -> None:
@@ -77,7 +67,7 @@ def _plot(result, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mechscope.paths import atomic_write_bytes
+    from mechscope.cli.options import save_figure
 
     rows = result.prompts
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
@@ -89,10 +79,7 @@ def _plot(result, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"{result.settings['classifier']} rate (Wilson 95 % interval, n = {rows[0].n} each)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 @click.command()
