@@ -82,7 +82,7 @@ def test_sweep_is_seeded_and_its_readouts_exact(chat_model):
 
     prompts = [build_chat_prompt(chat_model.tokenizer, p).text for p in ("a cat", "a dog")]
     cfg = SweepConfig(samples=12, max_new_tokens=5, batch_size=5, classifier="regex:a", first_token="a",
-                      continuation="ab")
+                      continuation="ab", logit_diff=("a", "b"))
     first = run_sweep(chat_model, prompts, cfg)
     again = run_sweep(chat_model, prompts, cfg)
     other = run_sweep(chat_model, prompts, SweepConfig(**{**cfg.__dict__, "seed": 1}))
@@ -98,12 +98,13 @@ def test_sweep_is_seeded_and_its_readouts_exact(chat_model):
         n = len(ids)
         assert result.p_first_token == pytest.approx(float(logprobs[n - 1, a].exp()), rel=1e-5)
         assert result.logprob_continuation == pytest.approx(float(logprobs[n - 1, a] + logprobs[n, b]), rel=1e-5)
+        assert result.logit_diff == pytest.approx(float(logprobs[n - 1, a] - logprobs[n - 1, b]), rel=1e-4, abs=1e-5)
     (comparison,) = first.comparisons
     assert comparison.difference == pytest.approx(first.prompts[1].rate - first.prompts[0].rate)
     data = first.as_dict()
     assert set(data) == {"prompts", "comparisons", "settings"}
     assert set(data["prompts"][0]) == {"prompt", "n", "count", "rate", "ci", "p_first_token", "logprob_continuation",
-                                       "samples"}
+                                       "samples", "logit_diff"}
     assert set(data["comparisons"][0]) == {"prompt", "difference", "ci", "p_value"}
 
 

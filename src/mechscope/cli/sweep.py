@@ -99,6 +99,7 @@ def _plot(result, path: Path) -> None:
 @click.option("--first-token", default=default_of(SweepConfig, "first_token"), show_default=True,
               help="Token whose exact next-token probability is reported.")
 @click.option("--continuation", default=None, help="Text whose exact log-probability after each prompt is reported.")
+@click.option("--logit-diff", nargs=2, default=None, metavar="A B", help="Report logit(A) - logit(B) after each prompt.")
 @click.option("--graph", "graph_path", default=None, type=click.Path(dir_okay=False),
               help="Graph JSON whose node ids and supernodes --zero/--scale/--set name (as in intervene).")
 @click.option("--scale", "scales", multiple=True, metavar="TARGET=FACTOR", help="Sample with activations scaled.")
@@ -111,12 +112,13 @@ def _plot(result, path: Path) -> None:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Draw the rates to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, samples, max_new_tokens, temperature, seed,
-          batch_size, classifier, first_token, continuation, graph_path, scales, sets, zeros, injections,
+          batch_size, classifier, first_token, continuation, logit_diff, graph_path, scales, sets, zeros, injections,
           freeze_attention, transcoders_name, plot_path, as_json):
     """Sample continuations of each prompt, classify them and report rates with 95 % intervals;
     with --zero/--scale/--set/--inject, under those interventions on the real model."""
     cfg = SweepConfig(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                      batch_size=batch_size, classifier=classifier, first_token=first_token, continuation=continuation)
+                      batch_size=batch_size, classifier=classifier, first_token=first_token, continuation=continuation,
+                      logit_diff=tuple(logit_diff) if logit_diff else None)
     if prompts_file is not None:
         if prompts:
             raise BadInputError("give prompts either as arguments or with --prompts FILE, not both")
@@ -157,6 +159,8 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
          f"{cfg.max_new_tokens} new tokens, seed {cfg.seed}); p = exact probability of first token {cfg.first_token!r}")
     for r in result.prompts:
         logprob = "" if r.logprob_continuation is None else f"  log p(continuation) {r.logprob_continuation:.3f}"
+        if r.logit_diff is not None:
+            logprob += f"  logit diff {r.logit_diff:+.3f}"
         echo(f"  {r.rate:6.1%} ({r.count}/{r.n}, 95% CI {r.ci[0]:.1%}-{r.ci[1]:.1%})  p={r.p_first_token:.3f}"
              f"{logprob}  {r.prompt!r}")
     for c in result.comparisons:

@@ -124,6 +124,7 @@ class SweepConfig:
         classifier: ``refusal`` or ``regex:PATTERN``.
         first_token: the token whose exact next-token probability is reported (one token).
         continuation: text whose exact log-probability after each prompt is reported (None: not asked).
+        logit_diff: ``(A, B)``: report logit(A) - logit(B) after each prompt (single tokens; None: not asked).
     """
 
     samples: int = 100
@@ -134,6 +135,7 @@ class SweepConfig:
     classifier: str = "refusal"
     first_token: str = "I"
     continuation: str | None = None
+    logit_diff: tuple[str, str] | None = None
 
     def __post_init__(self):
         for name in ("samples", "max_new_tokens", "batch_size"):
@@ -158,6 +160,7 @@ class PromptResult:
     p_first_token: float
     logprob_continuation: float | None
     samples: list[str] = field(default_factory=list)
+    logit_diff: float | None = None
 
 
 @dataclass
@@ -226,6 +229,20 @@ def _sample(model, input_ids: torch.Tensor, cfg: SweepConfig, seed: int, progres
     return texts
 
 
+@torch.no_grad()
+def _logit_diff(model, rm, input_ids, interventions, config, ids: list[int]) -> float:
+    """logit(A) - logit(B) after the prompt, under the interventions when there are any."""
+    if interventions:
+        from dataclasses import replace
+
+        from mechscope.interventions.intervene import run_interventions
+
+        logits = run_interventions(rm, input_ids, interventions, replace(config, generate=0)).intervened_logits
+    else:
+        logits = model.hf(input_ids[None]).logits[0, -1]
+    return float(logits[ids[0]].float() - logits[ids[1]].float())
+
+
 def _intervened(rm, input_ids, interventions, config, cfg: SweepConfig, index: int, first_id: int):
     """Samples under interventions, and the intervened probability of the first token."""
     from dataclasses import replace
@@ -271,6 +288,7 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
     classify = make_classifier(cfg.classifier)
     first_id = single_token(model.tokenizer, cfg.first_token, "--first-token")
     continuation = None if cfg.continuation is None else model.tokenizer(cfg.continuation, add_special_tokens=False).input_ids
+    diff_ids = None if cfg.logit_diff is None else [single_token(model.tokenizer, t, "--logit-diff") for t in cfg.logit_diff]
     bar = Progress.of(progress).bar(total=cfg.samples * len(prompts), desc="sweep", unit="sample")
     results = []
     for i, (prompt, label) in enumerate(zip(prompts, labels)):
@@ -282,8 +300,9 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
             samples = _sample(model, input_ids, cfg, cfg.seed + i, bar)
             p_first, logprob = _exact_readouts(model, input_ids, first_id, continuation)
         count = sum(classify(s) for s in samples)
+        diff = None if diff_ids is None else _logit_diff(model, rm, input_ids, interventions, intervention_config, diff_ids)
         results.append(PromptResult(label, cfg.samples, count, count / cfg.samples, wilson_interval(count, cfg.samples),
-                                    p_first, logprob, samples))
+                                    p_first, logprob, samples, diff))
     bar.close()
     base = results[0]
     comparisons = [Comparison(r.prompt, r.rate - base.rate, newcombe_interval(r.count, r.n, base.count, base.n),
