@@ -148,3 +148,14 @@ def test_check_chat_options_before_loading():
     with pytest.raises(BadInputError, match="--assistant-prefix needs --chat"):
         check_chat_options("hi", False, None, "I", None)
     check_chat_options("hi", True, "sys", "I", None)  # a valid combination passes
+
+
+def test_gemma_style_chat_text_without_bos_still_gets_one():
+    """A tokenizer that adds BOS itself (Gemma) keeps adding it before a template token."""
+    from conftest import make_tiny_adapter
+
+    adapter = make_tiny_adapter("gemma3")
+    adapter.tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>"]})
+    ids = adapter.tokenize("<start_of_turn>user")
+    assert adapter.token_strings(ids)[:2] == ["<bos>", "<start_of_turn>"]
+    assert adapter.token_strings(adapter.tokenize("<bos><start_of_turn>user"))[:2] == ["<bos>", "<start_of_turn>"]

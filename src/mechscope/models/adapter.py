@@ -223,10 +223,11 @@ class ModelAdapter:
         """Token ids of ``prompt`` with a start token at position 0, exactly once.
 
         Plain text gets the BOS token (the one the tokenizer adds, Gemma's id 2; or prepended, as
-        for Qwen's ``<|endoftext|>`` and GPT-2). Text that already begins with a special token — a
-        rendered chat template (``<|im_start|>``, Gemma's ``<bos>``) or hand-written chat text — is
-        tokenized as written: no second BOS, nothing the model would not see from its own template
-        (so a chat prompt's probabilities equal plain transformers' on the rendered text).
+        for Qwen's ``<|endoftext|>`` and GPT-2). Text that already begins with the BOS (Gemma's
+        rendered template writes ``<bos>``) gets no second one; text that opens with another special
+        token, for a tokenizer that adds no BOS itself (Qwen's ``<|im_start|>``), is tokenized as
+        written — nothing the model would not see from its own template, so a chat prompt's
+        probabilities equal plain transformers' on the rendered text.
 
         Raises:
             BadInputError: for an empty prompt.
@@ -234,10 +235,12 @@ class ModelAdapter:
         if not prompt or not prompt.strip():
             raise BadInputError("the prompt is empty; give some text to trace")
         bare = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        if len(bare) and int(bare[0]) in self._special_ids:
-            return bare
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
         bos = self.tokenizer.bos_token_id
+        if len(bare) and (int(bare[0]) == bos or (int(bare[0]) in self._special_ids and len(ids) == len(bare))):
+            # written with its BOS, or opening with a template token where the tokenizer adds none itself
+            # (Qwen's <|im_start|>); Gemma chat text without <bos> still gets the BOS its tokenizer adds
+            return bare
         if bos is not None and (len(ids) == 0 or ids[0] != bos) and self.prepends_bos:
             ids = torch.cat([torch.tensor([bos]), ids])
         return ids
