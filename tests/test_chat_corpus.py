@@ -77,3 +77,29 @@ def test_chat_source_needs_a_chat_template(built, tmp_path):
     plain = make_tiny_adapter("qwen2")
     with pytest.raises(BadInputError, match="no chat template"):
         build_chat_source(plain.hf, plain.tokenizer, built, ChatConfig(conversations=2), progress=False)
+
+
+def test_train_cli_on_a_chat_corpus_reports_corpus_and_chat_separately(built, tmp_path, capsys):
+    """`mechscope train` on a corpus with chat transcripts, activations from a bfloat16 forward:
+    calibration and held-out figures on the float32 model, also per kind of text."""
+    import yaml
+    from test_cli import run
+
+    _, jsonl, _ = write_sources(tmp_path / "raw")
+    corpus = build_corpus(CorpusConfig(sources=(str(jsonl),), heldout_every=3), out=tmp_path / "c")
+    adapter = make_tiny_chat_adapter()
+    build_chat_source(adapter.hf, adapter.tokenizer, corpus, ChatConfig(conversations=40, batch_size=20,
+                      max_new_tokens=8, heldout_every=4), progress=False)
+    adapter.hf.save_pretrained(tmp_path / "model")
+    adapter.tokenizer.save_pretrained(tmp_path / "model")
+    code, out, err = run(["train", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--name", "tiny-chat",
+                          "--out", str(tmp_path / "set"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                          "--d-transcoder", "16", "--k", "4", "--n-tokens", "600", "--batch-sequences", "4",
+                          "--ctx-len", "16", "--eval-sequences", "8", "--model-dtype", "bfloat16", "--no-progress"],
+                         capsys)
+    assert code == 0, err
+    config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
+    assert config["training"]["model_dtype"] == "bfloat16"
+    by_kind = config["heldout_metrics_by_kind"]
+    assert set(by_kind) == {"corpus", "chat"} and len(by_kind["chat"]) == adapter.n_layers
+    assert all(0 <= m["fvu"] for m in by_kind["chat"]) and by_kind["chat"] != by_kind["corpus"]
