@@ -91,8 +91,11 @@ def check_preactivation_is_sum_of_edges_plus_bias(rm: ReplacementModel, prompt: 
     # the clean MLP output minus its skip path
     constants = []
     clean = _clean_constants(rm, trace)
-    for layer in range(rm.model.n_layers):
-        c = rm.transcoders[layer].b_dec.expand(trace.n_pos, -1).clone()
+    n_layers, d_model = rm.model.n_layers, rm.model.d_model
+    zero_acts = [torch.zeros(trace.n_pos, rm.transcoders.d_transcoder(layer)) for layer in range(n_layers)]
+    b_dec = rm.transcoders.reconstruct(zero_acts, [torch.zeros(trace.n_pos, d_model)] * n_layers)  # biases only
+    for layer in range(n_layers):
+        c = b_dec[layer].clone()
         c[: trace.first_pos] = clean[layer][: trace.first_pos]
         constants.append(c)
     zero_inputs, _ = _frozen_sites(rm, trace, torch.zeros_like(trace.run.embeddings), constants)
@@ -100,7 +103,8 @@ def check_preactivation_is_sum_of_edges_plus_bias(rm: ReplacementModel, prompt: 
     for node in range(graph.n_features):
         layer, pos, feature, activation = graph.feature_of(node)
         pre = rm.transcoders.pre_activations(layer, trace.run.mlp_inputs[layer][pos])[feature]
-        bias = rm.transcoders[layer].b_enc[feature] + rm.transcoders[layer].W_enc[feature] @ zero_inputs[layer][pos]
+        f = torch.tensor([feature])
+        bias = rm.transcoders.encoder_bias(layer, f)[0] + rm.transcoders.encoder_vectors(layer, f)[0] @ zero_inputs[layer][pos]
         total = graph.adjacency[node].sum() + bias
         assert torch.allclose(total, pre, atol=1e-4, rtol=1e-4), (node, float(total), float(pre))
         assert activation == pytest.approx(float(pre), rel=1e-5)
@@ -140,7 +144,9 @@ def check_edges_predict_doubling_a_source(rm: ReplacementModel, prompt: str) -> 
         kind = graph.node_kind(source)
         if kind == NodeKind.FEATURE:
             layer, pos, feature, activation = graph.feature_of(source)
-            doubled[layer][pos] += activation * rm.transcoders[layer].W_dec[feature]
+            decoder = rm.transcoders.decoder_vectors(layer, torch.tensor([feature]))[0]  # (n_out, d_model)
+            for j, out_layer in enumerate(rm.transcoders.output_layers(layer)):
+                doubled[out_layer][pos] += activation * decoder[j]
         elif kind == NodeKind.ERROR:
             layer, pos = graph.error_of(source)
             doubled[layer][pos] += trace.errors[layer][pos]

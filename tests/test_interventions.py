@@ -37,7 +37,10 @@ def _pre_activations(rm, result, graph, targets):
 
 @pytest.mark.parametrize("skip", [False, True], ids=["no-skip", "skip"])
 def test_constrained_frozen_effect_equals_edge_times_change(tiny_adapter, make_tiny_transcoders, family, skip):
-    rm, graph = _setup(tiny_adapter, make_tiny_transcoders, family, skip)
+    check_constrained_frozen_effect_equals_edge_times_change(*_setup(tiny_adapter, make_tiny_transcoders, family, skip))
+
+
+def check_constrained_frozen_effect_equals_edge_times_change(rm, graph) -> None:
     n_layers = graph.n_layers
     config = InterventionConfig(freeze_attention=True, constrained_layers=range(n_layers))
     gen = torch.Generator().manual_seed(1)

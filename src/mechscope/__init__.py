@@ -23,6 +23,7 @@ _API = {
     "PerLayerTranscoder": "mechscope.transcoders.transcoder",
     "TranscoderSet": "mechscope.transcoders.transcoder",
     "PerLayerTranscoderSet": "mechscope.transcoders.transcoder",
+    "CrossLayerTranscoderSet": "mechscope.transcoders.transcoder",
     "load_transcoder_set": "mechscope.transcoders.io",
     "save_transcoder_set": "mechscope.transcoders.io",
     "load_gemma_scope_2": "mechscope.transcoders.io",

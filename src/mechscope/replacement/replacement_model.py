@@ -117,11 +117,12 @@ class ReplacementModel:
         by transcoders recomputed from their live inputs, plus the frozen error terms). Equals the
         model's logits up to float error, a check of the whole replacement."""
         first = trace.first_pos
+        live: list[torch.Tensor] = []  # each layer's live activations, for the layers after it (CLT)
 
         def replacement(layer: int):
             def fn(x: torch.Tensor) -> torch.Tensor:
-                a = self.transcoders.encode(layer, x)
-                out = self.decode_layer(layer, a, x) + trace.errors[layer]
+                live.append(self.transcoders.encode(layer, x))
+                out = self.decode_upto(layer, live, x) + trace.errors[layer]
                 out[:, :first] = trace.run.mlp_outputs[layer][:first]
                 return out
 
@@ -133,6 +134,16 @@ class ReplacementModel:
             [replacement(layer) for layer in range(self.model.n_layers)],
         )
         return self.model.output_logits(final[0, -1])
+
+    def decode_upto(
+        self, layer: int, acts: list[torch.Tensor], x: Float[torch.Tensor, "... d_model"]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Transcoder output at ``layer`` from the activations ``acts[0..layer]`` of that layer and
+        every earlier one (a cross-layer set's features write forward; a per-layer set reads only
+        ``acts[layer]``), with ``b_dec`` and the skip path of ``x``, ``layer``'s MLP input."""
+        zeros = torch.zeros_like(acts[layer])
+        full = list(acts[: layer + 1]) + [zeros] * (self.model.n_layers - layer - 1)
+        return self.transcoders.reconstruct(full, [x] * self.model.n_layers)[layer]
 
     def decode_layer(
         self, layer: int, acts: Float[torch.Tensor, "... d_transcoder"], x: Float[torch.Tensor, "... d_model"]

@@ -32,7 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.paths import atomic_directory
-from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+from mechscope.transcoders.clt_io import CLT_KIND, load_clt, save_clt
+from mechscope.transcoders.transcoder import (
+    CrossLayerTranscoderSet,
+    PerLayerTranscoder,
+    PerLayerTranscoderSet,
+    TranscoderSet,
+)
 
 __all__ = [
     "save_transcoder_set",
@@ -127,6 +133,8 @@ def save_transcoder_set(
         dtype: storage dtype of the weights (bfloat16 halves the size; loading upcasts).
         extra_config: more keys for ``config.yaml`` (training metadata, metrics).
     """
+    if isinstance(transcoders, CrossLayerTranscoderSet):
+        return save_clt(transcoders, path, dtype, extra_config)
     path = Path(path)
     first = transcoders[0]
     config = {
@@ -192,8 +200,9 @@ def _transcoder_from_tensors(
     return tc
 
 
-def load_transcoder_set(name_or_path: str | os.PathLike) -> PerLayerTranscoderSet:
-    """Load a shipped set by name, a circuit-tracer-layout directory, or a Gemma Scope 2 directory.
+def load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
+    """Load a shipped set by name, a circuit-tracer-layout directory (per-layer or cross-layer), or a
+    Gemma Scope 2 directory.
 
     Raises:
         UnknownNameError: the name is neither shipped nor a directory.
@@ -206,9 +215,12 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> PerLayerTranscoderSe
         config = yaml.safe_load((path / "config.yaml").read_text())
     except yaml.YAMLError as e:
         raise CorruptFileError(f"cannot parse {path / 'config.yaml'}: {e}") from e
+    if config.get("model_kind") == CLT_KIND:
+        return load_clt(path, config)
     if config.get("model_kind", "transcoder_set") != "transcoder_set":
         raise BadInputError(
-            f"{path} holds a {config.get('model_kind')!r}; mechscope reads model_kind 'transcoder_set'"
+            f"{path} holds a {config.get('model_kind')!r}; mechscope reads model_kind 'transcoder_set' "
+            f"and {CLT_KIND!r}"
         )
     files = config.get("transcoders") or sorted(
         (p.name for p in path.glob("layer_*.safetensors")), key=lambda n: int(n[6:].split(".")[0])

@@ -21,7 +21,7 @@ from torch import nn
 
 from mechscope.transcoders.activations import make_activation
 
-__all__ = ["PerLayerTranscoder", "TranscoderSet", "PerLayerTranscoderSet"]
+__all__ = ["PerLayerTranscoder", "TranscoderSet", "PerLayerTranscoderSet", "CrossLayerTranscoderSet"]
 
 
 class PerLayerTranscoder(nn.Module):
@@ -173,3 +173,77 @@ class PerLayerTranscoderSet(TranscoderSet):
 
     def reconstruct(self, acts, mlp_inputs):
         return [tc.decode(a, x) for tc, a, x in zip(self.transcoders, acts, mlp_inputs)]
+
+
+class CrossLayerTranscoderSet(TranscoderSet):
+    """A cross-layer transcoder (CLT): features read the MLP input of their layer ``l`` and write to
+    the MLP outputs of layers ``l .. n_layers - 1`` (Ameisen et al. 2025, "Circuit Tracing", section
+    "Building an interpretable replacement model"). The reconstruction of layer ``m``'s MLP output
+    sums the decoded features of every layer ``<= m``:
+
+        y_hat[m] = b_dec[m] + sum_{l <= m} a[l] @ W_dec[l][:, m - l] (+ x[m] @ W_skip[m].T)
+
+    Parameters, per layer ``l`` (circuit-tracer's CLT file layout): ``W_enc[l]
+    [d_transcoder, d_model]``, ``b_enc[l] [d_transcoder]``, ``b_dec[l] [d_model]`` (the bias of
+    output layer ``l``), ``W_dec[l] [d_transcoder, n_layers - l, d_model]``, optional
+    ``W_skip[l] [d_model, d_model]``; the activation (ReLU, JumpReLU with per-feature thresholds, or
+    TopK) is per layer.
+
+    Args:
+        n_layers, d_model, d_transcoder: sizes (the same number of features at every layer).
+        activation: ``relu`` | ``jumprelu`` | ``topk``; ``k`` for TopK.
+        skip_connection: a linear skip path per output layer.
+    """
+
+    kind = "cross-layer"
+
+    def __init__(self, n_layers: int, d_model: int, d_transcoder: int, activation: str = "jumprelu",
+                 k: int | None = None, skip_connection: bool = False, model_name: str = "", scan: str = ""):
+        super().__init__()
+        self.n_layers, self.d_model, self._d_transcoder = n_layers, d_model, d_transcoder
+        self.model_name, self.scan = model_name, scan
+        self.W_enc = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder, d_model)) for _ in range(n_layers))
+        self.b_enc = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder)) for _ in range(n_layers))
+        self.b_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_model)) for _ in range(n_layers))
+        # W_dec[l]: (d_transcoder, n_layers - l, d_model): feature of layer l -> output layers l..n_layers-1
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder, n_layers - layer, d_model))
+                                      for layer in range(n_layers))
+        self.W_skip = (nn.ParameterList(nn.Parameter(torch.zeros(d_model, d_model)) for _ in range(n_layers))
+                       if skip_connection else None)
+        self.activation_functions = nn.ModuleList(make_activation(activation, d_transcoder, k) for _ in range(n_layers))
+
+    @property
+    def activation(self) -> str:
+        return self.activation_functions[0].name
+
+    def d_transcoder(self, layer: int) -> int:
+        return self._d_transcoder
+
+    def output_layers(self, layer: int) -> range:
+        return range(layer, self.n_layers)
+
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.activation_functions[layer](self.pre_activations(layer, x))
+
+    def encoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.W_enc[layer][features]
+
+    def encoder_bias(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.b_enc[layer][features]
+
+    def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.W_dec[layer][features]  # (n, n_layers - layer, d_model)
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.W_skip is None else x @ self.W_skip[layer].T
+
+    def reconstruct(self, acts, mlp_inputs):
+        outputs = []
+        for m in range(self.n_layers):
+            out = self.b_dec[m] + sum(acts[l] @ self.W_dec[l][:, m - l] for l in range(m + 1))
+            skip = self.skip(m, mlp_inputs[m])
+            outputs.append(out if skip is None else out + skip)
+        return outputs

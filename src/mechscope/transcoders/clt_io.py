@@ -1,0 +1,105 @@
+"""Cross-layer transcoders in circuit-tracer's CLT layout (read and written).
+
+A directory with ``config.yaml`` (``model_kind: cross_layer_transcoder``, ``model_name``, ``scan``,
+hooks, sizes, ``activation``) and per layer ``i``:
+
+- ``W_enc_{i}.safetensors``: ``W_enc_{i} [d_transcoder, d_model]``, ``b_enc_{i} [d_transcoder]``,
+  ``b_dec_{i} [d_model]`` (the bias of output layer ``i``), ``threshold_{i} [d_transcoder]`` for
+  JumpReLU, and mechscope's ``W_skip_{i} [d_model, d_model]`` when the set has a skip connection
+  (circuit-tracer's ``load_clt`` reads no skip from disk and ignores the key);
+- ``W_dec_{i}.safetensors``: ``W_dec_{i} [d_transcoder, n_layers - i, d_model]`` (a feature of layer
+  ``i`` writes to layers ``i .. n_layers - 1``).
+
+This is what circuit-tracer's ``CrossLayerTranscoder.save_to_safetensors`` writes and ``load_clt``
+reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mechscope.errors import CorruptFileError
+from mechscope.paths import atomic_directory
+from mechscope.transcoders.activations import make_activation
+from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
+
+__all__ = ["save_clt", "load_clt", "CLT_KIND"]
+
+CLT_KIND = "cross_layer_transcoder"
+
+
+def save_clt(clt: CrossLayerTranscoderSet, path: str | Path, dtype: torch.dtype = torch.float32,
+             extra_config: dict | None = None) -> Path:
+    """Write ``clt`` in circuit-tracer's CLT layout (atomically: a failed save leaves nothing)."""
+    path = Path(path)
+    config = {"model_kind": CLT_KIND, "model_name": clt.model_name, "scan": clt.scan or path.name,
+              "feature_input_hook": clt.feature_input_hook, "feature_output_hook": clt.feature_output_hook,
+              "d_model": clt.d_model, "d_transcoder": clt.d_transcoder(0), "n_layers": clt.n_layers,
+              "skip_connection": clt.W_skip is not None, "activation": clt.activation}
+    if clt.activation == "topk":
+        config["k"] = clt.activation_functions[0].k
+    config.update(extra_config or {})
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype).contiguous()
+
+    with atomic_directory(path) as tmp:
+        for i in range(clt.n_layers):
+            enc = {f"W_enc_{i}": cast(clt.W_enc[i]), f"b_enc_{i}": cast(clt.b_enc[i]), f"b_dec_{i}": cast(clt.b_dec[i])}
+            if clt.activation == "jumprelu":
+                enc[f"threshold_{i}"] = cast(clt.activation_functions[i].threshold)
+            if clt.W_skip is not None:
+                enc[f"W_skip_{i}"] = cast(clt.W_skip[i])
+            save_file(enc, str(tmp / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": cast(clt.W_dec[i])}, str(tmp / f"W_dec_{i}.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _read(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise CorruptFileError(f"cross-layer transcoder file {file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
+
+
+def load_clt(path: str | Path, config: dict | None = None) -> CrossLayerTranscoderSet:
+    """Read a CLT directory (mechscope's or circuit-tracer's). Without ``activation`` in the config,
+    the files decide, as circuit-tracer does: JumpReLU when they hold thresholds, else ReLU.
+
+    Raises:
+        CorruptFileError: a missing or truncated file, or tensors of the wrong shape.
+    """
+    path = Path(path)
+    config = config if config is not None else yaml.safe_load((path / "config.yaml").read_text())
+    n_layers = len(list(path.glob("W_enc_*.safetensors")))
+    if n_layers == 0:
+        raise CorruptFileError(f"{path} holds no W_enc_*.safetensors files")
+    enc = [_read(path / f"W_enc_{i}.safetensors") for i in range(n_layers)]
+    d_transcoder, d_model = enc[0]["W_enc_0"].shape
+    activation = config.get("activation") or ("jumprelu" if "threshold_0" in enc[0] else "relu")
+    skip = "W_skip_0" in enc[0]
+    clt = CrossLayerTranscoderSet(n_layers, d_model, d_transcoder, activation, config.get("k"), skip,
+                                  model_name=config.get("model_name", ""), scan=config.get("scan", path.name))
+    with torch.no_grad():
+        for i in range(n_layers):
+            dec = _read(path / f"W_dec_{i}.safetensors")
+            tensors = {"W_enc": (enc[i], f"W_enc_{i}"), "b_enc": (enc[i], f"b_enc_{i}"), "b_dec": (enc[i], f"b_dec_{i}"),
+                       "W_dec": (dec, f"W_dec_{i}")} | ({"W_skip": (enc[i], f"W_skip_{i}")} if skip else {})
+            for name, (source, key) in tensors.items():
+                target = getattr(clt, name)[i]
+                if key not in source or source[key].shape != target.shape:
+                    got = tuple(source[key].shape) if key in source else "missing"
+                    raise CorruptFileError(f"{path}: {key} should be {tuple(target.shape)}, got {got}")
+                target.copy_(source[key].float())
+            if activation == "jumprelu":
+                clt.activation_functions[i] = make_activation("jumprelu", d_transcoder,
+                                                              threshold=enc[i][f"threshold_{i}"].float().reshape(-1))
+    return clt.requires_grad_(False)

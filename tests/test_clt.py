@@ -1,0 +1,118 @@
+"""Cross-layer transcoders through the same science checks as per-layer sets (tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_PROMPT
+from test_attribution import (
+    check_edges_predict_doubling_a_source,
+    check_preactivation_is_sum_of_edges_plus_bias,
+    check_replacement_reproduces_logits,
+)
+
+from mechscope.attribution.attribute import AttributionConfig, attribute
+from mechscope.replacement.replacement_model import ReplacementModel
+from mechscope.transcoders.activations import make_activation
+from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
+
+
+def make_tiny_clt(adapter, d_transcoder: int = 32, skip: bool = False, seed: int = 0) -> CrossLayerTranscoderSet:
+    """A random JumpReLU CLT sized for ``adapter``: pre-activations about standard normal, a third of
+    the features firing, each feature writing to every later layer."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layers, d_model = adapter.n_layers, adapter.d_model
+    ins, outs = adapter.run_with_mlp_sites(adapter.tokenize(TINY_PROMPT)[None])
+    clt = CrossLayerTranscoderSet(n_layers, d_model, d_transcoder, "jumprelu", skip_connection=skip,
+                                  model_name=adapter.name, scan=f"{adapter.name}-tiny-clt")
+    with torch.no_grad():
+        for layer in range(n_layers):
+            in_rms = ins[layer][0, 1:].pow(2).mean().sqrt()
+            out_rms = outs[layer][0, 1:].pow(2).mean().sqrt()
+            clt.W_enc[layer].copy_(torch.randn(d_transcoder, d_model, generator=gen) / (d_model**0.5 * in_rms))
+            clt.b_enc[layer].copy_(0.1 * torch.randn(d_transcoder, generator=gen))
+            clt.b_dec[layer].copy_(0.1 * out_rms * torch.randn(d_model, generator=gen))
+            n_out = n_layers - layer
+            clt.W_dec[layer].copy_(torch.randn(d_transcoder, n_out, d_model, generator=gen) * out_rms
+                                   / (d_transcoder * n_out) ** 0.5)
+            if skip:
+                clt.W_skip[layer].copy_(torch.randn(d_model, d_model, generator=gen) * 0.3 * out_rms / (d_model**0.5 * in_rms))
+            thresholds = 0.5 * (0.5 + 0.5 * torch.rand(d_transcoder, generator=gen))
+            clt.activation_functions[layer] = make_activation("jumprelu", d_transcoder, threshold=thresholds)
+    return clt.requires_grad_(False)
+
+
+@pytest.fixture(params=["gemma3", "llama", "qwen2"])
+def clt_model(request, tiny_adapter):
+    adapter = tiny_adapter(request.param)
+    return ReplacementModel(adapter, make_tiny_clt(adapter, skip=request.param != "llama"))
+
+
+@pytest.mark.parametrize("check", [check_replacement_reproduces_logits, check_preactivation_is_sum_of_edges_plus_bias,
+                                   check_edges_predict_doubling_a_source])
+def test_the_science_holds_for_a_cross_layer_transcoder(clt_model, check):
+    check(clt_model, TINY_PROMPT)
+
+
+def test_a_clt_reconstruction_sums_every_earlier_layers_features(tiny_adapter):
+    adapter = tiny_adapter("gemma3")
+    clt = make_tiny_clt(adapter)
+    ids = adapter.tokenize(TINY_PROMPT)
+    ins, _ = adapter.run_with_mlp_sites(ids[None])
+    acts = [clt.encode(layer, ins[layer][0]) for layer in range(clt.n_layers)]
+    recon = clt.reconstruct(acts, [x[0] for x in ins])
+    for m in range(clt.n_layers):
+        by_hand = clt.b_dec[m] + sum(acts[l] @ clt.W_dec[l][:, m - l] for l in range(m + 1))
+        torch.testing.assert_close(recon[m], by_hand)
+    # layer 0's features reach the last layer's output: zeroing them changes it
+    zeroed = clt.reconstruct([torch.zeros_like(acts[0])] + acts[1:], [x[0] for x in ins])
+    assert not torch.allclose(zeroed[-1], recon[-1])
+
+
+def test_graphs_of_a_clt_record_its_kind(clt_model):
+    from mechscope.export.neuronpedia import to_neuronpedia, validate_neuronpedia
+
+    graph = attribute(clt_model, TINY_PROMPT, AttributionConfig(max_feature_nodes=20))
+    data = to_neuronpedia(graph, None, "clt")
+    validate_neuronpedia(data)
+    assert data["metadata"]["transcoder_kind"] == "cross-layer"
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_clt_round_trips_in_circuit_tracers_layout(tiny_adapter, tmp_path, skip):
+    from safetensors.torch import load_file
+
+    from mechscope.errors import CorruptFileError
+    from mechscope.transcoders.io import load_transcoder_set, save_transcoder_set
+
+    adapter = tiny_adapter("gemma3")
+    clt = make_tiny_clt(adapter, skip=skip)
+    save_transcoder_set(clt, tmp_path / "clt")
+    files = sorted(p.name for p in (tmp_path / "clt").iterdir())
+    assert files == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors", "W_enc_0.safetensors",
+                     "W_enc_1.safetensors", "W_enc_2.safetensors", "config.yaml"]
+    dec = load_file(str(tmp_path / "clt" / "W_dec_1.safetensors"))
+    assert dec["W_dec_1"].shape == (32, 2, adapter.d_model)  # a layer-1 feature writes to layers 1 and 2
+    enc = load_file(str(tmp_path / "clt" / "W_enc_0.safetensors"))
+    assert set(enc) == {"W_enc_0", "b_enc_0", "b_dec_0", "threshold_0"} | ({"W_skip_0"} if skip else set())
+    loaded = load_transcoder_set(tmp_path / "clt")
+    assert isinstance(loaded, CrossLayerTranscoderSet) and loaded.kind == "cross-layer"
+    ins, _ = adapter.run_with_mlp_sites(adapter.tokenize(TINY_PROMPT)[None])
+    inputs = [x[0] for x in ins]
+    acts = [clt.encode(layer, x) for layer, x in enumerate(inputs)]
+    for layer, x in enumerate(inputs):
+        assert torch.equal(loaded.encode(layer, x), acts[layer])
+    for a, b in zip(loaded.reconstruct(acts, inputs), clt.reconstruct(acts, inputs)):
+        torch.testing.assert_close(a, b)
+    (tmp_path / "clt" / "W_dec_2.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(CorruptFileError, match="W_dec_2"):
+        load_transcoder_set(tmp_path / "clt")
+
+
+def test_edges_of_a_clt_predict_constrained_interventions(clt_model):
+    """Scaling a CLT feature moves every later feature's pre-activation by (factor - 1) x the edge,
+    through all the layers the feature writes to."""
+    from test_interventions import check_constrained_frozen_effect_equals_edge_times_change
+
+    graph = attribute(clt_model, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
+    check_constrained_frozen_effect_equals_edge_times_change(clt_model, graph)
