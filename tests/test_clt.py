@@ -116,3 +116,34 @@ def test_edges_of_a_clt_predict_constrained_interventions(clt_model):
 
     graph = attribute(clt_model, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
     check_constrained_frozen_effect_equals_edge_times_change(clt_model, graph)
+
+
+def test_gemma_scope_2_clt_directories_load_with_their_conventions(tmp_path):
+    """Synthetic Gemma Scope 2 CLT files: w_enc (d_model, d_sae), w_dec to every layer (the columns
+    before a feature's own layer unused), affine skip applied as x @ A."""
+    from safetensors.torch import save_file
+
+    from mechscope.transcoders.io import load_transcoder_set
+
+    gen = torch.Generator().manual_seed(0)
+    n_layers, d_model, d_sae = 3, 8, 12
+    raw = []
+    for layer in range(n_layers):
+        p = {"w_enc": torch.randn(d_model, d_sae, generator=gen), "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
+             "b_dec": torch.randn(d_model, generator=gen) * 0.1, "threshold": torch.rand(d_sae, generator=gen) * 0.5,
+             "w_dec": torch.randn(d_sae, n_layers, d_model, generator=gen),
+             "affine_skip_connection": torch.randn(d_model, d_model, generator=gen) * 0.1}
+        save_file(p, str(tmp_path / f"params_layer_{layer}.safetensors"))
+        raw.append(p)
+    clt = load_transcoder_set(tmp_path)
+    assert isinstance(clt, CrossLayerTranscoderSet) and clt.n_layers == 3
+    xs = [torch.randn(5, d_model, generator=gen) for _ in range(n_layers)]
+    acts = []
+    for layer, (p, x) in enumerate(zip(raw, xs)):  # Gemma Scope's own convention, written out
+        pre = x @ p["w_enc"] + p["b_enc"]
+        acts.append(torch.relu(pre) * (pre > p["threshold"]))
+        torch.testing.assert_close(clt.encode(layer, x), acts[-1])
+    recon = clt.reconstruct(acts, xs)
+    for m in range(n_layers):
+        by_hand = raw[m]["b_dec"] + sum(acts[l] @ raw[l]["w_dec"][:, m] for l in range(m + 1)) + xs[m] @ raw[m]["affine_skip_connection"]
+        torch.testing.assert_close(recon[m], by_hand)

@@ -12,6 +12,12 @@ hooks, sizes, ``activation``) and per layer ``i``:
 
 This is what circuit-tracer's ``CrossLayerTranscoder.save_to_safetensors`` writes and ``load_clt``
 reads.
+
+Gemma Scope 2 CLT directories are read too: ``params_layer_{L}.safetensors`` per layer with
+``w_enc [d_model, d_sae]``, ``b_enc [d_sae]``, ``threshold [d_sae]``, ``b_dec [d_model]`` (output
+layer ``L``'s bias), ``w_dec [d_sae, n_layers, d_model]`` (a decoder to every layer; the columns of
+layers before ``L`` are unused by a cross-layer transcoder and dropped) and optionally
+``affine_skip_connection [d_model, d_model]`` applied as ``x @ A``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from mechscope.paths import atomic_directory
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
 
-__all__ = ["save_clt", "load_clt", "CLT_KIND"]
+__all__ = ["save_clt", "load_clt", "CLT_KIND", "is_gemma_scope_2_clt", "load_gemma_scope_2_clt"]
 
 CLT_KIND = "cross_layer_transcoder"
 
@@ -102,4 +108,49 @@ def load_clt(path: str | Path, config: dict | None = None) -> CrossLayerTranscod
             if activation == "jumprelu":
                 clt.activation_functions[i] = make_activation("jumprelu", d_transcoder,
                                                               threshold=enc[i][f"threshold_{i}"].float().reshape(-1))
+    return clt.requires_grad_(False)
+
+
+def _gemma_scope_2_clt_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("params_layer_*.safetensors"), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+    return files
+
+
+def is_gemma_scope_2_clt(path: Path) -> bool:
+    """Whether ``path`` itself holds Gemma Scope 2 CLT files (``params_layer_{L}.safetensors``)."""
+    return bool(_gemma_scope_2_clt_files(Path(path)))
+
+
+def load_gemma_scope_2_clt(path: str | Path, model_name: str = "") -> CrossLayerTranscoderSet:
+    """Read a Gemma Scope 2 CLT directory (see the module docstring).
+
+    Raises:
+        CorruptFileError: a missing layer, a missing tensor or a decoder of the wrong shape.
+    """
+    path = Path(path)
+    files = _gemma_scope_2_clt_files(path)
+    layers = [int(f.stem.rsplit("_", 1)[1]) for f in files]
+    if layers != list(range(len(files))):
+        raise CorruptFileError(f"{path}: expected params_layer_0..{len(files) - 1}.safetensors, found layers {layers}")
+    n_layers = len(files)
+    params = [_read(f) for f in files]
+    for f, p in zip(files, params):
+        missing = [k for k in ("w_enc", "b_enc", "b_dec", "w_dec", "threshold") if k not in p]
+        if missing:
+            raise CorruptFileError(f"{f} lacks Gemma Scope tensors {missing}; has {sorted(p)}")
+    d_model, d_sae = params[0]["w_enc"].shape
+    skip = "affine_skip_connection" in params[0]
+    clt = CrossLayerTranscoderSet(n_layers, d_model, d_sae, "jumprelu", skip_connection=skip, model_name=model_name,
+                                  scan=path.name)
+    with torch.no_grad():
+        for layer, (f, p) in enumerate(zip(files, params)):
+            if p["w_dec"].shape != (d_sae, n_layers, d_model):
+                raise CorruptFileError(f"{f}: w_dec should be {(d_sae, n_layers, d_model)}, got {tuple(p['w_dec'].shape)}")
+            clt.W_enc[layer].copy_(p["w_enc"].T.float())  # (d_model, d_sae) -> circuit-tracer's (d_sae, d_model)
+            clt.b_enc[layer].copy_(p["b_enc"].float())
+            clt.b_dec[layer].copy_(p["b_dec"].float())
+            clt.W_dec[layer].copy_(p["w_dec"][:, layer:].float())  # to layers layer..n_layers-1
+            if skip:
+                clt.W_skip[layer].copy_(p["affine_skip_connection"].T.float())  # x @ A == x @ W_skip.T
+            clt.activation_functions[layer] = make_activation("jumprelu", d_sae, threshold=p["threshold"].float())
     return clt.requires_grad_(False)

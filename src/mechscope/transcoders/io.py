@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.paths import atomic_directory
-from mechscope.transcoders.clt_io import CLT_KIND, load_clt, save_clt
+from mechscope.transcoders.clt_io import CLT_KIND, is_gemma_scope_2_clt, load_clt, load_gemma_scope_2_clt, save_clt
 from mechscope.transcoders.transcoder import (
     CrossLayerTranscoderSet,
     PerLayerTranscoder,
@@ -116,7 +116,7 @@ def resolve_transcoders(name_or_path: str) -> Path:
     if name_or_path in KNOWN_SETS:
         raise BadInputError(f"transcoder set {name_or_path!r} is not installed: {install_line(name_or_path)}")
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path)):
+    if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path) or is_gemma_scope_2_clt(path)):
         return path
     raise UnknownNameError("transcoder set", name_or_path, shipped_sets())
 
@@ -210,7 +210,7 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     """
     path = resolve_transcoders(str(name_or_path))
     if not (path / "config.yaml").exists():
-        return load_gemma_scope_2(path)
+        return load_gemma_scope_2_clt(path) if is_gemma_scope_2_clt(path) else load_gemma_scope_2(path)
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
     except yaml.YAMLError as e:
