@@ -147,3 +147,23 @@ def test_gemma_scope_2_clt_directories_load_with_their_conventions(tmp_path):
     for m in range(n_layers):
         by_hand = raw[m]["b_dec"] + sum(acts[l] @ raw[l]["w_dec"][:, m] for l in range(m + 1)) + xs[m] @ raw[m]["affine_skip_connection"]
         torch.testing.assert_close(recon[m], by_hand)
+
+
+def test_lazy_decoder_reads_give_the_same_graph(tiny_adapter, tmp_path):
+    """Decoder rows read on demand from the files equal the loaded decoders: the same activations,
+    reconstructions and attribution graph."""
+    from mechscope.transcoders.clt_io import load_clt
+    from mechscope.transcoders.io import save_transcoder_set
+
+    adapter = tiny_adapter("gemma3")
+    save_transcoder_set(make_tiny_clt(adapter, skip=True), tmp_path / "clt")
+    eager, lazy = load_clt(tmp_path / "clt"), load_clt(tmp_path / "clt", lazy_decoder=True)
+    assert lazy.lazy_decoder is not None and sum(p.numel() for p in lazy.W_dec) == 0
+    features = torch.tensor([0, 1, 2, 7, 9, 10, 31])
+    for layer in range(eager.n_layers):
+        assert torch.equal(lazy.decoder_vectors(layer, features), eager.decoder_vectors(layer, features))
+    config = AttributionConfig(max_feature_nodes=None, batch_size=32)
+    a = attribute(ReplacementModel(adapter, eager), TINY_PROMPT, config)
+    b = attribute(ReplacementModel(adapter, lazy), TINY_PROMPT, config)
+    assert torch.equal(a.active_features, b.active_features)
+    torch.testing.assert_close(a.adjacency, b.adjacency, atol=1e-6, rtol=1e-5)

@@ -76,9 +76,40 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
         raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
 
 
-def load_clt(path: str | Path, config: dict | None = None) -> CrossLayerTranscoderSet:
+class LazyDecoders:
+    """Decoder rows read from ``W_dec_{i}.safetensors`` on demand (memory-mapped, only the rows asked
+    for), so a CLT whose decoders, ``n_layers (n_layers + 1) / 2`` blocks of ``[F, d_model]``, do not
+    fit in memory still traces: attribution and reconstruction read the rows of active features."""
+
+    def __init__(self, path: Path, n_layers: int):
+        from safetensors import safe_open
+
+        self.handles = [safe_open(str(path / f"W_dec_{i}.safetensors"), framework="pt") for i in range(n_layers)]
+
+    def rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """``[n, n_layers - layer, d_model]`` float32 rows ``features`` of layer ``layer``'s decoder."""
+        view = self.handles[layer].get_slice(f"W_dec_{layer}")
+        features = features.tolist()
+        if not features:
+            n_out, d_model = view.get_shape()[1:]
+            return torch.zeros(0, n_out, d_model)
+        out, start = [], 0
+        while start < len(features):  # read runs of consecutive rows in one slice each
+            end = start + 1
+            while end < len(features) and features[end] == features[end - 1] + 1:
+                end += 1
+            out.append(view[features[start] : features[end - 1] + 1])
+            start = end
+        return torch.cat(out).float()
+
+
+def load_clt(path: str | Path, config: dict | None = None, lazy_decoder: bool = False) -> CrossLayerTranscoderSet:
     """Read a CLT directory (mechscope's or circuit-tracer's). Without ``activation`` in the config,
     the files decide, as circuit-tracer does: JumpReLU when they hold thresholds, else ReLU.
+
+    Args:
+        lazy_decoder: leave the decoders on disk and read only the rows asked for
+            (:class:`LazyDecoders`); the set's ``W_dec`` parameters then stay zero-sized.
 
     Raises:
         CorruptFileError: a missing or truncated file, or tensors of the wrong shape.
@@ -93,12 +124,19 @@ def load_clt(path: str | Path, config: dict | None = None) -> CrossLayerTranscod
     activation = config.get("activation") or ("jumprelu" if "threshold_0" in enc[0] else "relu")
     skip = "W_skip_0" in enc[0]
     clt = CrossLayerTranscoderSet(n_layers, d_model, d_transcoder, activation, config.get("k"), skip,
-                                  model_name=config.get("model_name", ""), scan=config.get("scan", path.name))
+                                  model_name=config.get("model_name", ""), scan=config.get("scan", path.name),
+                                  decoders=not lazy_decoder)
+    if lazy_decoder:
+        for i in range(n_layers):
+            if not (path / f"W_dec_{i}.safetensors").exists():
+                raise CorruptFileError(f"cross-layer transcoder file {path / f'W_dec_{i}.safetensors'} is missing")
+        clt.lazy_decoder = LazyDecoders(path, n_layers)
     with torch.no_grad():
         for i in range(n_layers):
-            dec = _read(path / f"W_dec_{i}.safetensors")
-            tensors = {"W_enc": (enc[i], f"W_enc_{i}"), "b_enc": (enc[i], f"b_enc_{i}"), "b_dec": (enc[i], f"b_dec_{i}"),
-                       "W_dec": (dec, f"W_dec_{i}")} | ({"W_skip": (enc[i], f"W_skip_{i}")} if skip else {})
+            dec = {} if lazy_decoder else _read(path / f"W_dec_{i}.safetensors")
+            tensors = {"W_enc": (enc[i], f"W_enc_{i}"), "b_enc": (enc[i], f"b_enc_{i}"), "b_dec": (enc[i], f"b_dec_{i}")}
+            tensors |= {} if lazy_decoder else {"W_dec": (dec, f"W_dec_{i}")}
+            tensors |= {"W_skip": (enc[i], f"W_skip_{i}")} if skip else {}
             for name, (source, key) in tensors.items():
                 target = getattr(clt, name)[i]
                 if key not in source or source[key].shape != target.shape:

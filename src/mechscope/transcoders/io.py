@@ -216,7 +216,7 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     except yaml.YAMLError as e:
         raise CorruptFileError(f"cannot parse {path / 'config.yaml'}: {e}") from e
     if config.get("model_kind") == CLT_KIND:
-        return load_clt(path, config)
+        return load_clt(path, config, lazy_decoder=True)  # decoder rows read on demand: only active features
     if config.get("model_kind", "transcoder_set") != "transcoder_set":
         raise BadInputError(
             f"{path} holds a {config.get('model_kind')!r}; mechscope reads model_kind 'transcoder_set' "

@@ -193,12 +193,14 @@ class CrossLayerTranscoderSet(TranscoderSet):
         n_layers, d_model, d_transcoder: sizes (the same number of features at every layer).
         activation: ``relu`` | ``jumprelu`` | ``topk``; ``k`` for TopK.
         skip_connection: a linear skip path per output layer.
+        decoders: hold the decoders in memory (``False``: a loader supplies ``lazy_decoder``).
     """
 
     kind = "cross-layer"
 
     def __init__(self, n_layers: int, d_model: int, d_transcoder: int, activation: str = "jumprelu",
-                 k: int | None = None, skip_connection: bool = False, model_name: str = "", scan: str = ""):
+                 k: int | None = None, skip_connection: bool = False, model_name: str = "", scan: str = "",
+                 decoders: bool = True):
         super().__init__()
         self.n_layers, self.d_model, self._d_transcoder = n_layers, d_model, d_transcoder
         self.model_name, self.scan = model_name, scan
@@ -206,7 +208,8 @@ class CrossLayerTranscoderSet(TranscoderSet):
         self.b_enc = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder)) for _ in range(n_layers))
         self.b_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_model)) for _ in range(n_layers))
         # W_dec[l]: (d_transcoder, n_layers - l, d_model): feature of layer l -> output layers l..n_layers-1
-        self.W_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder, n_layers - layer, d_model))
+        # decoders=False: the rows come from ``lazy_decoder`` (set by the loader)
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_transcoder if decoders else 0, n_layers - layer, d_model))
                                       for layer in range(n_layers))
         self.W_skip = (nn.ParameterList(nn.Parameter(torch.zeros(d_model, d_model)) for _ in range(n_layers))
                        if skip_connection else None)
@@ -234,16 +237,27 @@ class CrossLayerTranscoderSet(TranscoderSet):
     def encoder_bias(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.b_enc[layer][features]
 
+    #: when set (:func:`mechscope.transcoders.clt_io.load_clt` with ``lazy_decoder``), decoder rows
+    #: are read from the files on demand instead of from ``W_dec``
+    lazy_decoder = None
+
     def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        if self.lazy_decoder is not None:
+            return self.lazy_decoder.rows(layer, features)
         return self.W_dec[layer][features]  # (n, n_layers - layer, d_model)
 
     def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.W_skip is None else x @ self.W_skip[layer].T
 
     def reconstruct(self, acts, mlp_inputs):
+        # only the decoder rows of features active somewhere are needed: (n_active, n_out, d_model) each
+        decoders = []
+        for layer, a in enumerate(acts):
+            active = (a.reshape(-1, a.shape[-1]) != 0).any(0).nonzero().flatten()
+            decoders.append((active, self.decoder_vectors(layer, active)))
         outputs = []
         for m in range(self.n_layers):
-            out = self.b_dec[m] + sum(acts[l] @ self.W_dec[l][:, m - l] for l in range(m + 1))
+            out = self.b_dec[m] + sum(acts[l][..., active] @ rows[:, m - l] for l, (active, rows) in enumerate(decoders[: m + 1]))
             skip = self.skip(m, mlp_inputs[m])
             outputs.append(out if skip is None else out + skip)
         return outputs
