@@ -84,7 +84,13 @@ class LazyDecoders:
     def __init__(self, path: Path, n_layers: int):
         from safetensors import safe_open
 
-        self.handles = [safe_open(str(path / f"W_dec_{i}.safetensors"), framework="pt") for i in range(n_layers)]
+        self.handles = []
+        for i in range(n_layers):
+            file = path / f"W_dec_{i}.safetensors"
+            try:
+                self.handles.append(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
 
     def rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """``[n, n_layers - layer, d_model]`` float32 rows ``features`` of layer ``layer``'s decoder."""
