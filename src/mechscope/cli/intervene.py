@@ -162,7 +162,7 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     Without PROMPT (and without --chat/--messages) the graph's own prompt is run, as it was traced
     (a chat graph's rendered conversation included)."""
     from mechscope.export.neuronpedia import read_neuronpedia
-    from mechscope.interventions.records import FeatureTarget, Intervention
+    from mechscope.interventions.records import FeatureTarget
 
     use_graph_prompt = prompt is None and not chat_request.active
     if not use_graph_prompt:

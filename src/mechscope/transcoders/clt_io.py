@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mechscope.errors import CorruptFileError
 from mechscope.paths import atomic_directory
+from mechscope.transcoders.files import read_safetensors
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
 
@@ -65,15 +66,6 @@ def save_clt(clt: CrossLayerTranscoderSet, path: str | Path, dtype: torch.dtype 
             save_file({f"W_dec_{i}": cast(clt.W_dec[i])}, str(tmp / f"W_dec_{i}.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def _read(file: Path) -> dict[str, torch.Tensor]:
-    if not file.exists():
-        raise CorruptFileError(f"cross-layer transcoder file {file} is missing")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
 
 
 class LazyDecoders:
@@ -125,7 +117,7 @@ def load_clt(path: str | Path, config: dict | None = None, lazy_decoder: bool = 
     n_layers = len(list(path.glob("W_enc_*.safetensors")))
     if n_layers == 0:
         raise CorruptFileError(f"{path} holds no W_enc_*.safetensors files")
-    enc = [_read(path / f"W_enc_{i}.safetensors") for i in range(n_layers)]
+    enc = [read_safetensors(path / f"W_enc_{i}.safetensors") for i in range(n_layers)]
     d_transcoder, d_model = enc[0]["W_enc_0"].shape
     activation = config.get("activation") or ("jumprelu" if "threshold_0" in enc[0] else "relu")
     skip = "W_skip_0" in enc[0]
@@ -139,7 +131,7 @@ def load_clt(path: str | Path, config: dict | None = None, lazy_decoder: bool = 
         clt.lazy_decoder = LazyDecoders(path, n_layers)
     with torch.no_grad():
         for i in range(n_layers):
-            dec = {} if lazy_decoder else _read(path / f"W_dec_{i}.safetensors")
+            dec = {} if lazy_decoder else read_safetensors(path / f"W_dec_{i}.safetensors")
             tensors = {"W_enc": (enc[i], f"W_enc_{i}"), "b_enc": (enc[i], f"b_enc_{i}"), "b_dec": (enc[i], f"b_dec_{i}")}
             tensors |= {} if lazy_decoder else {"W_dec": (dec, f"W_dec_{i}")}
             tensors |= {"W_skip": (enc[i], f"W_skip_{i}")} if skip else {}
@@ -177,7 +169,7 @@ def load_gemma_scope_2_clt(path: str | Path, model_name: str = "") -> CrossLayer
     if layers != list(range(len(files))):
         raise CorruptFileError(f"{path}: expected params_layer_0..{len(files) - 1}.safetensors, found layers {layers}")
     n_layers = len(files)
-    params = [_read(f) for f in files]
+    params = [read_safetensors(f) for f in files]
     for f, p in zip(files, params):
         missing = [k for k in ("w_enc", "b_enc", "b_dec", "w_dec", "threshold") if k not in p]
         if missing:

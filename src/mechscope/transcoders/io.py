@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.paths import atomic_directory
+from mechscope.transcoders.files import read_safetensors
 from mechscope.transcoders.clt_io import CLT_KIND, is_gemma_scope_2_clt, load_clt, load_gemma_scope_2_clt, save_clt
 from mechscope.transcoders.transcoder import (
     CrossLayerTranscoderSet,
@@ -164,15 +164,6 @@ def save_transcoder_set(
     return path
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.exists():
-        raise CorruptFileError(f"transcoder file {file} is missing")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
-
-
 def _transcoder_from_tensors(
     tensors: dict[str, torch.Tensor], activation: str | None, k: int | None, file: Path
 ) -> PerLayerTranscoder:
@@ -230,7 +221,7 @@ def load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     transcoders = []
     for name in files:
         file = Path(name) if Path(name).is_absolute() else path / Path(name).name
-        transcoders.append(_transcoder_from_tensors(_read_safetensors(file), activation, k, file))
+        transcoders.append(_transcoder_from_tensors(read_safetensors(file), activation, k, file))
     result = PerLayerTranscoderSet(
         transcoders, model_name=config.get("model_name", ""), scan=config.get("scan", path.name)
     )
@@ -267,7 +258,7 @@ def load_gemma_scope_2(path: str | os.PathLike, model_name: str = "") -> PerLaye
             )
     transcoders = []
     for file in files:
-        raw = _read_safetensors(file)
+        raw = read_safetensors(file)
         missing = [key for key in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if key not in raw]
         if missing:
             raise CorruptFileError(f"{file} lacks Gemma Scope tensors {missing}; has {sorted(raw)}")
