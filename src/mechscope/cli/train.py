@@ -41,9 +41,11 @@ def _opt(name: str, type_, help_: str):
 @click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype of the model forward giving the training activations (calibration and held-out "
                    "figures always use float32).")
+@click.option("--kind", type=click.Choice(["plt", "clt"]), default="plt", show_default=True,
+              help="Per-layer transcoders, or one cross-layer transcoder (features write to every later layer).")
 @click.option("--no-skip", is_flag=True, help="No skip connection.")
 @click.option("--no-progress", is_flag=True)
-def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_progress, **fields):
+def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, no_progress, **fields):
     """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration).
 
     When the corpus holds chat transcripts (`mechscope corpus chat`), held-out figures are also
@@ -72,8 +74,13 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, no_skip, no_pr
     eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype=torch.float32))
     out = Path(out_dir) if out_dir else cache_root() / "transcoders" / name
     ckpt = Path(checkpoint_dir) if checkpoint_dir else cache_root() / "training" / name
-    _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
-                                   eval_adapter=eval_adapter, heldout_by_kind=by_kind)
+    if kind == "clt":
+        from mechscope.training.clt_trainer import train_clt
+
+        _, metrics = train_clt(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress)
+    else:
+        _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
+                                       eval_adapter=eval_adapter, heldout_by_kind=by_kind)
     click.echo(f"{'layer':>5} {'FVU':>7} {'L0':>7} {'dead':>6}")
     for m in metrics:
         click.echo(f"{m.layer:>5} {m.fvu:>7.3f} {m.l0:>7.1f} {m.dead_fraction:>6.3f}")

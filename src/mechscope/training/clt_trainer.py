@@ -1,0 +1,242 @@
+"""Train a cross-layer transcoder (CLT): TopK training, then JumpReLU calibration.
+
+The recipe of the per-layer sets (:mod:`mechscope.training.trainer`) carried over to the coupled
+CLT (Ameisen et al. 2025, "Circuit Tracing", note that TopK training followed by JumpReLU
+calibration is a valid shortcut to their JumpReLU + tanh-sparsity objective):
+
+1. The model body runs once per batch; every layer's MLP input and output are read.
+2. In normalised units, layer ``l``'s features are TopK(k) of ``W_enc[l] x_l + b_enc[l]``; the
+   reconstruction of output layer ``m`` is ``b_dec[m] + sum_{l <= m} decode(a_l, W_dec[l][:, m - l])
+   (+ W_skip[m] x_m)``, and the loss is the sum over output layers of each layer's MSE divided by
+   its variance. Each feature's decoder, concatenated over its output layers, is kept at unit norm.
+   ``W_skip`` starts as the ridge fit of each layer's output on its input.
+3. Checkpoints (safetensors + JSON, atomic) every ``checkpoint_every_s``; resume is exact.
+4. Per layer, JumpReLU thresholds are calibrated so each feature fires as often as under TopK; the
+   set is evaluated (FVU, L0, dead fraction per layer, on held-out text) and saved in circuit-tracer's
+   CLT layout.
+
+Memory: the decoders are ``n_layers (n_layers + 1) / 2`` blocks of ``[d_transcoder, d_model]``, with
+Adam's two moments each. Not yet here: the AuxK dead-feature loss and resampling of the per-layer
+trainer (``aux_coef`` and ``resample_every`` are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mechscope.data.corpus import TokenStream
+from mechscope.errors import BadInputError
+from mechscope.models.adapter import ModelAdapter
+from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
+from mechscope.training.trainer import (
+    SCHEDULE_FIELDS,
+    TrainConfig,
+    _activations,
+    _load_checkpoint,
+    _lr,
+    _save_checkpoint,
+    calibrated_thresholds,
+)
+from mechscope.transcoders.activations import make_activation
+from mechscope.transcoders.clt_io import save_clt
+from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
+
+__all__ = ["CLTTrainee", "train_clt", "evaluate_clt"]
+
+logger = logging.getLogger(__name__)
+
+
+class CLTTrainee(nn.Module):
+    """A CLT while training, in normalised units (see the module docstring for the parameters)."""
+
+    def __init__(self, n_layers: int, d_model: int, cfg: TrainConfig, generator: torch.Generator):
+        super().__init__()
+        F_ = cfg.d_transcoder
+        self.cfg, self.n_layers = cfg, n_layers
+        dec = [torch.randn(F_, n_layers - l, d_model, generator=generator) for l in range(n_layers)]
+        dec = [d / d.flatten(1).norm(dim=1)[:, None, None] for d in dec]  # unit concatenated decoders
+        self.W_dec = nn.ParameterList(nn.Parameter(d) for d in dec)
+        self.W_enc = nn.ParameterList(nn.Parameter(d[:, 0].clone() / d[:, 0].norm(dim=1, keepdim=True)) for d in dec)
+        self.b_enc = nn.ParameterList(nn.Parameter(torch.zeros(F_)) for _ in range(n_layers))
+        self.b_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_model)) for _ in range(n_layers))
+        self.W_skip = (nn.ParameterList(nn.Parameter(torch.zeros(d_model, d_model)) for _ in range(n_layers))
+                       if cfg.skip_connection else None)
+        self.register_buffer("in_scale", torch.ones(n_layers))
+        self.register_buffer("out_scale", torch.ones(n_layers))
+        self.register_buffer("last_fired", torch.zeros(n_layers, F_))
+
+    @torch.no_grad()
+    def initialize(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+        """Normalisers, ``b_dec`` and ridge-fitted ``W_skip`` from a first batch (``[n, d_model]`` each)."""
+        d = xs[0].shape[-1]
+        for m, (x, y) in enumerate(zip(xs, ys)):
+            self.in_scale[m] = float(x.norm(dim=-1).mean()) / math.sqrt(d)
+            self.out_scale[m] = float(y.norm(dim=-1).mean()) / math.sqrt(d)
+            x_n, y_n = x / self.in_scale[m], y / self.out_scale[m]
+            self.W_enc[m].mul_(self.cfg.encoder_init_scale)
+            self.b_dec[m].copy_(y_n.mean(0))
+            if self.W_skip is not None and self.cfg.skip_init == "lstsq":
+                xc, yc = x_n - x_n.mean(0), y_n - y_n.mean(0)
+                gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d)
+                self.W_skip[m].copy_(torch.linalg.solve(gram, xc.T @ yc).T)
+                self.b_dec[m].copy_(y_n.mean(0) - x_n.mean(0) @ self.W_skip[m].T)
+
+    def pre_activations(self, layer: int, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def forward_topk(self, xs_n: list[torch.Tensor]):
+        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, d_model] per output layer)``."""
+        codes, recon = [], []
+        for m in range(self.n_layers):
+            vals, idx = self.pre_activations(m, xs_n[m]).topk(self.cfg.k, dim=-1)
+            codes.append((idx, vals.clamp(min=0)))
+            out = self.b_dec[m] + sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l, mode="sum")
+                                      for l, (idx_l, v_l) in enumerate(codes))
+            recon.append(out if self.W_skip is None else out + xs_n[m] @ self.W_skip[m].T)
+        return codes, recon
+
+    def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor]):
+        """``(loss, per-layer normalised MSE, per-layer fired masks)`` for raw ``[n, d_model]`` inputs."""
+        xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
+        ys_n = [y / self.out_scale[m] for m, y in enumerate(ys)]
+        codes, recon = self.forward_topk(xs_n)
+        mses = [((r - y).pow(2).sum(-1).mean() / (y - y.mean(0)).pow(2).sum(-1).mean().detach())
+                for r, y in zip(recon, ys_n)]
+        fired = []
+        for idx, vals in codes:
+            mask = torch.zeros(self.cfg.d_transcoder, dtype=torch.bool)
+            mask[idx[vals > 0]] = True
+            fired.append(mask)
+        return sum(mses), [float(m.detach()) for m in mses], fired
+
+    @torch.no_grad()
+    def after_step(self, fired: list[torch.Tensor], n_tokens: int) -> None:
+        self.last_fired += n_tokens
+        for m, mask in enumerate(fired):
+            self.last_fired[m, mask] = 0
+        for d in self.W_dec:
+            d /= d.flatten(1).norm(dim=1).clamp(min=1e-8)[:, None, None]
+
+    @torch.no_grad()
+    def to_set(self, thresholds: list[torch.Tensor], model_name: str, scan: str) -> CrossLayerTranscoderSet:
+        """Fold the normalisation into a JumpReLU :class:`CrossLayerTranscoderSet` in raw units."""
+        d_model = self.W_enc[0].shape[1]
+        clt = CrossLayerTranscoderSet(self.n_layers, d_model, self.cfg.d_transcoder, "jumprelu",
+                                      skip_connection=self.W_skip is not None, model_name=model_name, scan=scan)
+        for l in range(self.n_layers):
+            clt.W_enc[l].copy_(self.W_enc[l] / self.in_scale[l])
+            clt.b_enc[l].copy_(self.b_enc[l])
+            clt.b_dec[l].copy_(self.b_dec[l] * self.out_scale[l])
+            clt.W_dec[l].copy_(self.W_dec[l] * self.out_scale[l:][None, :, None])  # column j -> output layer l + j
+            if self.W_skip is not None:
+                clt.W_skip[l].copy_(self.W_skip[l] * (self.out_scale[l] / self.in_scale[l]))
+            clt.activation_functions[l] = make_activation("jumprelu", self.cfg.d_transcoder, threshold=thresholds[l])
+        return clt.requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_clt(adapter: ModelAdapter, clt: CrossLayerTranscoderSet, heldout: TokenStream, n_sequences: int,
+                 batch_sequences: int = 16, storage_dtype: torch.dtype | None = torch.bfloat16) -> list[LayerMetrics]:
+    """Held-out FVU (of each output layer's reconstruction), L0 and dead fraction (of each layer's
+    features), for the weights as stored (rounded through ``storage_dtype``)."""
+    import copy
+
+    if storage_dtype is not None:
+        clt = copy.deepcopy(clt)
+        for p in clt.parameters():
+            p.copy_(p.to(storage_dtype).float())
+    accs = [MetricsAccumulator(layer, clt.d_transcoder(layer)) for layer in range(clt.n_layers)]
+    for i, (_, batch) in enumerate(heldout.batches(batch_sequences)):
+        if i * batch_sequences >= n_sequences:
+            break
+        xs, ys = _activations(adapter, batch)
+        acts = [clt.encode(layer, x) for layer, x in enumerate(xs)]
+        for layer, (acc, y_hat) in enumerate(zip(accs, clt.reconstruct(acts, xs))):
+            acc.update(ys[layer], y_hat, acts[layer])
+    return [a.result() for a in accs]
+
+
+def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: TokenStream, cfg: TrainConfig,
+              out: Path, checkpoint_dir: Path, progress: bool = True) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
+    """Train, checkpoint, resume, calibrate, evaluate and save a CLT (see the module docstring).
+
+    Raises:
+        BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator)
+    opt = torch.optim.Adam(trainee.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    ckpt = checkpoint_dir / "checkpoint"
+    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": []}
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        fixed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v and k not in SCHEDULE_FIELDS)
+        if fixed:
+            raise BadInputError(f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use "
+                                "another --checkpoint-dir")
+        state = _load_checkpoint(ckpt, trainee, opt)
+        state["config"] = asdict(cfg)
+    stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
+    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress, desc="training CLT", unit="step")
+    last_save = time.monotonic()
+    while state["step"] < cfg.n_steps:
+        index, batch = next(stream)
+        xs, ys = _activations(adapter, batch)
+        if state["step"] == 0:
+            trainee.initialize(xs, ys)
+        for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
+            for group in opt.param_groups:
+                group["lr"] = _lr(cfg, state["step"])
+            opt.zero_grad(set_to_none=True)
+            loss, mses, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
+            loss.backward()
+            opt.step()
+            trainee.after_step(fired, len(part))
+            state["step"] += 1
+        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0])
+        bar.update(cfg.minibatches)
+        if state["step"] % 100 < cfg.minibatches:
+            state["history"].append({"step": state["step"], "tokens": state["tokens"], "mse": [round(m, 4) for m in mses]})
+        if time.monotonic() - last_save > cfg.checkpoint_every_s or state["step"] >= cfg.n_steps:
+            _save_checkpoint(ckpt, trainee, opt, state)
+            last_save = time.monotonic()
+    bar.close()
+    calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
+                        sources=train_stream.sources)
+    result = trainee.to_set(_calibrate_clt(adapter, trainee, calib, cfg), adapter.name, out.name)
+    metrics = evaluate_clt(adapter, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
+    extra = {"training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "CLT: TopK, JumpReLU calibrated",
+                          "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
+             "heldout_metrics": [m.as_dict() for m in metrics]}
+    save_clt(result, out, dtype=torch.bfloat16, extra_config=extra)
+    return result, metrics
+
+
+@torch.no_grad()
+def _calibrate_clt(adapter, trainee: CLTTrainee, calib: TokenStream, cfg: TrainConfig) -> list[torch.Tensor]:
+    """Per layer, JumpReLU thresholds (in raw units: pre-activations do not depend on the output
+    scale) matching each feature's TopK firing rate on calibration text."""
+    pre_chunks = [[] for _ in range(trainee.n_layers)]
+    counts = [torch.zeros(cfg.d_transcoder) for _ in range(trainee.n_layers)]
+    for i, (_, batch) in enumerate(calib.batches(cfg.batch_sequences)):
+        if i * cfg.batch_sequences >= cfg.calibration_sequences:
+            break
+        xs, _ = _activations(adapter, batch)
+        for layer, x in enumerate(xs):
+            pre = trainee.pre_activations(layer, x / trainee.in_scale[layer])
+            vals, idx = pre.topk(cfg.k, dim=-1)
+            counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float()
+            pre_chunks[layer].append(pre.half())
+    alive = trainee.last_fired < cfg.dead_after_tokens
+    return [calibrated_thresholds(torch.cat(pre_chunks[l]).float(), counts[l], alive[l]) for l in range(trainee.n_layers)]
