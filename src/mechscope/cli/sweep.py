@@ -130,11 +130,13 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
         request.check(prompt)
     interventions, graph_data = _interventions(graph_path, scales, sets, zeros, injections)
 
+    from mechscope import distributed
     from mechscope.interventions.sweep import run_sweep
     from mechscope.models.loading import load_model
     from mechscope.progress import Progress
 
-    progress = Progress.for_terminal(quiet=as_json)
+    distributed.init()  # under torchrun: join the process group; prompts are split across ranks
+    progress = Progress.for_terminal(quiet=as_json or not distributed.is_main())
     progress.phase(f"loading {model_name}")
     model = load_model(model_name)
     texts = [request.render(model.tokenizer, p)[0] for p in prompts]
@@ -149,6 +151,8 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
         config = InterventionConfig(freeze_attention=freeze_attention)
     result = run_sweep(model, texts, cfg, labels=list(prompts), progress=progress, rm=rm, interventions=interventions,
                        intervention_config=config)
+    if not distributed.is_main():  # rank 0 reports
+        return
     if plot_path:
         _plot(result, Path(plot_path))
     if as_json:

@@ -8,6 +8,10 @@ token (default ``"I"``, the refusal's opening) and optionally the exact log-prob
 continuation; each prompt is compared with the first by the difference of rates (Newcombe's hybrid
 score interval, built from the two Wilson intervals) and Fisher's exact test.
 
+Under ``torchrun`` the prompts are split across the processes (prompt ``i`` on rank ``i % world
+size``, sampled from seed ``seed + i`` as in one process) and gathered back in order
+(:mod:`mechscope.distributed`), so the result does not depend on the number of processes.
+
 Statistics come from SciPy (``binomtest(...).proportion_ci(method="wilson")``, ``fisher_exact``).
 
 Classifiers (:func:`make_classifier`):
@@ -28,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from mechscope import distributed
 from mechscope.errors import BadInputError
 
 __all__ = ["REFUSAL_PHRASES", "SweepConfig", "PromptResult", "Comparison", "SweepResult", "make_classifier",
@@ -289,9 +294,10 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
     first_id = single_token(model.tokenizer, cfg.first_token, "--first-token")
     continuation = None if cfg.continuation is None else model.tokenizer(cfg.continuation, add_special_tokens=False).input_ids
     diff_ids = None if cfg.logit_diff is None else [single_token(model.tokenizer, t, "--logit-diff") for t in cfg.logit_diff]
-    bar = Progress.of(progress).bar(total=cfg.samples * len(prompts), desc="sweep", unit="sample")
+    bar = Progress.of(progress).bar(total=cfg.samples * len(distributed.shard(len(prompts))), desc="sweep", unit="sample")
     results = []
-    for i, (prompt, label) in enumerate(zip(prompts, labels)):
+    for i in distributed.shard(len(prompts)):  # all prompts in one process; prompt i on rank i % world size
+        prompt, label = prompts[i], labels[i]
         input_ids = model.tokenize(prompt)
         if interventions:
             samples, p_first, logprob = _intervened(rm, input_ids, interventions, intervention_config, cfg, i, first_id)
@@ -304,6 +310,7 @@ def run_sweep(model, prompts: list[str], cfg: SweepConfig = SweepConfig(), label
         results.append(PromptResult(label, cfg.samples, count, count / cfg.samples, wilson_interval(count, cfg.samples),
                                     p_first, logprob, samples, diff))
     bar.close()
+    results = distributed.gather_in_order(len(prompts), results)
     base = results[0]
     comparisons = [Comparison(r.prompt, r.rate - base.rate, newcombe_interval(r.count, r.n, base.count, base.n),
                               fisher_p_value(r.count, r.n, base.count, base.n)) for r in results[1:]]
