@@ -167,3 +167,32 @@ def test_lazy_decoder_reads_give_the_same_graph(tiny_adapter, tmp_path):
     b = attribute(ReplacementModel(adapter, lazy), TINY_PROMPT, config)
     assert torch.equal(a.active_features, b.active_features)
     torch.testing.assert_close(a.adjacency, b.adjacency, atol=1e-6, rtol=1e-5)
+
+
+def test_iterative_error_zeroing_on_a_clt_replaces_the_output_by_its_reconstruction(tiny_adapter):
+    """Zeroing a CLT error node live = that MLP output replaced by the reconstruction from every
+    earlier layer's live features (a hand-written edit)."""
+    from mechscope.interventions.intervene import InterventionConfig, run_interventions
+    from mechscope.interventions.records import ErrorTarget, Intervention
+
+    adapter = tiny_adapter("gemma3")
+    rm = ReplacementModel(adapter, make_tiny_clt(adapter, skip=True))
+    ids = rm.tokenize(TINY_PROMPT)
+    layer, pos = 1, len(ids) - 2  # reaches the last position through layer 2's attention
+    live = {}
+
+    def edit(l, x, y):
+        a = rm.transcoders.encode(l, x[0])
+        a[:1] = 0
+        live[l] = a
+        if l != layer:
+            return y
+        y = y.clone()
+        y[0, pos] = rm.decode_upto(layer, [live[i] for i in range(layer + 1)], x[0])[pos]
+        return y
+
+    expected = rm.model.output_logits(rm.model.edited_forward(ids[None], edit)[0, -1])
+    result = run_interventions(rm, ids, [Intervention(ErrorTarget(layer, (pos,)), "zero")],
+                               InterventionConfig(freeze_attention=False))
+    assert torch.allclose(result.intervened_logits, expected, atol=1e-5)
+    assert float((result.intervened_logits - result.clean_logits).abs().max()) > 1e-4

@@ -135,6 +135,7 @@ class _Editor:
         self.pending: dict[int, torch.Tensor] = {}
         self.activations: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] after edits
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> [pos, d_model] live MLP input
+        self.live: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] live activations (CLT error nodes)
 
     def _positions(self, positions: tuple[int, ...] | None, n: int) -> torch.Tensor:
         if positions is None:
@@ -158,7 +159,11 @@ class _Editor:
                 out += skip_live - skip_clean
         else:
             out = y[0].float().clone()
+        cross_layer = len(tcs.output_layers(0)) > 1  # a CLT: a layer's reconstruction needs every earlier layer's features
         needs_acts = layer in self.features or layer in self.errors or layer in self.readout_layers
+        if cross_layer and self.errors and layer <= max(self.errors):
+            self.live[layer] = tcs.encode(layer, x32)
+            self.live[layer][: self.trace.first_pos] = 0
         acts = None
         if needs_acts:
             live = tcs.encode(layer, x32)
@@ -178,6 +183,8 @@ class _Editor:
                 pos = self._positions(target.positions, n)
                 if constrained:
                     error = self.trace.errors[layer][pos]
+                elif cross_layer:  # the live reconstruction: every layer's live features up to this one
+                    error = y[0].float()[pos] - self.rm.decode_upto(layer, [self.live[l] for l in range(layer + 1)], x32)[pos]
                 else:
                     error = y[0].float()[pos] - self.rm.decode_layer(layer, reference, x32)[pos]
                 out.index_add_(0, pos, intervention.apply(error) - error)
