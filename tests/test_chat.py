@@ -159,3 +159,14 @@ def test_gemma_style_chat_text_without_bos_still_gets_one():
     ids = adapter.tokenize("<start_of_turn>user")
     assert adapter.token_strings(ids)[:2] == ["<bos>", "<start_of_turn>"]
     assert adapter.token_strings(adapter.tokenize("<bos><start_of_turn>user"))[:2] == ["<bos>", "<start_of_turn>"]
+
+
+@pytest.mark.parametrize("content", ["a", "user", "Be", "assistant"])
+def test_short_user_words_that_also_occur_in_the_template_are_marked_user(chat_adapter, content):
+    chat = build_chat_prompt(chat_adapter.tokenizer, content)
+    ids = chat_adapter.tokenize(chat.text)
+    roles = chat_metadata(chat_adapter.tokenizer, chat, ids)["token_roles"]
+    tokens = chat_adapter.token_strings(ids)
+    assert "".join(t for t, r in zip(tokens, roles) if r == "user") == content
+    user_at = roles.index("user")
+    assert "".join(tokens[user_at - 5 : user_at]) == "user\n"  # right after the user header

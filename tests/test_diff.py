@@ -109,3 +109,16 @@ def test_diff_cli_and_bad_input(tmp_path, capsys):
     assert code == 2 and "different transcoder sets" in err and not (tmp_path / "e.json").exists()
     with pytest.raises(BadInputError):
         diff_graphs(a, b)
+
+
+def test_graphs_of_different_targets_are_compared_with_a_warning(tmp_path, capsys):
+    a = make_graph_json("a")
+    b = _shifted(a)
+    b["metadata"]["effects_target"] = " Dallas"
+    result = diff_graphs(a, b)
+    assert result.warnings and "' Austin'" in result.warnings[0] and "' Dallas'" in result.warnings[0]
+    assert diff_graphs(a, _shifted(a)).warnings == []
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    code, _, err = run(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")], capsys)
+    assert code == 0 and "warning: the graphs explain different targets" in err

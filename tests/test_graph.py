@@ -123,6 +123,7 @@ def test_scores_are_fractions_and_hit_one_without_errors(graph):
 def test_save_load_round_trip(graph, tmp_path):
     save_graph(graph, tmp_path / "g")
     loaded = load_graph(tmp_path / "g")
+    assert loaded.config.pop("saved_edges")["kept"] == "all"
     for name, value in graph.__dict__.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, getattr(loaded, name)), name
@@ -146,6 +147,7 @@ def test_a_pruned_save_holds_exactly_the_exchange_graph(graph, tmp_path):
     small, full = (tmp_path / d / "graph.safetensors" for d in ("pruned", "full"))
     assert small.stat().st_size < 0.5 * full.stat().st_size
     loaded = load_graph(tmp_path / "pruned")
+    assert loaded.config["saved_edges"]["kept"] == "pruned"  # the Python API can tell the edges were cut
     assert torch.equal(loaded.adjacency, torch.where(pruned.edge_mask, graph.adjacency, torch.zeros(())))
     exchange = to_neuronpedia(graph, pruned, "x")
     again = to_neuronpedia(loaded, pruned, "x")

@@ -209,3 +209,21 @@ def test_sweep_cli_with_an_injection(chat_model, chat_model_dir, make_tiny_trans
     assert data["settings"]["interventions"] and len(data["prompts"][0]["samples"]) == 4
     code, _, err = run([*args, "--zero", "1_3_5"], capsys)
     assert code == 2 and "--graph" in err
+
+
+def test_sweep_with_a_graph_uses_its_model_and_checks_each_prompt(chat_model, chat_model_dir, make_tiny_transcoders,
+                                                                  tmp_path, capsys):
+    from mechscope.transcoders.io import save_transcoder_set
+
+    save_transcoder_set(make_tiny_transcoders(chat_model, skip=True), tmp_path / "tcs")
+    code, out, err = run(["trace", "a cat", "--chat", "--model", str(chat_model_dir), "--transcoders", str(tmp_path / "tcs"),
+                          "--out", str(tmp_path / "g"), "--json", "--max-feature-nodes", "10"], capsys)
+    assert code == 0, err
+    graph = json.loads(out)["graph_path"]
+    node = next(n["node_id"] for n in json.load(open(graph))["nodes"] if n["feature_type"] == "cross layer transcoder")
+    args = ["sweep", "--chat", "--graph", graph, "--zero", node, "--samples", "2", "--max-new-tokens", "2",
+            "--classifier", "regex:a", "--first-token", "a", "--json", "--transcoders", str(tmp_path / "tcs")]
+    code, out, err = run([*args, "a cat"], capsys)  # no --model: the graph's
+    assert code == 0 and "warning" not in err, err
+    code, out, err = run([*args, "a dog"], capsys)
+    assert code == 0 and "warning: this prompt's tokens differ from the graph's" in err

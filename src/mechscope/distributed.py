@@ -4,7 +4,8 @@ the pipeline stages call for it, so no stage carries ``if rank == 0`` branches o
 Processes are started by ``torchrun`` (``torchrun --nproc-per-node 2 -m mechscope sweep ...``; on
 several machines ``--nnodes N --node-rank R --rdzv-endpoint HOST:PORT``) or any launcher that sets
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init` joins the process group
-(gloo on CPU, NCCL when CUDA is available) and is a no-op in a single process, so every function
+(gloo: what is exchanged here are Python objects gathered on the CPU, which NCCL would need one GPU
+per rank for) and is a no-op in a single process, so every function
 here also works unlaunched: one process is a world of size 1.
 
 Work is split by index (item ``i`` goes to rank ``i % world_size``, :func:`shard`) and gathered back
@@ -18,8 +19,6 @@ import os
 from collections.abc import Sequence
 from typing import TypeVar
 
-import torch
-
 __all__ = ["init", "rank", "world_size", "is_main", "shard", "gather_in_order"]
 
 T = TypeVar("T")
@@ -30,7 +29,7 @@ def init() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
 
 
 def _dist():

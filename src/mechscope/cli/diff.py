@@ -33,6 +33,8 @@ def diff(graph_a, graph_b, top, out_path, as_json):
         raise BadInputError(f"--top must be >= 1, got {top}")
     a, b = read_neuronpedia(graph_a), read_neuronpedia(graph_b)
     result = diff_graphs(a, b)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if out_path:
         merged = diff_graph_json(a, b, slug=f"diff-{a['metadata']['slug']}-{b['metadata']['slug']}")
         validate_neuronpedia(merged)

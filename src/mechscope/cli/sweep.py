@@ -89,7 +89,7 @@ def _plot(result, path: Path) -> None:
 @click.option("--chat", is_flag=True, help="Each prompt is a user turn, rendered with the model's chat template.")
 @click.option("--system", default=None, help="System prompt (default: the template's own). Needs --chat.")
 @click.option("--assistant-prefix", default=None, help="Text the assistant turn starts with. Needs --chat.")
-@click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
+@click.option("--model", "model_name", default=None, help="Default: the --graph's model, else gemma-3-270m.")
 @click.option("--samples", type=int, default=default_of(SweepConfig, "samples"), show_default=True)
 @click.option("--max-new-tokens", type=int, default=default_of(SweepConfig, "max_new_tokens"), show_default=True)
 @click.option("--temperature", type=float, default=default_of(SweepConfig, "temperature"), show_default=True)
@@ -137,9 +137,20 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
 
     distributed.init()  # under torchrun: join the process group; prompts are split across ranks
     progress = Progress.for_terminal(quiet=as_json or not distributed.is_main())
+    if model_name is None:
+        from mechscope.models.loading import model_name_for
+
+        model_name = model_name_for(graph_data["metadata"]["model_id"]) if graph_data and graph_data["metadata"].get(
+            "model_id") else "gemma-3-270m"
     progress.phase(f"loading {model_name}")
     model = load_model(model_name)
     texts = [request.render(model.tokenizer, p)[0] for p in prompts]
+    if graph_data is not None:  # node ids name positions of the graph's prompt: check each prompt against it
+        from mechscope.cli.intervene import _check_prompt_matches_graph
+
+        for text in texts:
+            _check_prompt_matches_graph(model.token_strings(model.tokenize(text)),
+                                        graph_data["metadata"]["prompt_tokens"], interventions, {})
     rm = config = None
     if interventions:
         from mechscope.interventions.intervene import InterventionConfig

@@ -77,7 +77,8 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     if kind == "clt":
         from mechscope.training.clt_trainer import train_clt
 
-        _, metrics = train_clt(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress)
+        _, metrics = train_clt(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
+                               eval_adapter=eval_adapter)
     else:
         _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
                                        eval_adapter=eval_adapter, heldout_by_kind=by_kind)

@@ -108,6 +108,8 @@ class GraphDiff:
         supernodes: ``{label: {"activation_a", "activation_b", "total_effect_a", "total_effect_b"}}``.
         error_share_a, error_share_b: share of the summed ``|total effect|`` carried by error nodes.
         targets_a, targets_b: the graphs' top logit targets (``metadata.effects_target``).
+        warnings: what makes the comparison less direct (different targets: total effects are then
+            on different logits; trace both graphs with the same ``--target`` or ``--logit-diff``).
     """
 
     columns: list[tuple[int | None, int | None]]
@@ -119,13 +121,14 @@ class GraphDiff:
     error_share_b: float = 0.0
     targets_a: str | None = None
     targets_b: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self, top: int | None = None) -> dict:
         cut = (lambda rows: rows[:top]) if top else (lambda rows: rows)
         return {"alignment": [list(c) for c in self.columns], "changed": [f.as_dict() for f in cut(self.changed)],
                 "only_a": [f.as_dict() for f in cut(self.only_a)], "only_b": [f.as_dict() for f in cut(self.only_b)],
                 "supernodes": self.supernodes, "error_share_a": self.error_share_a, "error_share_b": self.error_share_b,
-                "target_a": self.targets_a, "target_b": self.targets_b}
+                "target_a": self.targets_a, "target_b": self.targets_b, "warnings": self.warnings}
 
 
 def _check_comparable(a: dict, b: dict) -> None:
@@ -205,8 +208,13 @@ def diff_graphs(a: dict, b: dict) -> GraphDiff:
     supernodes = {label: {"activation_a": sums_a.get(label, (None, None))[0], "activation_b": sums_b.get(label, (None, None))[0],
                           "total_effect_a": sums_a.get(label, (None, None))[1], "total_effect_b": sums_b.get(label, (None, None))[1]}
                   for label in list(dict.fromkeys([*sums_a, *sums_b]))}
+    target_a, target_b = a["metadata"].get("effects_target"), b["metadata"].get("effects_target")
+    warnings = []
+    if target_a != target_b:
+        warnings.append(f"the graphs explain different targets ({target_a!r} and {target_b!r}): total effects are on "
+                        "different logits; trace both with the same --target (or --logit-diff) to compare them")
     return GraphDiff(columns, changed, only_a, only_b, supernodes, _error_share(a), _error_share(b),
-                     a["metadata"].get("effects_target"), b["metadata"].get("effects_target"))
+                     target_a, target_b, warnings)
 
 
 def diff_graph_json(a: dict, b: dict, slug: str = "diff") -> dict:

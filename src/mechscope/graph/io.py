@@ -113,7 +113,7 @@ def load_graph(directory: str | os.PathLike) -> Graph:
         transcoder_set=meta["transcoder_set"],
         n_layers=meta["n_layers"],
         logit_tokens=meta["logit_tokens"],
-        config=meta["config"],
+        config={**meta["config"], "saved_edges": meta.get("edges", {"kept": "all"})},  # a pruned save says so
         adjacency=adjacency,
         **{name: tensors[name] for name in _TENSORS},
     )

@@ -134,18 +134,24 @@ def build_chat_prompt(tokenizer, prompt: str | None = None, system: str | None =
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continues,
                                          continue_final_message=continues)
     text += prefix
-    return ChatPrompt(tuple(messages), prefix, text, _content_spans(text, messages, prefix))
+    return ChatPrompt(tuple(messages), prefix, text, _content_spans(tokenizer, text, messages, prefix))
 
 
-def _content_spans(text: str, messages: list[dict], prefix: str) -> tuple[tuple[int, int, str], ...]:
-    """Where each message's content lies in ``text``, searched in order (templates keep it verbatim)."""
+def _content_spans(tokenizer, text: str, messages: list[dict], prefix: str) -> tuple[tuple[int, int, str], ...]:
+    """Where each message's content lies in ``text``: message ``i`` is the last occurrence of its
+    content in the rendering of ``messages[: i + 1]`` (a prefix of the full text), so short content
+    that also occurs in the template or the system prompt is not matched too early."""
     spans, at = [], 0
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m["content"].strip()
         if not content:
             continue
-        start = text.find(content, at)
-        if start < 0:  # a template that rewrites content (rare): leave it unmarked
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, continue_final_message=True) \
+            if m["role"] == "assistant" else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = upto.rfind(content) if text.startswith(upto[: max(upto.rfind(content), 0)]) else -1
+        if start < at:  # a template that rewrites content or reorders it: search forward instead
+            start = text.find(content, at)
+        if start < 0:
             continue
         spans.append((start, start + len(content), m["role"]))
         at = start + len(content)

@@ -167,8 +167,12 @@ def evaluate_clt(adapter: ModelAdapter, clt: CrossLayerTranscoderSet, heldout: T
 
 
 def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: TokenStream, cfg: TrainConfig,
-              out: Path, checkpoint_dir: Path, progress: bool = True) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
+              out: Path, checkpoint_dir: Path, progress: bool = True,
+              eval_adapter=None) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
     """Train, checkpoint, resume, calibrate, evaluate and save a CLT (see the module docstring).
+
+    ``eval_adapter``: a callable returning the model used for calibration and the held-out figures
+    (the float32 model when training read a bfloat16 one); default ``adapter``.
 
     Raises:
         BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
@@ -214,8 +218,9 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
     bar.close()
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
                         sources=train_stream.sources)
-    result = trainee.to_set(_calibrate_clt(adapter, trainee, calib, cfg), adapter.name, out.name)
-    metrics = evaluate_clt(adapter, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
+    evaluator = adapter if eval_adapter is None else eval_adapter()
+    result = trainee.to_set(_calibrate_clt(evaluator, trainee, calib, cfg), adapter.name, out.name)
+    metrics = evaluate_clt(evaluator, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
     extra = {"training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "CLT: TopK, JumpReLU calibrated",
                           "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
              "heldout_metrics": [m.as_dict() for m in metrics]}

@@ -53,6 +53,8 @@ __all__ = [
 #: entry point group through which installed set packages announce themselves: ``NAME = "module"``,
 #: the module's directory holding ``files/`` (config.yaml and the layer files)
 ENTRY_POINT_GROUP = "mechscope.transcoder_sets"
+#: sets named here before their package exists (trained, not yet shipped)
+IN_TRAINING = {"qwen2.5-coder-0.5b-instruct-plt-v1": "bash scripts/train_qwen_set.sh"}
 #: the sets mechscope's repository ships, each its own distribution under ``sets/<name>/``
 KNOWN_SETS = {
     "gemma-3-270m-plt-v1": "mechscope-set-gemma-3-270m-plt-v1",
@@ -84,6 +86,11 @@ def shipped_sets() -> list[str]:
     return sorted(name for name, path in _installed_sets().items() if (path / "config.yaml").exists())
 
 
+def _repository_has(name: str) -> bool:
+    """Whether the checkout mechscope runs from (an editable install) holds ``sets/<name>``."""
+    return (Path(__file__).resolve().parents[3] / "sets" / name / "pyproject.toml").exists()
+
+
 def install_line(name: str) -> str:
     """How to install a shipped set that is missing (from a mechscope checkout)."""
     return f"pip install ./sets/{name}  (the {KNOWN_SETS[name]} package in mechscope's repository; scripts/setup.sh installs it)"
@@ -113,6 +120,9 @@ def resolve_transcoders(name_or_path: str) -> Path:
     installed = _installed_sets()
     if name_or_path in installed and (installed[name_or_path] / "config.yaml").exists():
         return installed[name_or_path]
+    if name_or_path in IN_TRAINING and not _repository_has(name_or_path):
+        raise BadInputError(f"transcoder set {name_or_path!r} is not shipped yet (it is trained by "
+                            f"`{IN_TRAINING[name_or_path]}` in a mechscope checkout); pass --transcoders DIR")
     if name_or_path in KNOWN_SETS:
         raise BadInputError(f"transcoder set {name_or_path!r} is not installed: {install_line(name_or_path)}")
     path = Path(name_or_path).expanduser()
