@@ -196,6 +196,10 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
     if model_name is None and not metadata.get("model_id"):
         raise BadInputError(f"{graph_path} names no model (metadata.model_id); pass --model")
+    from mechscope.progress import Progress
+
+    progress = Progress.for_terminal(quiet=as_json)
+    progress.phase(f"loading {model_name or model_name_for(metadata['model_id'])} and {transcoders_name}")
     model = load_model(model_name or model_name_for(metadata["model_id"]))
     prompt, _ = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
@@ -205,6 +209,8 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
     diff_ids = [_single_token(model, t) for t in logit_diff] if logit_diff else None
     config = InterventionConfig(freeze_attention=freeze_attention, constrained_layers=_parse_layers(layers, model.n_layers),
                                 generate=generate, open_ended=open_ended, temperature=temperature, seed=seed, top_k=top_k)
+    progress.phase(f"clean and intervened runs ({len(interventions)} interventions"
+                   + (f", {generate} tokens generated each" if generate else "") + ")")
     result = run_interventions(rm, input_ids, interventions, config, readout_targets)
 
     decode = model.tokenizer.decode

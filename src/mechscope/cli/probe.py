@@ -46,8 +46,13 @@ def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
+    from mechscope.progress import Progress
+
+    progress = Progress.for_terminal(quiet=as_json)
+    progress.phase(f"loading {model_name} and {transcoders_name}")
     model = load_model(model_name)
     texts = [chat_request.render(model.tokenizer, p)[0] for p in prompts]
+    progress.phase(f"{len(texts)} prompt(s) through layer {layer}")
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     results = probe_feature(rm, layer, index, texts, dashboard.max_value)
     if as_json:
