@@ -122,3 +122,15 @@ def test_graphs_of_different_targets_are_compared_with_a_warning(tmp_path, capsy
     (tmp_path / "b.json").write_text(json.dumps(b))
     code, _, err = run(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")], capsys)
     assert code == 0 and "warning: the graphs explain different targets" in err
+
+
+def test_a_logit_difference_target_is_not_merged_with_a_plain_logit_of_the_same_token():
+    a = make_graph_json("a")
+    b = _shifted(a)
+    for node in b["nodes"]:
+        if node["node_id"] == "4_7_6":
+            node["clerp"] = 'Logit difference " Austin" - " Dallas"'
+    merged = diff_graph_json(a, b)
+    validate_neuronpedia(merged)
+    logits = {n["node_id"]: n["clerp"] for n in merged["nodes"] if n["feature_type"] == "logit"}
+    assert logits["4_7_6"].startswith('Output " Austin"') and logits["4_7_6_b"].startswith("Logit difference")

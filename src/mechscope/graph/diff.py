@@ -246,6 +246,8 @@ def diff_graph_json(a: dict, b: dict, slug: str = "diff") -> dict:
     for side, data, cols in (("a", a, col_a), ("b", b, col_b)):
         for node in data["nodes"]:
             nid = new_id(node, cols)
+            if node["feature_type"] == "logit" and nid in nodes and nodes[nid].get("clerp") != node.get("clerp"):
+                nid = f"{nid}_{side}"  # one token id, two targets (a logit difference and a plain logit): keep both
             ids[(side, node["node_id"])] = nid
             merged = nodes.setdefault(nid, {**node, "node_id": nid, "diff_side": side})
             if merged["diff_side"] != side:
