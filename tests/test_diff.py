@@ -22,7 +22,10 @@ def test_alignment_pairs_substitutions_and_leaves_insertions_unaligned():
     columns = align_positions(a, b)
     assert columns == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (None, 6), (6, 7), (7, 8)]
     assert align_positions(a, a) == [(i, i) for i in range(len(a))]
-    # a replaced stretch of unequal length: the most alike tokens pair up, the inserted one stays alone
+    # a word split into more tokens lines up by its last token
+    assert align_positions(["Michael", " Jordan", " plays"], ["Michael", " Bat", "kin", " plays"]) == [
+        (0, 0), (None, 1), (1, 2), (2, 3)]
+    # a replaced stretch of unequal length pairs from its end; the first extra token stays alone
     assert align_positions(["The", " capital", " of"], ["The", " great", " city", " of"]) == [(0, 0), (None, 1), (1, 2), (2, 3)]
 
 

@@ -5,8 +5,8 @@ graphs; the question is which features carry the difference. :func:`diff_graphs`
 
 1. **aligns positions by their tokens**: a sequence alignment (``difflib.SequenceMatcher``, no
    junk heuristic) matches the shared prefix and suffix; inside a replaced stretch the tokens pair
-   up where they are most alike, so a substituted word ("make" / "detect") lines up, and inserted
-   or deleted tokens stay unaligned;
+   up from its end, so a substituted word ("make" / "detect") lines up, a word of more tokens lines
+   up by its last token ("Jordan" / "Bat|kin"), and inserted or deleted tokens stay unaligned;
 2. **matches features** by ``(layer, feature index)`` at aligned positions;
 3. **reports** the matched features whose activation or signed total effect on the top target
    (``total_effect``, see :mod:`mechscope.graph.effects`) differs most, the features present in
@@ -51,23 +51,13 @@ def align_positions(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int 
 
 
 def _pair_replaced(tokens_a, tokens_b, a0, a1, b0, b1) -> list[tuple[int | None, int | None]]:
-    """Inside a replaced stretch, the shorter side pairs with a run of the longer one at the offset
-    where the tokens are most alike (characters in common; ties: the leftmost); the rest is unaligned."""
-    short_is_a = a1 - a0 <= b1 - b0
-    s0, s1, l0, l1 = (a0, a1, b0, b1) if short_is_a else (b0, b1, a0, a1)
-    short, long_ = (tokens_a, tokens_b) if short_is_a else (tokens_b, tokens_a)
-    n = s1 - s0
-
-    def score(offset: int) -> float:
-        return sum(difflib.SequenceMatcher(None, short[s0 + k], long_[l0 + offset + k]).ratio() for k in range(n))
-
-    best = max(range(l1 - l0 - n + 1), key=lambda o: (score(o), -o))
-    pairs = {l0 + best + k: s0 + k for k in range(n)}
-    columns = []
-    for j in range(l0, l1):
-        i = pairs.get(j)
-        columns.append(((i, j) if short_is_a else (j, i)) if i is not None else ((None, j) if short_is_a else (j, None)))
-    return columns
+    """Inside a replaced stretch, the shorter side pairs with the end of the longer one (the tokens
+    next to the shared suffix): a word split into more tokens ("Jordan" / "Bat" "kin") lines up by its
+    last token, where the model has read the whole word; the longer side's first tokens stay unaligned."""
+    n_a, n_b = a1 - a0, b1 - b0
+    n = min(n_a, n_b)
+    columns = [(a0 + k, None) for k in range(n_a - n)] + [(None, b0 + k) for k in range(n_b - n)]
+    return columns + [(a1 - n + k, b1 - n + k) for k in range(n)]
 
 
 @dataclass
