@@ -7,10 +7,18 @@ import json
 import pytest
 import torch
 import yaml
-from test_training import corpus, llama, streams, tiny_train_config, tokenizer  # noqa: F401  (fixtures)
+from test_training import (  # noqa: F401  (fixtures)
+    corpus,
+    llama,
+    stop_after_first_checkpoint,
+    streams,
+    tiny_train_config,
+    tokenizer,
+)
 
-from mechscope.training import clt_trainer, trainer
-from mechscope.training.clt_trainer import evaluate_clt, train_clt
+from mechscope.training import clt_trainer
+from mechscope.training.clt_trainer import train_clt
+from mechscope.training.trainer import evaluate_transcoders
 from mechscope.transcoders.io import load_transcoder_set
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
 
@@ -31,23 +39,14 @@ def test_clt_training_lowers_heldout_fvu_and_saves_a_clt(llama, streams, tmp_pat
     assert isinstance(loaded, CrossLayerTranscoderSet) and loaded.n_layers == llama.n_layers
     config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
     assert config["model_kind"] == "cross_layer_transcoder" and config["training"]["tokens_trained"] == cfg.n_tokens
-    again = evaluate_clt(llama, loaded, streams[1], cfg.eval_sequences, cfg.batch_sequences, storage_dtype=None)
+    again = evaluate_transcoders(llama, loaded, streams[1], cfg.eval_sequences, cfg.batch_sequences, storage_dtype=None)
     assert [m.fvu for m in again] == pytest.approx([m.fvu for m in after], abs=1e-3)  # the figures describe the file
 
 
 def test_interrupted_clt_training_resumes_exactly(llama, streams, tmp_path, monkeypatch):  # noqa: F811
     cfg = tiny_train_config(n_tokens=1200, checkpoint_every_s=0.0)
     a, metrics = run(llama, streams, cfg, tmp_path / "a", tmp_path / "ca")
-    original = trainer._save_checkpoint
-    saved = []
-
-    def save_then_interrupt(path, module, opt, state):
-        original(path, module, opt, state)
-        saved.append(state["step"])
-        if len(saved) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(clt_trainer, "_save_checkpoint", save_then_interrupt)
+    stop_after_first_checkpoint(monkeypatch, clt_trainer)
     with pytest.raises(KeyboardInterrupt):
         run(llama, streams, cfg, tmp_path / "b", tmp_path / "cb")
     assert json.loads((tmp_path / "cb" / "checkpoint" / "state.json").read_text())["step"] == cfg.minibatches

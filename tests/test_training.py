@@ -320,8 +320,9 @@ def test_training_lowers_heldout_fvu(llama, streams, tmp_path, monkeypatch):
     assert heldout_fvu(llama, loaded, streams[1], cfg) == pytest.approx([m.fvu for m in metrics], abs=0.05)
 
 
-def stop_after_first_checkpoint(monkeypatch) -> list[int]:
-    """Make the next ``train_transcoders`` stop (KeyboardInterrupt) right after its first checkpoint."""
+def stop_after_first_checkpoint(monkeypatch, module=trainer) -> list[int]:
+    """Make the next training run of ``module`` (``trainer`` or ``clt_trainer``) stop
+    (KeyboardInterrupt) right after its first checkpoint."""
     original = trainer._save_checkpoint
     saved_steps: list[int] = []
 
@@ -331,7 +332,7 @@ def stop_after_first_checkpoint(monkeypatch) -> list[int]:
         if len(saved_steps) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(module, "_save_checkpoint", save_then_interrupt)
     return saved_steps
 
 

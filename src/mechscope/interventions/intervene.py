@@ -135,7 +135,8 @@ class _Editor:
         self.pending: dict[int, torch.Tensor] = {}
         self.activations: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] after edits
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> [pos, d_model] live MLP input
-        self.live: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] live activations (CLT error nodes)
+        self.live: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] live activations before edits
+        self.cross_layer = len(rm.transcoders.output_layers(0)) > 1
 
     def _positions(self, positions: tuple[int, ...] | None, n: int) -> torch.Tensor:
         if positions is None:
@@ -159,15 +160,14 @@ class _Editor:
                 out += skip_live - skip_clean
         else:
             out = y[0].float().clone()
-        cross_layer = len(tcs.output_layers(0)) > 1  # a CLT: a layer's reconstruction needs every earlier layer's features
         needs_acts = layer in self.features or layer in self.errors or layer in self.readout_layers
-        if cross_layer and self.errors and layer <= max(self.errors):
-            self.live[layer] = tcs.encode(layer, x32)
-            self.live[layer][: self.trace.first_pos] = 0
+        # a CLT's reconstruction at a later error layer reads this layer's live features too
+        feeds_errors = self.cross_layer and self.errors and layer <= max(self.errors)
+        if needs_acts or feeds_errors:
+            live = self.live[layer] = tcs.encode(layer, x32)
+            live[: self.trace.first_pos] = 0
         acts = None
         if needs_acts:
-            live = tcs.encode(layer, x32)
-            live[: self.trace.first_pos] = 0
             reference = self.trace.activations[layer] if constrained else live
             acts = live.clone()
             for target, intervention in self.features.get(layer, []):
@@ -183,10 +183,10 @@ class _Editor:
                 pos = self._positions(target.positions, n)
                 if constrained:
                     error = self.trace.errors[layer][pos]
-                elif cross_layer:  # the live reconstruction: every layer's live features up to this one
-                    error = y[0].float()[pos] - self.rm.decode_upto(layer, [self.live[l] for l in range(layer + 1)], x32)[pos]
-                else:
-                    error = y[0].float()[pos] - self.rm.decode_layer(layer, reference, x32)[pos]
+                else:  # the live reconstruction: this layer's live features (and a CLT's earlier ones)
+                    earlier = [self.live[l] if self.cross_layer else torch.zeros(n, tcs.d_transcoder(l))
+                               for l in range(layer)]
+                    error = y[0].float()[pos] - self.rm.decode_upto(layer, earlier + [live], x32)[pos]
                 out.index_add_(0, pos, intervention.apply(error) - error)
             self.activations[layer] = acts
         if layer in self.pending:

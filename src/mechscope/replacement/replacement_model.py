@@ -145,23 +145,6 @@ class ReplacementModel:
         full = list(acts[: layer + 1]) + [zeros] * (self.model.n_layers - layer - 1)
         return self.transcoders.reconstruct(full, [x] * self.model.n_layers)[layer]
 
-    def decode_layer(
-        self, layer: int, acts: Float[torch.Tensor, "... d_transcoder"], x: Float[torch.Tensor, "... d_model"]
-    ) -> Float[torch.Tensor, "... d_model"]:
-        """Transcoder output at ``layer`` from that layer's activations and MLP input (with
-        ``b_dec`` and the skip path).
-
-        Raises:
-            NotImplementedError: for cross-layer transcoders, whose output at a layer also
-                depends on earlier layers' features.
-        """
-        if len(self.transcoders.output_layers(0)) != 1:  # layer 0 of a cross-layer set writes to all
-            raise NotImplementedError("decode_layer is defined for per-layer transcoders")
-        zeros = [torch.zeros_like(acts)] * self.model.n_layers
-        zeros[layer] = acts
-        inputs = [x] * self.model.n_layers
-        return self.transcoders.reconstruct(zeros, inputs)[layer]
-
 
 class FrozenReplacement:
     """The frozen local replacement model, built once per prompt and back-propagated in batches of

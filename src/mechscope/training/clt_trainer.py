@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
-from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
+from mechscope.training.metrics import LayerMetrics
 from mechscope.training.trainer import (
     SCHEDULE_FIELDS,
     TrainConfig,
@@ -46,12 +46,13 @@ from mechscope.training.trainer import (
     _lr,
     _save_checkpoint,
     calibrated_thresholds,
+    evaluate_transcoders,
 )
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.clt_io import save_clt
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
 
-__all__ = ["CLTTrainee", "train_clt", "evaluate_clt"]
+__all__ = ["CLTTrainee", "train_clt"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,28 +145,6 @@ class CLTTrainee(nn.Module):
         return clt.requires_grad_(False)
 
 
-@torch.no_grad()
-def evaluate_clt(adapter: ModelAdapter, clt: CrossLayerTranscoderSet, heldout: TokenStream, n_sequences: int,
-                 batch_sequences: int = 16, storage_dtype: torch.dtype | None = torch.bfloat16) -> list[LayerMetrics]:
-    """Held-out FVU (of each output layer's reconstruction), L0 and dead fraction (of each layer's
-    features), for the weights as stored (rounded through ``storage_dtype``)."""
-    import copy
-
-    if storage_dtype is not None:
-        clt = copy.deepcopy(clt)
-        for p in clt.parameters():
-            p.copy_(p.to(storage_dtype).float())
-    accs = [MetricsAccumulator(layer, clt.d_transcoder(layer)) for layer in range(clt.n_layers)]
-    for i, (_, batch) in enumerate(heldout.batches(batch_sequences)):
-        if i * batch_sequences >= n_sequences:
-            break
-        xs, ys = _activations(adapter, batch)
-        acts = [clt.encode(layer, x) for layer, x in enumerate(xs)]
-        for layer, (acc, y_hat) in enumerate(zip(accs, clt.reconstruct(acts, xs))):
-            acc.update(ys[layer], y_hat, acts[layer])
-    return [a.result() for a in accs]
-
-
 def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: TokenStream, cfg: TrainConfig,
               out: Path, checkpoint_dir: Path, progress: bool = True,
               eval_adapter=None) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
@@ -220,7 +199,7 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
                         sources=train_stream.sources)
     evaluator = adapter if eval_adapter is None else eval_adapter()
     result = trainee.to_set(_calibrate_clt(evaluator, trainee, calib, cfg), adapter.name, out.name)
-    metrics = evaluate_clt(evaluator, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
+    metrics = evaluate_transcoders(evaluator, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
     extra = {"training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "CLT: TopK, JumpReLU calibrated",
                           "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
              "heldout_metrics": [m.as_dict() for m in metrics]}

@@ -40,7 +40,7 @@ from mechscope.models.adapter import ModelAdapter
 from mechscope.paths import atomic_directory
 from mechscope.training.metrics import LayerMetrics, MetricsAccumulator
 from mechscope.transcoders.io import save_transcoder_set
-from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet, TranscoderSet
 
 __all__ = ["TrainConfig", "train_transcoders", "evaluate_transcoders", "TopKTrainee"]
 
@@ -381,13 +381,14 @@ def calibrated_thresholds(
 @torch.no_grad()
 def evaluate_transcoders(
     adapter: ModelAdapter,
-    transcoders: PerLayerTranscoderSet,
+    transcoders: TranscoderSet,
     heldout: TokenStream,
     n_sequences: int,
     batch_sequences: int = 16,
     storage_dtype: torch.dtype | None = torch.bfloat16,
 ) -> list[LayerMetrics]:
-    """Held-out FVU, L0 and dead fraction of every layer's transcoder.
+    """Held-out FVU, L0 and dead fraction of every layer's transcoder, per-layer or cross-layer (FVU
+    of each output layer's reconstruction, L0 and dead fraction of each layer's features).
 
     Args:
         heldout: the held-out token stream; its first ``n_sequences`` sequences are used.
@@ -403,9 +404,10 @@ def evaluate_transcoders(
         if i * batch_sequences >= n_sequences:
             break
         xs, ys = _activations(adapter, batch)
-        for layer, acc in enumerate(accs):
-            acts = transcoders.encode(layer, xs[layer])
-            acc.update(ys[layer], transcoders[layer].decode(acts, xs[layer]), acts)
+        acts = [transcoders.encode(layer, x) for layer, x in enumerate(xs)]
+        # through the TranscoderSet interface: a CLT's output at a layer sums every earlier layer's features
+        for layer, (acc, y_hat) in enumerate(zip(accs, transcoders.reconstruct(acts, xs))):
+            acc.update(ys[layer], y_hat, acts[layer])
     return [a.result() for a in accs]
 
 
