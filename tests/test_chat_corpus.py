@@ -61,6 +61,13 @@ def test_chat_source_is_the_models_own_replies_resumable_and_mixed(built, tmp_pa
     (corpus / "chat-parts" / "00001.jsonl").unlink()
     build_chat_source(adapter.hf, adapter.tokenizer, corpus, cfg, progress=False)
     assert (corpus / "chat-parts" / "00001.jsonl").read_text() == before
+    # ... but not with other settings: the finished batches would mix two recipes
+    other = ChatConfig(conversations=10, batch_size=4, max_new_tokens=7, weight=0.4, multi_turn_fraction=1.0,
+                       heldout_every=5)
+    with pytest.raises(BadInputError, match="max_new_tokens: 6 -> 7"):
+        build_chat_source(adapter.hf, adapter.tokenizer, corpus, other, progress=False)
+    with pytest.raises(BadInputError, match="model_dtype"):
+        ChatConfig(model_dtype="float16")
     # the token stream draws chat sequences, and can be restricted to them
     only_chat = TokenStream(corpus, adapter.tokenizer, 16, "train", sources=("chat",))
     start = adapter.tokenizer.convert_tokens_to_ids("<|im_start|>")

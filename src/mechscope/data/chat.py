@@ -164,6 +164,8 @@ class ChatConfig:
             sources keep their relative weights.
         heldout_every: every n-th conversation goes to the held-out split.
         seed: the user turns' order and the samples.
+        model_dtype: the precision the replies are sampled in (``float32`` or ``bfloat16``; bfloat16
+            samples about 3x faster on CPU and is recorded with the transcripts).
     """
 
     conversations: int = 3200
@@ -174,8 +176,11 @@ class ChatConfig:
     weight: float = 0.3
     heldout_every: int = 20
     seed: int = 0
+    model_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.model_dtype not in ("float32", "bfloat16"):
+            raise BadInputError(f"model_dtype must be one of float32, bfloat16, got {self.model_dtype!r}")
         if self.conversations < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise BadInputError("conversations, max_new_tokens and batch_size must be >= 1")
         if not 0 <= self.multi_turn_fraction <= 1:
@@ -248,6 +253,7 @@ def build_chat_source(model, tokenizer, corpus: Path, cfg: ChatConfig = ChatConf
         raise BadInputError(f"{corpus} is not a built corpus (no manifest.json); run `mechscope corpus build` first")
     turns = user_turns(corpus, cfg.conversations, cfg.seed)
     parts = corpus / "chat-parts"
+    _check_parts_config(parts, cfg)
     rng = np.random.default_rng([cfg.seed, 1])
     follow = rng.random(len(turns)) < cfg.multi_turn_fraction
     follow_text = rng.integers(len(_FOLLOW_UPS), size=len(turns))
@@ -298,6 +304,22 @@ def _write_source(tokenizer, corpus: Path, parts: Path, n_batches: int, cfg: Cha
     for stale in (corpus / "tokens").glob("*/chat.*.npy"):  # token caches of earlier transcripts
         stale.unlink()
     return corpus
+
+
+def _check_parts_config(parts: Path, cfg: ChatConfig) -> None:
+    """Resume only with the settings the finished batches were made with (``chat-parts/config.json``)."""
+    wanted = _asdict(cfg)
+    wanted.pop("weight")  # the weight changes the manifest, not the transcripts
+    record = parts / "config.json"
+    if record.exists():
+        had = json.loads(record.read_text())
+        if had != wanted:
+            diff = ", ".join(f"{k}: {had.get(k)!r} -> {v!r}" for k, v in wanted.items() if had.get(k) != v)
+            raise BadInputError(f"{parts} holds transcripts made with other settings ({diff}); "
+                                f"use the same settings, or delete {parts} to start again")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(wanted, indent=2))
 
 
 def _asdict(cfg: ChatConfig) -> dict:
