@@ -73,8 +73,8 @@ def test_trace_json_contract(tiny_dirs, tmp_path, capsys):
     code, out, err = run(trace_args(tiny_dirs, tmp_path / "bf16", "--json", "--dtype", "bfloat16"), capsys)
     assert code == 0, err
     assert load_graph(tmp_path / "bf16" / "a-cat-sat").config["dtype"] == "bfloat16"
-    code, out, err = run(trace_args(tiny_dirs, tmp_path / "bad", "--dtype", "float16"), capsys)
-    assert code == 2 and "float16" in err and "bfloat16" in err and not (tmp_path / "bad").exists()
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "bad", "--dtype", "int8"), capsys)
+    assert code == 2 and "int8" in err and "bfloat16" in err and not (tmp_path / "bad").exists()
 
 
 def test_trace_summary_and_no_prune(tiny_dirs, tmp_path, capsys):

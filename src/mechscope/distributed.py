@@ -19,17 +19,21 @@ import os
 from collections.abc import Sequence
 from typing import TypeVar
 
-__all__ = ["init", "rank", "world_size", "is_main", "shard", "gather_in_order"]
+__all__ = ["init", "rank", "world_size", "is_main", "shard", "gather_in_order", "all_reduce_sum_", "all_reduce_max_",
+           "all_gather_tensors", "barrier"]
 
 T = TypeVar("T")
 
 
-def init() -> None:
-    """Join the process group a launcher described in the environment (once); no-op otherwise."""
+def init(backend: str | None = None) -> None:
+    """Join the process group a launcher described in the environment (once); no-op otherwise.
+
+    ``backend``: ``gloo`` (default; CPU tensors and Python objects) or ``nccl`` (CUDA tensors, one GPU
+    per rank: training all-reduces its gradients there)."""
     import torch.distributed as dist
 
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend or "gloo")
 
 
 def _dist():
@@ -71,3 +75,49 @@ def gather_in_order(n_items: int, mine: Sequence[T]) -> list[T]:
         for index, value in zip(range(r, n_items, len(parts)), part):
             ordered[index] = value
     return ordered
+
+
+def all_reduce_sum_(tensors) -> None:
+    """Sum each tensor over the ranks, in place (no-op in one process). The tensors are flattened into
+    one buffer per dtype and device, so a step costs one collective, not one per tensor."""
+    dist = _dist()
+    if dist is None:
+        return
+    import torch
+
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_max_(tensor) -> None:
+    """Element-wise maximum over the ranks, in place (no-op in one process)."""
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
+def all_gather_tensors(tensor) -> list:
+    """Every rank's ``tensor`` (same shape on every rank), in rank order; ``[tensor]`` in one process."""
+    dist = _dist()
+    if dist is None:
+        return [tensor]
+    import torch
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()

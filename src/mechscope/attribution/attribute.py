@@ -135,7 +135,7 @@ class SourceVectors:
         """
         batch, n_pos, _ = grad_embed.shape
         n_source_layers, n_layers = len(grads), len(self.layer_slices)
-        features = torch.empty(batch, self.width(n_source_layers))
+        features = torch.empty(batch, self.width(n_source_layers), device=grad_embed.device)
         for layer, sl in enumerate(self.layer_slices[:n_source_layers]):
             if sl.stop == sl.start:
                 continue
@@ -151,7 +151,7 @@ class SourceVectors:
                     if out_layer < n_source_layers:
                         block += grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T
                 start += count
-        others = torch.zeros(batch, (n_layers + 1) * n_pos)
+        others = torch.zeros(batch, (n_layers + 1) * n_pos, device=grad_embed.device)
         for layer, grad in enumerate(grads):
             others[:, layer * n_pos : (layer + 1) * n_pos] = torch.einsum("pd,bpd->bp", self.errors[layer], grad)
         others[:, n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
@@ -171,11 +171,11 @@ def _feature_rows(
     for b, j in enumerate(idx.tolist()):
         layer, pos, feature = (int(v) for v in trace.active[j])
         if layer not in injections:
-            injections[layer] = torch.zeros(batch, n_pos, d)
+            injections[layer] = torch.zeros(batch, n_pos, d, device=trace.errors[layer].device)
         injections[layer][b, pos] = rm.transcoders.encoder_vectors(layer, torch.tensor([feature]))[0].float()
     grads, grad_embed = frozen.gradients(injections, None, retain_graph=retain_graph, n_source_layers=max(injections))
     features, others = sources.edges(grads, grad_embed)
-    return features[: len(idx)], others[: len(idx)]
+    return features[: len(idx)].cpu(), others[: len(idx)].cpu()  # edge rows are held on the CPU
 
 
 def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(),
@@ -219,11 +219,11 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     # phase 4: logit rows
     for i in range(0, n_logits, batch):
         chunk = vectors[i : i + batch]
-        inject = torch.zeros(batch, n_pos, rm.model.d_model)
+        inject = torch.zeros(batch, n_pos, rm.model.d_model, device=chunk.device)
         inject[: len(chunk), -1] = chunk
         grads, grad_embed = frozen.gradients({}, inject, retain_graph=True)
         features, others = sources.edges(grads, grad_embed)
-        rows.add(torch.full((len(chunk),), -1), features[: len(chunk)], others[: len(chunk)])
+        rows.add(torch.full((len(chunk),), -1), features[: len(chunk)].cpu(), others[: len(chunk)].cpu())
     # phase 5: feature rows, visited by influence; each queue is visited whole before the next
     # ranking, so it is sorted by layer: a batch then back-propagates through only the layers
     # below its highest target and stores only the feature columns those layers hold
@@ -262,8 +262,8 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         model_id=rm.model.name,
         transcoder_set=rm.transcoders.scan,
         n_layers=n_layers,
-        active_features=trace.active,
-        activation_values=trace.active_values,
+        active_features=trace.active.cpu(),
+        activation_values=trace.active_values.cpu(),
         selected_features=selected,
         logit_token_ids=torch.tensor([t.token_id for t in targets]),
         logit_tokens=[t.token for t in targets],
@@ -273,5 +273,5 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
                 "logit_diff": list(config.logit_diff) if config.logit_diff else None, "attribution_seconds": seconds,
                 "transcoder_kind": rm.transcoders.kind,
                 "first_pos": trace.first_pos, "edge_rows_mb": stored_mb,
-                "dtype": str(rm.model.dtype).removeprefix("torch.")},
+                "dtype": str(rm.model.dtype).removeprefix("torch."), "device": str(rm.model.device)},
     )

@@ -85,11 +85,11 @@ def select_logit_targets(
             logger.warning(message)
     else:
         top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
-        cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob))) + 1
+        cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
         ids_t = top_i[: min(cutoff, max_n_logits)]
     if W_U_mean is None:
         W_U_mean = W_U.mean(0, keepdim=True, dtype=torch.float32)
-    vectors = W_U[ids_t].float() - W_U_mean
+    vectors = W_U[ids_t.to(W_U.device)].float() - W_U_mean.to(W_U.device)
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors
 

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from mechscope.cli.options import default_of
+from mechscope.cli.options import default_of, placement_options
 from mechscope.cli.chat_options import chat_options
 from mechscope.errors import BadInputError, CorruptFileError
 from mechscope.features.dream import DreamConfig, DreamResult, dream_feature
@@ -82,8 +82,9 @@ def _print_table(result: DreamResult, rows: list[dict], dashboard_max: float | N
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--store", default=None, help="Feature store for % of the dashboard max (default: the set's store).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@placement_options()
 @chat_options
-def dream(feature_id, n_iters, seed, seq_len, population, top_k, start, chat_request, transcoders_name, model_name,
+def dream(placement, feature_id, n_iters, seed, seq_len, population, top_k, start, chat_request, transcoders_name, model_name,
           store, as_json):
     """Optimise fluent prompts that activate FEATURE_ID (LAYER/INDEX); print their Pareto frontier."""
     from mechscope.features.store import parse_feature_id
@@ -100,11 +101,11 @@ def dream(feature_id, n_iters, seed, seq_len, population, top_k, start, chat_req
     config = DreamConfig(n_iters=n_iters, seq_len=seq_len, population=population, top_k=top_k, seed=seed)
     dashboard_max, why = _dashboard_max(store, transcoders_name, layer, index)
 
-    from mechscope.models.loading import load_model
+
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
-    model = load_model(model_name)
+    model = placement.load_model(model_name)
     if chat_request.active:
         start = chat_request.render(model.tokenizer, start)[0]
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))

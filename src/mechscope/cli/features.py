@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from mechscope.cli.options import placement_options
 from mechscope.errors import BadInputError
 
 __all__ = ["features"]
@@ -43,7 +44,8 @@ def features() -> None:
 @click.option("--store", default=None, help="Output file (default: <cache>/features/<set>.sqlite).")
 @click.option("--checkpoint-dir", default=None, help="Resumable state (default: <cache>/features/<set>.build).")
 @click.option("--no-progress", is_flag=True)
-def build_command(transcoders_name, model_name, corpus_path, n_tokens, ctx_len, batch_sequences, quantile_tokens, mix,
+@placement_options()
+def build_command(placement, transcoders_name, model_name, corpus_path, n_tokens, ctx_len, batch_sequences, quantile_tokens, mix,
                   seed, store, checkpoint_dir, no_progress):
     """Stream the corpus through the model and record every feature's dashboard (resumable)."""
     if n_tokens < 1:
@@ -52,7 +54,7 @@ def build_command(transcoders_name, model_name, corpus_path, n_tokens, ctx_len, 
         raise BadInputError(f"--quantile-tokens must be >= 0, got {quantile_tokens}")
     from mechscope.data.corpus import TokenStream, corpus_dir
     from mechscope.features.build import build_feature_store
-    from mechscope.models.loading import load_model
+
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set, resolve_transcoders
 
@@ -63,7 +65,7 @@ def build_command(transcoders_name, model_name, corpus_path, n_tokens, ctx_len, 
     out = _store_path(store, transcoders_name)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_suffix(".build")
     progress.phase(f"loading {model_name} and {transcoders_name}")
-    model = load_model(model_name)
+    model = placement.load_model(model_name)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     progress.phase("tokenizing the corpus (once per tokenizer; cached)")
     stream = TokenStream(Path(corpus_path) if corpus_path else corpus_dir(), model.tokenizer, ctx_len, "train", seed,

@@ -13,6 +13,7 @@ import math
 import click
 
 from mechscope.cli.chat_options import chat_options
+from mechscope.cli.options import placement_options
 from mechscope.errors import BadInputError
 
 __all__ = ["intervene"]
@@ -154,8 +155,9 @@ def _check_prompt_matches_graph(tokens: list[str], graph_tokens: list[str], inte
 @click.option("--model", "model_name", default=None, help="Default: the graph's model.")
 @click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's transcoder set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@placement_options()
 @chat_options
-def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
+def intervene(prompt, chat_request, placement, graph_path, scales, sets, zeros, injections, freeze_attention, layers, generate, open_ended,
               temperature, seed, readouts, tokens, logit_diff, top_k, model_name, transcoders_name, as_json):
     """Run PROMPT clean and with interventions on the real model; compare outputs.
 
@@ -187,7 +189,7 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
         readout_targets[label] = [m for m in members if isinstance(m, FeatureTarget)]
 
     from mechscope.interventions.intervene import InterventionConfig, run_interventions
-    from mechscope.models.loading import load_model, model_name_for
+    from mechscope.models.loading import model_name_for
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set, resolve_transcoders
 
@@ -200,7 +202,7 @@ def intervene(prompt, chat_request, graph_path, scales, sets, zeros, injections,
 
     progress = Progress.for_terminal(quiet=as_json)
     progress.phase(f"loading {model_name or model_name_for(metadata['model_id'])} and {transcoders_name}")
-    model = load_model(model_name or model_name_for(metadata["model_id"]))
+    model = placement.load_model(model_name or model_name_for(metadata["model_id"]))
     prompt, _ = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     input_ids = rm.tokenize(prompt)

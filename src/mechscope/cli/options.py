@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-__all__ = ["default_of", "CountOrAll", "save_figure"]
+__all__ = ["default_of", "CountOrAll", "save_figure", "Placement", "placement_options"]
 
 
 class CountOrAll(click.ParamType):
@@ -50,3 +50,50 @@ def save_figure(fig, path) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a command runs its model: ``--device``, ``--dtype``, ``--device-map``
+    (see :mod:`mechscope.devices`)."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    device_map: str | None = None
+
+    def load_model(self, name: str):
+        """The model ``name`` on this placement (errors as :func:`mechscope.models.loading.load_model`)."""
+        from mechscope.models.loading import load_model
+
+        return load_model(name, dtype=self.dtype, device=self.device, device_map=self.device_map)
+
+
+def placement_options(dtype_help: str = "Model weights' precision; transcoders and edges stay float32.",
+                      device_map: bool = True):
+    """Add ``--device``, ``--dtype`` (and ``--device-map``) to a command; it receives them as one
+    ``placement`` argument, a :class:`Placement`."""
+    import functools
+
+    from mechscope.devices import DTYPES
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            placement = Placement(kwargs.pop("device"), kwargs.pop("dtype"), kwargs.pop("device_map", None))
+            return command(*args, placement=placement, **kwargs)
+
+        options = [
+            click.option("--device", default="auto", show_default=True,
+                         help="cpu | cuda | cuda:N | mps | auto (CUDA when present, else CPU)."),
+            click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+                         help=dtype_help),
+        ]
+        if device_map:
+            options.append(click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                                        help="Spread a model too big for one GPU over every visible GPU "
+                                             "(per-layer transcoders follow their layer)."))
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate

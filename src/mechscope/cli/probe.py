@@ -7,6 +7,7 @@ import json
 import click
 
 from mechscope.cli.chat_options import chat_options
+from mechscope.cli.options import placement_options
 from mechscope.errors import BadInputError
 
 __all__ = ["probe"]
@@ -20,8 +21,9 @@ __all__ = ["probe"]
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
 @click.option("--store", default=None, help="Feature store (default: <cache>/features/<set>.sqlite).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
+@placement_options()
 @chat_options
-def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store, as_json):
+def probe(feature_id, prompts, chat_request, placement, transcoders_name, model_name, store, as_json):
     """Maximum activation of FEATURE_ID on each PROMPT as % of the dashboard maximum
     (with --chat, each PROMPT is a user turn rendered with the model's chat template)."""
     from mechscope.cli.features import _store_path
@@ -42,7 +44,7 @@ def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store
     dashboard = FeatureStore(_store_path(store, transcoders_name)).feature(layer, index)
 
     from mechscope.features.probe import probe_feature
-    from mechscope.models.loading import load_model
+
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 
@@ -50,7 +52,7 @@ def probe(feature_id, prompts, chat_request, transcoders_name, model_name, store
 
     progress = Progress.for_terminal(quiet=as_json)
     progress.phase(f"loading {model_name} and {transcoders_name}")
-    model = load_model(model_name)
+    model = placement.load_model(model_name)
     texts = [chat_request.render(model.tokenizer, p)[0] for p in prompts]
     progress.phase(f"{len(texts)} prompt(s) through layer {layer}")
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))

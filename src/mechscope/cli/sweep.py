@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mechscope.cli.chat_options import ChatRequest
-from mechscope.cli.options import default_of
+from mechscope.cli.options import default_of, placement_options
 from mechscope.errors import BadInputError
 from mechscope.interventions.sweep import SweepConfig
 
@@ -111,7 +111,8 @@ def _plot(result, path: Path) -> None:
 @click.option("--transcoders", "transcoders_name", default=None, help="Default: the graph's set, else the model's.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Draw the rates to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, samples, max_new_tokens, temperature, seed,
+@placement_options()
+def sweep(placement, prompts, prompts_file, chat, system, assistant_prefix, model_name, samples, max_new_tokens, temperature, seed,
           batch_size, classifier, first_token, continuation, logit_diff, graph_path, scales, sets, zeros, injections,
           freeze_attention, transcoders_name, plot_path, as_json):
     """Sample continuations of each prompt, classify them and report rates with 95 % intervals;
@@ -132,7 +133,7 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
 
     from mechscope import distributed
     from mechscope.interventions.sweep import run_sweep
-    from mechscope.models.loading import load_model
+
     from mechscope.progress import Progress
 
     distributed.init()  # under torchrun: join the process group; prompts are split across ranks
@@ -143,7 +144,7 @@ def sweep(prompts, prompts_file, chat, system, assistant_prefix, model_name, sam
         model_name = model_name_for(graph_data["metadata"]["model_id"]) if graph_data and graph_data["metadata"].get(
             "model_id") else "gemma-3-270m"
     progress.phase(f"loading {model_name}")
-    model = load_model(model_name)
+    model = placement.load_model(model_name)
     texts = [request.render(model.tokenizer, p)[0] for p in prompts]
     if graph_data is not None:  # node ids name positions of the graph's prompt: check each prompt against it
         from mechscope.cli.intervene import _check_prompt_matches_graph

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from mechscope.attribution.attribute import AttributionConfig
 from mechscope.cli.chat_options import chat_options
-from mechscope.cli.options import CountOrAll, default_of
+from mechscope.cli.options import CountOrAll, default_of, placement_options
 from mechscope.errors import BadInputError
 from mechscope.memory import peak_rss_mb
 
@@ -25,10 +26,14 @@ __all__ = ["trace"]
 
 @click.command()
 @click.argument("prompt", required=False)
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="Many graphs: a JSONL file, one object a line with \"prompt\" and optional \"chat\" "
+                   "(true: render as the user turn), \"target\" (a token or a list) and \"slug\". Under "
+                   "torchrun the prompts are split across ranks.")
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True,
               help="Offline name, model directory, .gguf file or Hugging Face id.")
 @click.option("--transcoders", "transcoders_name", default=None,
-              help="Shipped set name or set directory (default: the shipped set for the model).")
+              help="Shipped set name, set directory or Hugging Face id (default: the shipped set for the model).")
 @click.option("--target", "targets", multiple=True, help="Explain this token's logit (repeatable).")
 @click.option("--logit-diff", nargs=2, default=None, metavar="A B",
               help="Explain one target: the logit of token A minus that of token B (e.g. \"I\" \"Sure\").")
@@ -40,8 +45,7 @@ __all__ = ["trace"]
 @click.option("--max-n-logits", type=int, default=default_of(AttributionConfig, "max_n_logits"), show_default=True)
 @click.option("--desired-logit-prob", type=float, default=default_of(AttributionConfig, "desired_logit_prob"),
               show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Model weights and the frozen backward passes; bfloat16 is faster and lighter but not exact "
+@placement_options("Model weights and the frozen backward passes; bfloat16 is faster and lighter but not exact "
                    "(edges, influence and pruning stay float32).")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
 @click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
@@ -51,14 +55,22 @@ __all__ = ["trace"]
               help="Feature store whose labels (clerp) and densities go into the graph (default: the set's store, "
                    "when built).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="graphs", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object instead of the summary (one a line with --prompts).")
 @chat_options
-def trace(prompt, chat_request, model_name, transcoders_name, targets, logit_diff, max_feature_nodes, node_threshold, edge_threshold,
-          batch_size, max_n_logits, desired_logit_prob, dtype, max_prompt_tokens, no_prune, full_graph, store, out_dir,
-          as_json):
-    """Trace PROMPT: build, prune and export its attribution graph."""
+def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targets, logit_diff, max_feature_nodes,
+          node_threshold, edge_threshold, batch_size, max_n_logits, desired_logit_prob, placement, max_prompt_tokens,
+          no_prune, full_graph, store, out_dir, as_json):
+    """Trace PROMPT: build, prune and export its attribution graph (or one graph per line of --prompts)."""
     started = time.perf_counter()
-    chat_request.check(prompt)
+    jobs = None
+    if prompts_file is not None:
+        if prompt is not None or chat_request.active:
+            raise BadInputError("--prompts FILE takes the prompts (and their chat flags) from the file; "
+                                "leave out PROMPT, --chat and --messages")
+        jobs = read_prompts_file(prompts_file)
+    else:
+        chat_request.check(prompt)
     for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise BadInputError(f"{name} must be between 0 and 1, got {value}")
@@ -69,52 +81,102 @@ def trace(prompt, chat_request, model_name, transcoders_name, targets, logit_dif
     if max_prompt_tokens < 1:
         raise BadInputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
 
-    from mechscope.attribution.attribute import attribute
-    from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
-    from mechscope.graph.io import save_graph
-    from mechscope.graph.prune import graph_scores, prune_graph
-    from mechscope.models.chat import chat_metadata, chat_slug_text
-    from mechscope.models.loading import load_model
-    from mechscope.paths import atomic_write_text
+    from mechscope import distributed
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import default_transcoders_for, load_transcoder_set, resolve_transcoders
 
     if transcoders_name is not None:
         resolve_transcoders(transcoders_name)  # fail on a bad name before loading the model
-    import torch
-
     from mechscope.progress import Progress
 
-    progress = Progress.for_terminal(quiet=as_json)
+    distributed.init()
+    progress = Progress.for_terminal(quiet=as_json or not distributed.is_main())
     progress.phase(f"loading {model_name}")
-    model = load_model(model_name, dtype=getattr(torch, dtype))
+    model = placement.load_model(model_name)
     transcoders_name = transcoders_name or default_transcoders_for(model.name)
     progress.phase(f"loading transcoders {transcoders_name}")
     transcoders = load_transcoder_set(transcoders_name)
-    prompt, chat = chat_request.render(model.tokenizer, prompt)
     rm = ReplacementModel(model, transcoders, max_prompt_tokens=max_prompt_tokens)
-    rm.tokenize(prompt)  # length check before the expensive part
+    annotations = _store_annotations(store, transcoders_name, transcoders.scan)
+    options = _GraphOptions(Path(out_dir), node_threshold, edge_threshold, no_prune, full_graph, annotations)
+    if jobs is None:
+        text, chat = chat_request.render(model.tokenizer, prompt)
+        rm.tokenize(text)  # length check before the expensive part
+        summary = _trace_one(rm, text, chat, config, options, None, progress, started)
+        graph, pruned = summary.pop("_graph"), summary.pop("_pruned")
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            _print_summary(summary, graph, pruned)
+        return
+    rendered = []
+    for job in jobs:  # every prompt is rendered and length-checked before the first graph
+        text, chat = _render_job(model.tokenizer, job)
+        rm.tokenize(text)
+        rendered.append((text, chat))
+    _check_slugs(jobs, rendered)
+    mine = []
+    for i in distributed.shard(len(jobs)):
+        job, (text, chat) = jobs[i], rendered[i]
+        job_config = config if "target" not in job else replace(config, targets=tuple(job["target"]), logit_diff=None)
+        summary = _trace_one(rm, text, chat, job_config, options, job.get("slug"), progress, time.perf_counter())
+        summary.pop("_graph"), summary.pop("_pruned")
+        mine.append(summary)
+        if not as_json:
+            click.echo(f"[{i + 1}/{len(jobs)}] {summary['graph_path']}: top {summary['logit_targets'][0]['token']!r}, "
+                       f"replacement {summary['replacement_score']:.3f}, {summary['attribution_seconds']:.1f}s")
+    summaries = distributed.gather_in_order(len(jobs), mine)
+    if as_json and distributed.is_main():
+        for summary in summaries:
+            click.echo(json.dumps(summary))
+
+
+@dataclass(frozen=True)
+class _GraphOptions:
+    out: Path
+    node_threshold: float
+    edge_threshold: float
+    no_prune: bool
+    full_graph: bool
+    annotations: tuple
+
+
+def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOptions, slug: str | None,
+               progress, started: float) -> dict:
+    """Build, prune, score and write one graph (atomically); its summary (with the graph objects
+    under ``_graph`` / ``_pruned`` for the terminal summary)."""
+    import torch
+
+    from mechscope.attribution.attribute import attribute
+    from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
+    from mechscope.graph.io import save_graph
+    from mechscope.graph.prune import graph_scores, prune_graph
+    from mechscope.models.chat import chat_metadata, chat_slug_text
+    from mechscope.paths import atomic_write_text
+
+    model = rm.model
     attribution_start = time.perf_counter()
-    graph = attribute(rm, prompt, config, progress=progress)
+    graph = attribute(rm, text, config, progress=progress)
     attribution_seconds = time.perf_counter() - attribution_start
     if chat is not None:
         graph.config["chat"] = chat_metadata(model.tokenizer, chat, graph.input_ids)
     model.release_weights()  # pruning, scores and export do not read the model
-    progress.phase("pruning and scores" if not no_prune else "scores")
-    pruned = None if no_prune else prune_graph(graph, node_threshold, edge_threshold)
+    progress.phase("pruning and scores" if not options.no_prune else "scores")
+    pruned = None if options.no_prune else prune_graph(graph, options.node_threshold, options.edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
-    slug = slugify(chat_slug_text(chat) if chat is not None else prompt)
-    labels, densities = _store_annotations(store, transcoders_name, transcoders.scan)
+    slug = slug or slugify(chat_slug_text(chat) if chat is not None else text)
+    labels, densities = options.annotations
     progress.phase("exporting the graph JSON")
-    exchange = to_neuronpedia(graph, pruned, slug, node_threshold, edge_threshold, labels=labels, densities=densities)
+    exchange = to_neuronpedia(graph, pruned, slug, options.node_threshold, options.edge_threshold, labels=labels,
+                              densities=densities)
     validate_neuronpedia(exchange)
-    out = Path(out_dir)
-    graph_path = out / f"{slug}.json"
-    save_graph(graph, out / slug, None if full_graph else pruned, (node_threshold, edge_threshold))
+    graph_path = options.out / f"{slug}.json"
+    save_graph(graph, options.out / slug, None if options.full_graph else pruned,
+               (options.node_threshold, options.edge_threshold))
     atomic_write_text(graph_path, json.dumps(exchange))
 
     n_edges = int(torch.count_nonzero(graph.adjacency))  # (A != 0).sum() would cast N x N bools to int64
-    summary = {
+    return {
         "graph_path": str(graph_path),
         "slug": slug,
         "model": graph.model_id,
@@ -133,11 +195,81 @@ def trace(prompt, chat_request, model_name, transcoders_name, targets, logit_dif
         "seconds": time.perf_counter() - started,
         "attribution_seconds": attribution_seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "_graph": graph,
+        "_pruned": pruned,
     }
-    if as_json:
-        click.echo(json.dumps(summary))
-        return
-    _print_summary(summary, graph, pruned)
+
+
+_JOB_KEYS = {"prompt", "chat", "target", "slug"}
+
+
+def read_prompts_file(path: str) -> list[dict]:
+    """The jobs of a ``--prompts`` JSONL file: per line ``{"prompt": str, "chat": bool, "target": str |
+    [str], "slug": str}`` (only ``prompt`` required; blank lines skipped). ``target`` is returned as a
+    list.
+
+    Raises:
+        BadInputError: a missing or unreadable file, a line that is not a JSON object, an unknown key,
+            a value of the wrong type, or no prompts at all (the message names the line).
+    """
+    import re
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise BadInputError(f"cannot read --prompts file {path!r}: {e.strerror or e}") from e
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{where} is not JSON ({e.msg}); write one object a line") from e
+        if not isinstance(job, dict):
+            raise BadInputError(f"{where} is not a JSON object; write {{\"prompt\": ...}} a line")
+        unknown = sorted(set(job) - _JOB_KEYS)
+        if unknown:
+            raise BadInputError(f"{where} has unknown key(s) {unknown}; the keys are {sorted(_JOB_KEYS)}")
+        if not isinstance(job.get("prompt"), str) or not job["prompt"].strip():
+            raise BadInputError(f"{where} needs a non-empty string \"prompt\"")
+        if not isinstance(job.get("chat", False), bool):
+            raise BadInputError(f"{where}: \"chat\" must be true or false, got {job['chat']!r}")
+        if "target" in job:
+            target = job["target"]
+            target = [target] if isinstance(target, str) else target
+            if not isinstance(target, list) or not target or not all(isinstance(t, str) and t for t in target):
+                raise BadInputError(f"{where}: \"target\" must be a token or a list of tokens, got {job['target']!r}")
+            job["target"] = target
+        if "slug" in job and (not isinstance(job["slug"], str) or not re.fullmatch(r"[A-Za-z0-9._-]+", job["slug"])
+                              or job["slug"].startswith(".")):
+            raise BadInputError(f"{where}: \"slug\" must be a file name of letters, digits, '.', '_' or '-', "
+                                f"got {job['slug']!r}")
+        jobs.append(job)
+    if not jobs:
+        raise BadInputError(f"--prompts file {path!r} holds no prompts")
+    return jobs
+
+
+def _render_job(tokenizer, job: dict):
+    from mechscope.cli.chat_options import ChatRequest
+
+    request = ChatRequest(bool(job.get("chat")), None, None, None)
+    return request.render(tokenizer, job["prompt"])
+
+
+def _check_slugs(jobs: list[dict], rendered: list) -> None:
+    from mechscope.export.neuronpedia import slugify
+    from mechscope.models.chat import chat_slug_text
+
+    seen: dict[str, int] = {}
+    for number, (job, (text, chat)) in enumerate(zip(jobs, rendered), 1):
+        slug = job.get("slug") or slugify(chat_slug_text(chat) if chat is not None else text)
+        if slug in seen:
+            raise BadInputError(f"prompts {seen[slug]} and {number} would both be written as {slug!r}; "
+                                "give one of them a \"slug\"")
+        seen[slug] = number
 
 
 def _store_annotations(store: str | None, transcoders_name: str, scan: str):

@@ -38,21 +38,31 @@ def _opt(name: str, type_, help_: str):
 @_opt("eval_sequences", int, "Held-out sequences for evaluation.")
 @_opt("checkpoint_every_s", float, "Seconds between checkpoints.")
 @_opt("seed", int, "Seed.")
-@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Dtype of the model forward giving the training activations (calibration and held-out "
-                   "figures always use float32).")
+@click.option("--model-dtype", "--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Dtype of the model forward giving the training activations (calibration and "
+                                      "held-out figures always use float32).")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu | cuda | cuda:N | mps | auto. Under torchrun each rank takes its own GPU (LOCAL_RANK).")
 @click.option("--kind", type=click.Choice(["plt", "clt"]), default="plt", show_default=True,
               help="Per-layer transcoders, or one cross-layer transcoder (features write to every later layer).")
 @click.option("--no-skip", is_flag=True, help="No skip connection.")
 @click.option("--no-progress", is_flag=True)
-def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, no_progress, **fields):
+def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, no_progress, device, **fields):
     """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration).
 
     When the corpus holds chat transcripts (`mechscope corpus chat`), held-out figures are also
-    reported separately on corpus text and on chat transcripts."""
+    reported separately on corpus text and on chat transcripts.
+
+    Data-parallel on several processes: `torchrun --nproc-per-node N -m mechscope train ...` (each rank
+    computes its share of every batch; gradients are all-reduced; rank 0 checkpoints and saves)."""
     import torch
 
+    from mechscope import distributed
+    from mechscope.devices import resolve_device
+
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
+    target = resolve_device(device)
+    distributed.init("nccl" if target.type == "cuda" else "gloo")
 
     from mechscope.data.corpus import TokenStream, corpus_dir
     from mechscope.models.loading import load_model
@@ -62,7 +72,7 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     corpus = corpus_dir() if corpus_path is None else Path(corpus_path)
     if corpus_path is not None and not corpus.is_dir() and "/" not in corpus_path:
         corpus = corpus_dir(corpus_path)
-    model = load_model(model_name, dtype=getattr(torch, cfg.model_dtype))
+    model = load_model(model_name, dtype=getattr(torch, cfg.model_dtype), device=target)
     train_stream = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "train", cfg.seed)
     heldout = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed)
     names = [e["name"] for e in train_stream.manifest["sources"]]
@@ -71,7 +81,7 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
         by_kind = {"corpus": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed,
                                          sources=tuple(n for n in names if n != "chat")),
                    "chat": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed, sources=("chat",))}
-    eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype=torch.float32))
+    eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype=torch.float32, device=target))
     out = Path(out_dir) if out_dir else cache_root() / "transcoders" / name
     ckpt = Path(checkpoint_dir) if checkpoint_dir else cache_root() / "training" / name
     if kind == "clt":
@@ -82,6 +92,8 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     else:
         _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
                                        eval_adapter=eval_adapter, heldout_by_kind=by_kind)
+    if not distributed.is_main():
+        return
     click.echo(f"{'layer':>5} {'FVU':>7} {'L0':>7} {'dead':>6}")
     for m in metrics:
         click.echo(f"{m.layer:>5} {m.fvu:>7.3f} {m.l0:>7.1f} {m.dead_fraction:>6.3f}")

@@ -137,12 +137,13 @@ class _Editor:
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> [pos, d_model] live MLP input
         self.live: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] live activations before edits
         self.cross_layer = len(rm.transcoders.output_layers(0)) > 1
+        self.device = trace.errors[0].device
 
     def _positions(self, positions: tuple[int, ...] | None, n: int) -> torch.Tensor:
         if positions is None:
             end = n if self.config.open_ended else min(n, self.n_prompt)
-            return torch.arange(self.trace.first_pos, end)
-        return torch.tensor([p for p in positions if p < n], dtype=torch.long)
+            return torch.arange(self.trace.first_pos, end, device=self.device)
+        return torch.tensor([p for p in positions if p < n], dtype=torch.long, device=self.device)
 
     def constrained(self, layer: int) -> bool:
         layers = self.config.constrained_layers
@@ -184,7 +185,7 @@ class _Editor:
                 if constrained:
                     error = self.trace.errors[layer][pos]
                 else:  # the live reconstruction: this layer's live features (and a CLT's earlier ones)
-                    earlier = [self.live[l] if self.cross_layer else torch.zeros(n, tcs.d_transcoder(l))
+                    earlier = [self.live[l] if self.cross_layer else torch.zeros(n, tcs.d_transcoder(l), device=self.device)
                                for l in range(layer)]
                     error = y[0].float()[pos] - self.rm.decode_upto(layer, earlier + [live], x32)[pos]
                 out.index_add_(0, pos, intervention.apply(error) - error)
@@ -224,7 +225,7 @@ def sample_with_interventions(
         freeze_attention=config.freeze_attention, constrained_layers=config.constrained_layers, top_k=1))
     trace = rm.trace(input_ids)
     eos = rm.model.tokenizer.eos_token_id
-    first_probs = torch.softmax(first.intervened_logits.float() / config.temperature, -1)
+    first_probs = torch.softmax(first.intervened_logits.float().cpu() / config.temperature, -1)  # CPU generator
     samples: list[list[int]] = []
     for start in range(0, n_samples, batch_size):
         count = min(batch_size, n_samples - start)
@@ -233,7 +234,7 @@ def sample_with_interventions(
             ids = torch.cat([input_ids[None].expand(count, -1), tokens], dim=1)  # (count, pos + generated)
             editor = BatchEditor(lambda: _Editor(rm, trace, interventions, config, {}, first_pass=False), count)
             final = rm.model.edited_forward(ids, editor)
-            probs = torch.softmax(rm.model.output_logits(final[:, -1]).float() / config.temperature, -1)
+            probs = torch.softmax(rm.model.output_logits(final[:, -1]).float().cpu() / config.temperature, -1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
         for row in tokens.tolist():
             samples.append(row[: row.index(eos)] if eos in row else row)
@@ -316,7 +317,7 @@ def run_interventions(
 def _next_token(logits: torch.Tensor, config: InterventionConfig, generator: torch.Generator) -> int:
     if config.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / config.temperature, -1)
+    probs = torch.softmax(logits.float().cpu() / config.temperature, -1)  # the generator is a CPU one
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

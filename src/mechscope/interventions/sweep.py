@@ -209,7 +209,7 @@ def single_token(tokenizer, text: str, flag: str) -> int:
 def _exact_readouts(model, input_ids: torch.Tensor, first_id: int, continuation: list[int] | None) -> tuple[float, float | None]:
     """``p(first token)`` after the prompt and the summed log-probability of ``continuation``."""
     ids = input_ids if not continuation else torch.cat([input_ids, torch.tensor(continuation)])
-    logprobs = model.hf(ids[None]).logits[0].float().log_softmax(-1)  # (pos, vocab)
+    logprobs = model.hf(ids.to(model.device)[None]).logits[0].float().log_softmax(-1)  # (pos, vocab)
     n = len(input_ids)
     p_first = float(logprobs[n - 1, first_id].exp())
     if not continuation:
@@ -225,7 +225,7 @@ def _sample(model, input_ids: torch.Tensor, cfg: SweepConfig, seed: int, progres
     texts = []
     for start in range(0, cfg.samples, cfg.batch_size):
         count = min(cfg.batch_size, cfg.samples - start)
-        batch = input_ids[None].expand(count, -1)
+        batch = input_ids.to(model.device)[None].expand(count, -1)
         out = model.hf.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True,
                                 temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                                 pad_token_id=pad)
@@ -244,7 +244,7 @@ def _logit_diff(model, rm, input_ids, interventions, config, ids: list[int]) -> 
 
         logits = run_interventions(rm, input_ids, interventions, replace(config, generate=0)).intervened_logits
     else:
-        logits = model.hf(input_ids[None]).logits[0, -1]
+        logits = model.hf(input_ids.to(model.device)[None]).logits[0, -1]
     return float(logits[ids[0]].float() - logits[ids[1]].float())
 
 

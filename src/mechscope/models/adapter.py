@@ -122,7 +122,7 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's weights are (``cpu`` here; the first parameter's device)."""
+        """Where the model's weights are (the first parameter's device: the embedding's, with a device map)."""
         return next(self.hf.parameters()).device
 
     def __repr__(self) -> str:
@@ -147,7 +147,7 @@ class ModelAdapter:
     def unembedding_mean(self, release_vocabulary: bool = False) -> Float[torch.Tensor, "1 d_model"]:
         """Mean unembedding row in float32 (logit targets are demeaned by it), summed over blocks of
         rows; with ``release_vocabulary`` each block's pages are released after use."""
-        total = torch.zeros(1, self.d_model)
+        total = torch.zeros(1, self.d_model, device=self.W_U.device)
         for rows in self._vocabulary_blocks():
             total += rows.sum(0, keepdim=True, dtype=torch.float32)
             if release_vocabulary:
@@ -340,7 +340,7 @@ class ModelAdapter:
                         )
                     )
                 )
-            final = self._run_body(input_ids[None])[0]
+            final = self._run_body(input_ids.to(self.device)[None])[0]
         return CleanRun(
             input_ids=input_ids,
             embeddings=embed[0][0],
@@ -382,7 +382,7 @@ class ModelAdapter:
             ``[batch, pos, d_model]`` output of the final norm.
         """
         batch = embeddings.shape[0]
-        ids = input_ids[None].expand(batch, -1)
+        ids = input_ids.to(embeddings.device)[None].expand(batch, -1)
         saved: list[tuple[nn.Module, str, nn.Module]] = []
         attention = (
             use_mechscope_attention(self, frozen=frozen.patterns) if frozen else contextlib.nullcontext()
@@ -452,7 +452,7 @@ class ModelAdapter:
                         lambda m, args, out, layer=layer: edit_mlp_output(layer, inputs[layer], out)
                     )
                 )
-            return self._run_body(input_ids)
+            return self._run_body(input_ids.to(self.device))
 
     @contextlib.contextmanager
     def _frozen_norms(self, norm_scales: dict[int, torch.Tensor]) -> Iterator[None]:

@@ -283,26 +283,38 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, str]:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = "cpu", device_map: str | None = None,
 ) -> ModelAdapter:
     """Load a causal LM and wrap it in its architecture's :class:`ModelAdapter`.
 
     Args:
         name_or_path: an offline name (``gemma-3-270m``, ``smollm2-135m-instruct``), a model
             directory, a ``.gguf`` file, or a Hugging Face id.
-        dtype: parameter dtype (float32 for attribution; bfloat16 where measured to help).
+        dtype: parameter dtype (float32 for attribution; bfloat16 where measured to help), a
+            ``torch.dtype`` or its name.
+        device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` | ``auto`` (:func:`mechscope.devices.resolve_device`).
+        device_map: ``auto`` spreads the layers over every visible GPU (accelerate), for a model
+            larger than one device; ``device`` is then ignored.
 
     Raises:
         UnknownNameError: the name is neither known, a path, nor loadable from the hub.
-        BadInputError: a path that exists but holds no model.
+        BadInputError: a path that exists but holds no model; a device that is not there; a device
+            map without GPUs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mechscope.devices import check_device_map, resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    device_map = check_device_map(device_map)
+    target = None if device_map else resolve_device(device)
+    placement = {"device_map": device_map} if device_map else {}
     source, model_id = resolve_model_dir(name_or_path)
     is_hub_id = not Path(source).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=is_hub_id)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_hub_id)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=is_hub_id, **placement)
     except OSError as e:
         if not is_hub_id:
             raise
@@ -310,8 +322,10 @@ def load_model(
             raise UnknownNameError("model", name_or_path, sorted(KNOWN_MODELS)) from e
         try:  # not cached: download from the hub
             tokenizer = AutoTokenizer.from_pretrained(source)
-            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         except OSError as e2:
             raise UnknownNameError("model", name_or_path, sorted(KNOWN_MODELS)) from e2
+    if target is not None and target.type != "cpu":
+        hf = hf.to(target)
     cls = adapter_class_for(hf.config.model_type)
     return cls(hf, tokenizer, model_id)

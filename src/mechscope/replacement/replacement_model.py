@@ -28,7 +28,7 @@ from mechscope.errors import BadInputError, IncompatibleTranscodersError
 from mechscope.models.adapter import CleanRun, ModelAdapter
 from mechscope.transcoders.transcoder import TranscoderSet
 
-__all__ = ["ReplacementModel", "Trace", "FrozenReplacement"]
+__all__ = ["ReplacementModel", "Trace", "FrozenReplacement", "place_transcoders"]
 
 
 @dataclass
@@ -74,6 +74,7 @@ class ReplacementModel:
             )
         self.model, self.transcoders = model, transcoders
         self.max_prompt_tokens = max_prompt_tokens
+        place_transcoders(transcoders, model)
 
     def tokenize(self, prompt: str) -> Int[torch.Tensor, "pos"]:
         """Token ids of ``prompt``.
@@ -144,6 +145,27 @@ class ReplacementModel:
         zeros = torch.zeros_like(acts[layer])
         full = list(acts[: layer + 1]) + [zeros] * (self.model.n_layers - layer - 1)
         return self.transcoders.reconstruct(full, [x] * self.model.n_layers)[layer]
+
+
+def place_transcoders(transcoders: TranscoderSet, model: ModelAdapter) -> None:
+    """Move a set to where its model runs: each per-layer transcoder onto its layer's device (one
+    device, or a layer's own under a device map); a cross-layer set, whose features write to
+    later layers, onto the model's first device.
+
+    Raises:
+        BadInputError: a cross-layer set with a model spread over several devices.
+    """
+    from mechscope.devices import layer_devices
+
+    devices = layer_devices(model.hf, model.n_layers)
+    if len(set(devices)) > 1 and transcoders.kind == "cross-layer":
+        raise BadInputError("a cross-layer transcoder writes to every later layer and runs on one device; "
+                            "load the model without --device-map, or use a per-layer set")
+    if hasattr(transcoders, "transcoders") and len(set(devices)) > 1:
+        for layer, device in enumerate(devices):
+            transcoders.transcoders[layer].to(device)
+    elif next(transcoders.parameters()).device != devices[0]:
+        transcoders.to(devices[0])
 
 
 class FrozenReplacement:
@@ -231,5 +253,5 @@ class FrozenReplacement:
         inputs = [*self.mlp_leaves[: n_source_layers], self.embed_leaf]
         result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True,
                                      is_grads_batched=True)
-        result = [torch.zeros((batch, *i.shape[1:])) if r is None else r[:, 0].float() for r, i in zip(result, inputs)]
+        result = [torch.zeros((batch, *i.shape[1:]), device=i.device) if r is None else r[:, 0].float() for r, i in zip(result, inputs)]
         return result[:-1], result[-1]

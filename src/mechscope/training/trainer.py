@@ -34,6 +34,7 @@ from jaxtyping import Bool, Float
 from torch import nn
 from tqdm.auto import tqdm
 
+from mechscope import distributed
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
@@ -178,7 +179,7 @@ class TopKTrainee(nn.Module):
         self.W_enc.mul_(self.cfg.encoder_init_scale)
         if self.W_skip is not None and self.cfg.skip_init == "lstsq":
             xc, yc = x_n - x_n.mean(0), y_n - y_n.mean(0)
-            gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d)
+            gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d, device=xc.device)
             self.W_skip.copy_(torch.linalg.solve(gram, xc.T @ yc).T)  # y ~ x @ W_skip.T
             self.b_dec.copy_(y_n.mean(0) - x_n.mean(0) @ self.W_skip.T)
 
@@ -203,9 +204,10 @@ class TopKTrainee(nn.Module):
         """Return ``(loss, y_hat_normalised, fired_mask [d_transcoder])`` for raw ``x, y [n, d]``."""
         x_n, y_n = x / self.in_scale, y / self.out_scale
         pre, idx, vals, y_hat = self.forward_topk(x_n)
-        variance = (y_n - y_n.mean(0)).pow(2).sum(-1).mean().detach()
-        mse = (y_hat - y_n).pow(2).sum(-1).mean() / variance
-        fired = torch.zeros(pre.shape[-1], dtype=torch.bool)
+        mean = _token_mean  # over this step's tokens on every rank (one process: a plain mean)
+        variance = mean((y_n - mean(y_n.detach())).pow(2).sum(-1)).detach()
+        mse = mean((y_hat - y_n).pow(2).sum(-1)) / variance
+        fired = torch.zeros(pre.shape[-1], dtype=torch.bool, device=pre.device)
         fired[idx[vals > 0]] = True
         loss = mse
         dead = self.last_fired >= self.cfg.dead_after_tokens
@@ -215,7 +217,7 @@ class TopKTrainee(nn.Module):
             aux_pre = pre.masked_fill(~dead, float("-inf"))
             aux_vals, aux_idx = aux_pre.topk(min(self.cfg.aux_k, n_dead), dim=-1)
             aux_hat = self.decode_sparse(aux_idx, aux_vals.clamp(min=0))
-            aux = (aux_hat - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
+            aux = mean((aux_hat - residual).pow(2).sum(-1)) / mean(residual.pow(2).sum(-1)).detach().clamp(min=1e-8)
             loss = loss + self.cfg.aux_coef * torch.nan_to_num(aux, nan=0.0)
         return loss, y_hat.detach(), fired
 
@@ -236,7 +238,8 @@ class TopKTrainee(nn.Module):
         x_n, y_n = x / self.in_scale, y / self.out_scale
         residual = y_n - self.forward_topk(x_n)[3]
         weights = residual.pow(2).sum(-1)
-        tokens = torch.multinomial(weights / weights.sum(), n_dead, replacement=True, generator=generator)
+        tokens = torch.multinomial((weights / weights.sum()).cpu(), n_dead, replacement=True,  # a CPU generator
+                                   generator=generator).to(x.device)
         directions = residual[tokens] / residual[tokens].norm(dim=-1, keepdim=True).clamp(min=1e-8)
         inputs = x_n[tokens] - x_n.mean(0)
         inputs = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
@@ -273,21 +276,84 @@ class TopKTrainee(nn.Module):
         return tc
 
 
+def _token_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the first dimension (tokens) of this step's tokens on every rank: in one process
+    ``values.mean(0)``; under torch.distributed the local sum over the global count, so that the
+    gradients summed over the ranks are those of the global batch's loss (and the value, summed over
+    the ranks, is its mean). Statistics detached from the graph (a loss normaliser) are all-reduced so
+    every rank divides by the global value."""
+    world = distributed.world_size()
+    if world == 1:
+        return values.mean(0)
+    total = values.sum(0) / (values.shape[0] * world)  # every rank holds the same number of tokens
+    if total.requires_grad:
+        return total
+    total = total.clone()
+    distributed.all_reduce_sum_([total])
+    return total
+
+
 # ----------------------------------------------------------------------------- phases
 def _optimizer_step(trainees, opt, xs, ys, lr: float, running: list[float]) -> None:
-    """One Adam step on every layer's transcoder; ``running`` keeps an EMA of each layer's loss."""
+    """One Adam step on every layer's transcoder; ``running`` keeps an EMA of each layer's loss.
+
+    Under torch.distributed each rank holds its share of the step's tokens: gradients, losses and
+    firing masks are summed (or OR-ed) over the ranks before the step, so every rank takes the same
+    step as one process would on the whole batch."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    for layer, tr in enumerate(trainees):
-        loss, _, fired = tr.loss(xs[layer], ys[layer])
+    losses, fired_masks = [], []
+    for tr, x, y in zip(trainees, xs, ys):
+        loss, _, fired = tr.loss(x, y)
         loss.backward()
-        running[layer] = 0.98 * running[layer] + 0.02 * float(loss.detach())
-        tr.after_step(fired, xs[layer].shape[0])
+        losses.append(loss.detach())
+        fired_masks.append(fired)
+    world = distributed.world_size()
+    if world > 1:
+        total = torch.stack(losses)
+        distributed.all_reduce_sum_([p.grad for p in trainees.parameters() if p.grad is not None] + [total])
+        losses = list(total)
+        fired = torch.stack(fired_masks).to(torch.uint8)
+        distributed.all_reduce_max_(fired)
+        fired_masks = list(fired.bool())
+    for layer, (tr, fired) in enumerate(zip(trainees, fired_masks)):
+        running[layer] = 0.98 * running[layer] + 0.02 * float(losses[layer])
+        tr.after_step(fired, xs[layer].shape[0] * world)
     opt.step()
     with torch.no_grad():
         for tr in trainees:
             tr.W_dec /= tr.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def rank_rows(n_sequences: int, minibatches: int) -> list[int]:
+    """The sequences of a batch this rank computes activations for. Each of the ``minibatches``
+    optimizer steps of a batch reads a contiguous block of its sequences; every rank takes an equal
+    contiguous share of each block, so the ranks' minibatch ``m`` together are one process's
+    minibatch ``m`` (and :func:`gather_rows` restores one process's token order).
+
+    Raises:
+        BadInputError: ``n_sequences`` is not a multiple of ``minibatches * world_size``.
+    """
+    world = distributed.world_size()
+    if world == 1:
+        return list(range(n_sequences))
+    if n_sequences % (minibatches * world):
+        raise BadInputError(f"--batch-sequences {n_sequences} must be a multiple of minibatches ({minibatches}) x "
+                            f"world size ({world}) to split each step evenly over the ranks")
+    share = n_sequences // (minibatches * world)
+    block = share * world
+    r = distributed.rank()
+    return [m * block + r * share + j for m in range(minibatches) for j in range(share)]
+
+
+def gather_rows(x: torch.Tensor, minibatches: int) -> torch.Tensor:
+    """Every rank's ``[n_local, ...]`` token rows of a batch, in one process's order (see :func:`rank_rows`)."""
+    parts = distributed.all_gather_tensors(x)
+    if len(parts) == 1:
+        return x
+    blocks = torch.stack([p.reshape(minibatches, -1, *p.shape[1:]) for p in parts], dim=1)  # (M, world, n/M, ...)
+    return blocks.reshape(-1, *x.shape[1:])
 
 
 def _activations(adapter: ModelAdapter, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -306,10 +372,19 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 
 def _save_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer, state: dict) -> None:
-    tensors = {f"model.{k}": v.contiguous() for k, v in trainees.state_dict().items()}
+    """Rank 0 writes (atomically); every rank holds the same state, so the others only wait."""
+    if not distributed.is_main():
+        distributed.barrier()
+        return
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainees.state_dict().items()}
     for i, s in opt.state_dict()["state"].items():
         for key, value in s.items():
-            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    _write_checkpoint(path, tensors, state)
+    distributed.barrier()
+
+
+def _write_checkpoint(path: Path, tensors: dict, state: dict) -> None:
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -345,13 +420,13 @@ def _calibrate(
         for layer, tr in enumerate(trainees):
             pre = tr.pre_activations(xs[layer] / tr.in_scale)
             vals, idx = pre.topk(cfg.k, dim=-1)
-            fire_counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float()
-            pre_chunks[layer].append(pre.half())
+            fire_counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float().cpu()
+            pre_chunks[layer].append(pre.half().cpu())
         n_calib += xs[0].shape[0]
     transcoders = []
     for layer, tr in enumerate(trainees):
         pre = torch.cat(pre_chunks[layer]).float()  # (n_calib, d_transcoder)
-        alive = tr.last_fired < cfg.dead_after_tokens
+        alive = (tr.last_fired < cfg.dead_after_tokens).cpu()
         transcoders.append(tr.to_transcoder(calibrated_thresholds(pre, fire_counts[layer], alive)))
         pre_chunks[layer] = []
     return transcoders
@@ -395,8 +470,9 @@ def evaluate_transcoders(
         storage_dtype: round the weights through this dtype first, so the figures describe the
             set as saved (``None`` keeps them as they are).
     """
+    if storage_dtype is not None or next(transcoders.parameters()).device != adapter.device:
+        transcoders = copy.deepcopy(transcoders).to(adapter.device)  # the caller's set stays where it is
     if storage_dtype is not None:
-        transcoders = copy.deepcopy(transcoders)
         for p in transcoders.parameters():
             p.copy_(p.to(storage_dtype).float())
     accs = [MetricsAccumulator(layer, transcoders.d_transcoder(layer)) for layer in range(transcoders.n_layers)]
@@ -436,19 +512,25 @@ def train_transcoders(
             the same way; their figures go into ``config.yaml`` as ``heldout_metrics_by_kind``.
 
     Returns:
-        the set and per-layer held-out metrics on ``heldout_stream`` (also written into ``config.yaml``).
+        the set and per-layer held-out metrics on ``heldout_stream`` (also written into ``config.yaml``);
+        ``(None, [])`` on ranks other than 0 under torch.distributed (rank 0 calibrates, evaluates and
+        saves).
 
     Raises:
         BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    world = distributed.world_size()
+    rows = rank_rows(cfg.batch_sequences, cfg.minibatches)
     trainees = nn.ModuleList(TopKTrainee(adapter.d_model, cfg, generator) for _ in range(adapter.n_layers))
+    trainees.to(adapter.device)
     opt = torch.optim.Adam(trainees.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     ckpt = checkpoint_dir / "checkpoint"
-    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": []}
+    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": [], "world_size": world}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
+        check_world_size(ckpt, saved)
         changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)
         fixed = [k for k in changed if k not in SCHEDULE_FIELDS]
         if fixed:
@@ -462,24 +544,26 @@ def train_transcoders(
             state["config"] = asdict(cfg)
         logger.info("resumed at step %d (%d tokens)", state["step"], state["tokens"])
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
-    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress, desc="training", unit="step")
+    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress or not distributed.is_main(),
+               desc="training", unit="step")
     last_save = time.monotonic()
     running = [1.0] * adapter.n_layers
     while state["step"] < cfg.n_steps:
         index, batch = next(stream)
-        xs, ys = _activations(adapter, batch)
-        if state["step"] == 0:
+        xs, ys = _activations(adapter, batch[rows])  # this rank's share of the batch
+        if state["step"] == 0:  # from the whole batch, in one process's order, on every rank
             for tr, x, y in zip(trainees, xs, ys):
-                tr.initialize(x, y)
+                tr.initialize(gather_rows(x, cfg.minibatches), gather_rows(y, cfg.minibatches))
         for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
             _optimizer_step(trainees, opt, [x[part] for x in xs], [y[part] for y in ys], _lr(cfg, state["step"]), running)
             state["step"] += 1
         if cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
                 and state["step"] < cfg.resample_until * cfg.n_steps:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
-            resampled = [tr.resample_dead(x, y, opt, generator) for tr, x, y in zip(trainees, xs, ys)]
+            resampled = [tr.resample_dead(gather_rows(x, cfg.minibatches), gather_rows(y, cfg.minibatches), opt, generator)
+                         for tr, x, y in zip(trainees, xs, ys)]
             logger.info("step %d: resampled %s dead features", state["step"], resampled)
-        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0])
+        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0] * world)
         bar.update(cfg.minibatches)
         if state["step"] % 100 < cfg.minibatches:
             dead = [float((tr.last_fired >= cfg.dead_after_tokens).float().mean()) for tr in trainees]
@@ -491,6 +575,9 @@ def train_transcoders(
             last_save = time.monotonic()
             logger.info("checkpoint at step %d, %d tokens", state["step"], state["tokens"])
     bar.close()
+    if not distributed.is_main():  # rank 0 calibrates, evaluates and saves
+        distributed.barrier()
+        return None, []
     evaluator = adapter if eval_adapter is None else eval_adapter()
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
                         sources=train_stream.sources)
@@ -506,4 +593,18 @@ def train_transcoders(
         **({"heldout_metrics_by_kind": by_kind} if by_kind else {}),
     }
     save_transcoder_set(result, out, dtype=torch.bfloat16, extra_config=extra)
+    distributed.barrier()
     return result, metrics
+
+
+def check_world_size(ckpt: Path, saved: dict) -> None:
+    """A checkpoint resumes exactly only with the world size it was written with (each rank's share
+    of every batch depends on it).
+
+    Raises:
+        BadInputError: another world size.
+    """
+    had, now = saved.get("world_size", 1), distributed.world_size()
+    if had != now:
+        raise BadInputError(f"{ckpt} was written by {had} process(es); resume it with the same number "
+                            f"(torchrun --nproc-per-node {had}), not {now}, or use another --checkpoint-dir")

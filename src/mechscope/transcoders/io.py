@@ -201,14 +201,28 @@ def _transcoder_from_tensors(
     return tc
 
 
-def load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
+def load_transcoder_set(name_or_path: str | os.PathLike, device: str | None = None) -> TranscoderSet:
     """Load a shipped set by name, a circuit-tracer-layout directory (per-layer or cross-layer), or a
-    Gemma Scope 2 directory.
+    Gemma Scope 2 directory, onto ``device`` (default: the CPU; a
+    :class:`~mechscope.replacement.replacement_model.ReplacementModel` moves a set to its model's
+    devices anyway).
 
     Raises:
         UnknownNameError: the name is neither shipped nor a directory.
         CorruptFileError: a layer file is missing, truncated or has the wrong tensors.
+        BadInputError: a device that is not there.
     """
+    tcs = _load_transcoder_set(name_or_path)
+    if device is not None:
+        from mechscope.devices import resolve_device
+
+        target = resolve_device(device)
+        if target.type != "cpu":
+            tcs = tcs.to(target)
+    return tcs
+
+
+def _load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     path = resolve_transcoders(str(name_or_path))
     if not (path / "config.yaml").exists():
         return load_gemma_scope_2_clt(path) if is_gemma_scope_2_clt(path) else load_gemma_scope_2(path)

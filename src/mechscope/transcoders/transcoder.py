@@ -243,7 +243,7 @@ class CrossLayerTranscoderSet(TranscoderSet):
 
     def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         if self.lazy_decoder is not None:
-            return self.lazy_decoder.rows(layer, features)
+            return self.lazy_decoder.rows(layer, features).to(self.b_dec[layer].device)
         return self.W_dec[layer][features]  # (n, n_layers - layer, d_model)
 
     def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
