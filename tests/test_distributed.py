@@ -59,3 +59,91 @@ def test_a_sweep_split_over_two_ranks_equals_one_process(tmp_path):
     assert [p["samples"] for p in two["prompts"]] == [p["samples"] for p in single["prompts"]]
     assert [p["p_first_token"] for p in two["prompts"]] == [p["p_first_token"] for p in single["prompts"]]
     assert two["comparisons"] == json.loads(json.dumps(single["comparisons"]))
+
+
+# ------------------------------------------------------------------------------ data-parallel training
+def _world(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from mechscope import distributed
+
+    distributed.init()
+
+
+def _train_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str) -> None:
+    _world(rank, world, port)
+    from pathlib import Path
+
+    from conftest import make_tiny_adapter
+    from test_training import CTX_LEN, make_tiny_tokenizer, tiny_train_config
+
+    from mechscope.data.corpus import TokenStream
+    from mechscope.training.trainer import train_transcoders
+
+    tok = make_tiny_tokenizer()
+    train = TokenStream(Path(corpus), tok, CTX_LEN, "train")
+    heldout = TokenStream(Path(corpus), tok, CTX_LEN, "heldout")
+    train_transcoders(make_tiny_adapter("llama"), train, heldout, _ddp_config(), Path(out), Path(ckpt), progress=False)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _ddp_config():
+    from test_training import tiny_train_config
+
+    # 4 sequences a batch, 2 optimizer steps on it: each of two ranks takes one sequence a step;
+    # resampling every 6 of the 16 steps exercises the gathered-batch path. Short on purpose: TopK and
+    # the firing masks are discrete, so over hundreds of steps a 1e-8 difference in summation order
+    # (two half-batch forward passes instead of one) eventually flips one choice and the runs part
+    return tiny_train_config(n_tokens=480, batch_sequences=4, minibatches=2, resample_every=6, resample_until=0.9,
+                             dead_after_tokens=120)
+
+
+def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, caplog):
+    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+
+    from conftest import make_tiny_adapter
+    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.errors import BadInputError
+    from mechscope.training.trainer import gather_rows, rank_rows, train_transcoders
+    from mechscope.transcoders.io import load_transcoder_set
+
+    assert rank_rows(4, 2) == [0, 1, 2, 3] and gather_rows(torch.arange(6.0)[:, None], 2).flatten().tolist() == list(range(6))
+    txt, jsonl, _ = write_sources(tmp_path / "raw")
+    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
+                          out=tmp_path / "built")
+    tok = make_tiny_tokenizer()
+    train, heldout = TokenStream(corpus, tok, CTX_LEN, "train"), TokenStream(corpus, tok, CTX_LEN, "heldout")
+    cfg = _ddp_config()
+    with caplog.at_level("INFO", logger="mechscope.training.trainer"):
+        one, metrics_one = train_transcoders(make_tiny_adapter("llama"), train, heldout, cfg, tmp_path / "one",
+                                             tmp_path / "ck-one", progress=False)
+    resampled = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert len(resampled) == 2 and "[0, 0]" not in resampled[0]  # features were resampled in these steps
+    torch.multiprocessing.spawn(_train_worker, nprocs=2, join=True,
+                                args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
+    from safetensors.torch import load_file
+
+    # the float32 training state (weights, Adam moments, firing counters) of rank 0 equals one process's
+    state_one = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
+    state_two = load_file(str(tmp_path / "ck-two" / "checkpoint" / "state.safetensors"))
+    assert state_one.keys() == state_two.keys()
+    for name, value in state_one.items():
+        assert torch.allclose(value, state_two[name], rtol=1e-5, atol=1e-6), name
+    assert json.loads((tmp_path / "ck-two" / "checkpoint" / "state.json").read_text())["world_size"] == 2
+    two = load_transcoder_set(tmp_path / "two")  # calibrated and saved by rank 0
+    for a, b in zip(load_transcoder_set(tmp_path / "one").transcoders, two.transcoders):
+        for name, p in a.state_dict().items():
+            assert torch.allclose(p.float(), b.state_dict()[name].float(), rtol=1e-2, atol=1e-5), name  # bfloat16 files
+    metrics_two = __import__("yaml").safe_load((tmp_path / "two" / "config.yaml").read_text())["heldout_metrics"]
+    for m1, m2 in zip(metrics_one, metrics_two):
+        assert abs(m1.fvu - m2["fvu"]) < 1e-3 and abs(m1.l0 - m2["l0"]) < 0.2
+    # a checkpoint of two ranks does not resume in one process
+    import pytest
+
+    with pytest.raises(BadInputError, match="written by 2 process"):
+        train_transcoders(make_tiny_adapter("llama"), train, heldout, cfg, tmp_path / "again", tmp_path / "ck-two",
+                          progress=False)
+    assert not (tmp_path / "again").exists()
