@@ -76,7 +76,7 @@ def _train_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt:
     from pathlib import Path
 
     from conftest import make_tiny_adapter
-    from test_training import CTX_LEN, make_tiny_tokenizer, tiny_train_config
+    from test_training import CTX_LEN, make_tiny_tokenizer
 
     from mechscope.data.corpus import TokenStream
     from mechscope.training.trainer import train_transcoders
@@ -147,3 +147,80 @@ def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, caplog):
         train_transcoders(make_tiny_adapter("llama"), train, heldout, cfg, tmp_path / "again", tmp_path / "ck-two",
                           progress=False)
     assert not (tmp_path / "again").exists()
+
+
+# ------------------------------------------------------------------------------ many graphs, split over ranks
+def _write_prompts(path, lines) -> None:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+JOBS = [{"prompt": "a cat sat"}, {"prompt": "the dog ran", "target": "t", "slug": "dog"},
+        {"prompt": "a bird sang", "target": ["a", "b"]}]
+
+
+def _trace_worker(rank: int, world: int, port: int, args: list, out: str) -> None:
+    _world(rank, world, port)
+    import contextlib
+    import io
+
+    from mechscope.cli.main import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(args)
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(stdout.getvalue())
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_trace_prompts_file_gives_the_same_graphs_on_two_ranks(tmp_path, capsys):
+    from test_cli import run
+
+    from conftest import make_tiny_adapter, make_tiny_transcoders
+    from mechscope.graph.io import load_graph
+    from mechscope.transcoders.io import save_transcoder_set
+
+    adapter = make_tiny_adapter("llama")
+    adapter.hf.save_pretrained(tmp_path / "model")
+    adapter.tokenizer.save_pretrained(tmp_path / "model")
+    save_transcoder_set(make_tiny_transcoders(adapter, skip=True), tmp_path / "tcs")
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, JOBS)
+
+    def args(out):
+        return ["trace", "--prompts", str(prompts), "--model", str(tmp_path / "model"), "--transcoders",
+                str(tmp_path / "tcs"), "--out", str(out), "--json", "--max-feature-nodes", "20"]
+
+    code, out, err = run(args(tmp_path / "one"), capsys)
+    assert code == 0, err
+    single = [json.loads(line) for line in out.splitlines()]
+    assert [s["slug"] for s in single] == ["a-cat-sat", "dog", "a-bird-sang"]
+    assert [t["token"] for t in single[1]["logit_targets"]] == ["t"]
+    assert [t["token"] for t in single[2]["logit_targets"]] == ["a", "b"]
+    torch.multiprocessing.spawn(_trace_worker, nprocs=2, join=True,
+                                args=(2, _free_port(), args(tmp_path / "two"), str(tmp_path / "two.jsonl")))
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [s["slug"] for s in two] == [s["slug"] for s in single]  # rank 0 prints every summary, in order
+    for s in single:
+        a, b = load_graph(tmp_path / "one" / s["slug"]), load_graph(tmp_path / "two" / s["slug"])
+        assert torch.equal(a.adjacency, b.adjacency) and torch.equal(a.selected_features, b.selected_features)
+        assert json.loads((tmp_path / "two" / f"{s['slug']}.json").read_text())["nodes"] == \
+            json.loads((tmp_path / "one" / f"{s['slug']}.json").read_text())["nodes"]
+    # bad files: one clear error naming the line, exit 2, nothing written
+    for lines, message in (([{"prompt": "a"}, "not json"], "line 2 is not JSON"),
+                           ([{"prompt": "a", "colour": 1}], "unknown key"),
+                           ([{"prompt": ""}], "non-empty string"),
+                           ([{"prompt": "a", "target": 3}], "\"target\" must be"),
+                           ([{"prompt": "a", "slug": "../x"}], "\"slug\" must be"),
+                           ([{"prompt": "a cat"}, {"prompt": "a cat"}], "would both be written"),
+                           ([{"prompt": "a cat"}, {"prompt": "a dog", "target": "no"}], "prompt 2: target 'no' is not a single"),
+                           ([], "holds no prompts")):
+        _write_prompts(prompts, lines)
+        code, out, err = run(args(tmp_path / "bad"), capsys)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "bad").exists()
+    code, out, err = run(["trace", "a cat", "--prompts", str(prompts), "--model", str(tmp_path / "model")], capsys)
+    assert code == 2 and "leave out PROMPT" in err

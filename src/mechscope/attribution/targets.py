@@ -17,7 +17,7 @@ from jaxtyping import Float
 
 from mechscope.errors import BadInputError
 
-__all__ = ["LogitTarget", "select_logit_targets", "unlikely_target_warnings"]
+__all__ = ["LogitTarget", "select_logit_targets", "target_token_ids", "unlikely_target_warnings"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,7 @@ def select_logit_targets(
         label = f"{tokenizer.decode([a])} - {tokenizer.decode([b])}"
         return [LogitTarget(label, a, 1.0)], vector
     if tokens:
-        ids = []
-        for text in tokens:
-            encoded = tokenizer(text, add_special_tokens=False).input_ids
-            if len(encoded) != 1:
-                pieces = [tokenizer.decode([t]) for t in encoded]
-                raise BadInputError(
-                    f"target {text!r} is not a single token (it encodes to {len(encoded)} tokens: "
-                    f"{pieces}); name one token, e.g. with its leading space"
-                )
-            ids.append(encoded[0])
+        ids = target_token_ids(tokenizer, tokens)
         ids_t = torch.tensor(ids)
         for message in unlikely_target_warnings(tokens, ids, probs, tokenizer):
             logger.warning(message)
@@ -92,6 +83,25 @@ def select_logit_targets(
     vectors = W_U[ids_t.to(W_U.device)].float() - W_U_mean.to(W_U.device)
     targets = [LogitTarget(tokenizer.decode([int(i)]), int(i), float(probs[i])) for i in ids_t]
     return targets, vectors
+
+
+def target_token_ids(tokenizer, tokens) -> list[int]:
+    """The token id of each named target.
+
+    Raises:
+        BadInputError: a target that is not a single token (the message shows its pieces).
+    """
+    ids = []
+    for text in tokens:
+        encoded = tokenizer(text, add_special_tokens=False).input_ids
+        if len(encoded) != 1:
+            pieces = [tokenizer.decode([t]) for t in encoded]
+            raise BadInputError(
+                f"target {text!r} is not a single token (it encodes to {len(encoded)} tokens: "
+                f"{pieces}); name one token, e.g. with its leading space"
+            )
+        ids.append(encoded[0])
+    return ids
 
 
 def _single_token_id(tokenizer, text: str) -> int:

@@ -110,9 +110,15 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
             _print_summary(summary, graph, pruned)
         return
     rendered = []
-    for job in jobs:  # every prompt is rendered and length-checked before the first graph
-        text, chat = _render_job(model.tokenizer, job)
-        rm.tokenize(text)
+    from mechscope.attribution.targets import target_token_ids
+
+    for number, job in enumerate(jobs, 1):  # every prompt is rendered and checked before the first graph
+        try:
+            text, chat = _render_job(model.tokenizer, job)
+            rm.tokenize(text)
+            target_token_ids(model.tokenizer, job.get("target", ()))
+        except BadInputError as e:
+            raise BadInputError(f"--prompts {prompts_file}, prompt {number}: {e}") from e
         rendered.append((text, chat))
     _check_slugs(jobs, rendered)
     mine = []

@@ -121,7 +121,7 @@ def build_feature_store(
             inputs, _ = rm.model.run_with_mlp_sites(batch)
             sequences = torch.arange(start, start + count)
             for layer in range(n_layers):
-                fold(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()))
+                fold(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()).cpu())  # statistics: CPU
             state["next_sequence"] = start + count
             bar.update(count * per_sequence)
             if time.monotonic() - last_save > checkpoint_every_s:

@@ -46,7 +46,7 @@ def logit_effects(
     _check(transcoders, layer, features)
     direction = transcoders.decoder_vectors(layer, features).float().sum(1)  # [n, d_model]
     norm = model.final_norm()
-    ones = torch.ones(*direction.shape[:-1], 1)
+    ones = torch.ones(*direction.shape[:-1], 1, device=direction.device)
     linear = model.normalize(norm, direction, ones) - model.normalize(norm, torch.zeros_like(direction), ones)
     return linear.float() @ model.W_U.float().T
 
@@ -64,7 +64,7 @@ def decoder_matrix(
     rows = torch.zeros(len(features), n_layers * d)
     for i, (layer, feature) in enumerate(features):
         _check(transcoders, layer, torch.tensor([feature]))
-        vectors = transcoders.decoder_vectors(layer, torch.tensor([feature]))[0].float()  # [n_out, d]
+        vectors = transcoders.decoder_vectors(layer, torch.tensor([feature]))[0].float().cpu()  # [n_out, d]
         for j, out_layer in enumerate(transcoders.output_layers(layer)):
             rows[i, out_layer * d : (out_layer + 1) * d] = vectors[j]
     return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)

@@ -303,7 +303,7 @@ class ModelAdapter:
                         lambda m, args, out, layer=layer: outs.__setitem__(layer, out)
                     )
                 )
-            self._run_body(input_ids)
+            self._run_body(input_ids.to(self.device))
         return [ins[layer] for layer in layers], [outs[layer] for layer in layers]
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
 from mechscope.paths import atomic_directory
 from mechscope.transcoders.files import read_safetensors
+from mechscope.transcoders.sparsify import is_sparsify_dir, load_sparsify
 from mechscope.transcoders.clt_io import CLT_KIND, is_gemma_scope_2_clt, load_clt, load_gemma_scope_2_clt, save_clt
 from mechscope.transcoders.transcoder import (
     CrossLayerTranscoderSet,
@@ -111,11 +112,14 @@ def default_transcoders_for(model_id: str) -> str:
 
 
 def resolve_transcoders(name_or_path: str) -> Path:
-    """Directory of a shipped set name or a local set directory.
+    """Directory of a shipped set name, a local set directory, or a set on the Hugging Face hub
+    (``ORG/REPO[//SUBFOLDER][@REVISION]`` or ``hf://...``, fetched into the hub cache by
+    :func:`mechscope.transcoders.hub.fetch_transcoders`).
 
     Raises:
-        BadInputError: a known shipped set whose package is not installed (names the install line).
-        UnknownNameError: neither a shipped name nor a directory with ``config.yaml``.
+        BadInputError: a known shipped set whose package is not installed (names the install line); a
+            hub set neither cached nor reachable (offline: names the cache directory and the file).
+        UnknownNameError: neither a shipped name, a set directory nor a hub reference.
     """
     installed = _installed_sets()
     if name_or_path in installed and (installed[name_or_path] / "config.yaml").exists():
@@ -126,8 +130,13 @@ def resolve_transcoders(name_or_path: str) -> Path:
     if name_or_path in KNOWN_SETS:
         raise BadInputError(f"transcoder set {name_or_path!r} is not installed: {install_line(name_or_path)}")
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path) or is_gemma_scope_2_clt(path)):
+    if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path) or is_gemma_scope_2_clt(path)
+                          or is_sparsify_dir(path)):
         return path
+    from mechscope.transcoders.hub import fetch_transcoders, looks_like_hub_id
+
+    if not path.exists() and looks_like_hub_id(name_or_path):
+        return fetch_transcoders(name_or_path)
     raise UnknownNameError("transcoder set", name_or_path, shipped_sets())
 
 
@@ -213,6 +222,13 @@ def load_transcoder_set(name_or_path: str | os.PathLike, device: str | None = No
         BadInputError: a device that is not there.
     """
     tcs = _load_transcoder_set(name_or_path)
+    from mechscope.transcoders.hub import looks_like_hub_id, parse_hub_ref
+
+    name = str(name_or_path)
+    if not Path(name).expanduser().exists() and name not in _installed_sets() and looks_like_hub_id(name):
+        reference = str(parse_hub_ref(name))
+        if not tcs.scan or tcs.scan == resolve_transcoders(name).name:  # the snapshot folder says nothing
+            tcs.scan = reference
     if device is not None:
         from mechscope.devices import resolve_device
 
@@ -225,6 +241,8 @@ def load_transcoder_set(name_or_path: str | os.PathLike, device: str | None = No
 def _load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     path = resolve_transcoders(str(name_or_path))
     if not (path / "config.yaml").exists():
+        if is_sparsify_dir(path):
+            return load_sparsify(path)
         return load_gemma_scope_2_clt(path) if is_gemma_scope_2_clt(path) else load_gemma_scope_2(path)
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
@@ -244,7 +262,12 @@ def _load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
     k = config.get("k")
     transcoders = []
     for name in files:
-        file = Path(name) if Path(name).is_absolute() else path / Path(name).name
+        if str(name).startswith("hf://"):  # circuit-tracer's hub configs list their layer files as URIs
+            from mechscope.transcoders.hub import download_uri
+
+            file = download_uri(str(name))
+        else:
+            file = Path(name) if Path(name).is_absolute() else path / Path(name).name
         transcoders.append(_transcoder_from_tensors(read_safetensors(file), activation, k, file))
     result = PerLayerTranscoderSet(
         transcoders, model_name=config.get("model_name", ""), scan=config.get("scan", path.name)
