@@ -224,3 +224,59 @@ def test_trace_prompts_file_gives_the_same_graphs_on_two_ranks(tmp_path, capsys)
         assert not (tmp_path / "bad").exists()
     code, out, err = run(["trace", "a cat", "--prompts", str(prompts), "--model", str(tmp_path / "model")], capsys)
     assert code == 2 and "leave out PROMPT" in err
+
+
+# ------------------------------------------------------------------------------ feature stores, corpus-sharded
+def _store_setup(root):
+    from test_feature_store import BUILD, N_TOKENS  # noqa: F401
+    from test_training import CTX_LEN, write_sources
+
+    from conftest import make_tiny_adapter, make_tiny_transcoders
+    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.replacement.replacement_model import ReplacementModel
+
+    corpus = root / "corpus"
+    if not (corpus / "manifest.json").exists():
+        txt, jsonl, _ = write_sources(root / "raw")
+        build_corpus(CorpusConfig(sources=(str(txt), str(jsonl))), out=corpus)
+    adapter = make_tiny_adapter("llama")
+    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    return rm, TokenStream(corpus, adapter.tokenizer, CTX_LEN, seed=5)
+
+
+def _store_worker(rank: int, world: int, port: int, root: str) -> None:
+    _world(rank, world, port)
+    from pathlib import Path
+
+    from test_feature_store import BUILD, N_TOKENS
+
+    from mechscope.features.build import build_feature_store
+
+    rm, stream = _store_setup(Path(root))
+    build_feature_store(rm, stream, N_TOKENS, Path(root) / "two.sqlite", Path(root) / "ck-two", **BUILD)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_ranks_build_the_same_feature_store_cell_by_cell(tmp_path):
+    import sqlite3
+
+    from test_feature_store import BUILD, N_TOKENS
+
+    from mechscope.features.build import build_feature_store
+
+    rm, stream = _store_setup(tmp_path)
+    one = build_feature_store(rm, stream, N_TOKENS, tmp_path / "one.sqlite", tmp_path / "ck-one", **BUILD)
+    torch.multiprocessing.spawn(_store_worker, nprocs=2, join=True, args=(2, _free_port(), str(tmp_path)))
+    assert sorted(p.name for p in (tmp_path / "ck-two").iterdir()) == ["checkpoint-rank0-of-2", "checkpoint-rank1-of-2"]
+    a, b = sqlite3.connect(one), sqlite3.connect(tmp_path / "two.sqlite")
+    tables = [r[0] for r in a.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+    assert tables == [r[0] for r in b.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+    compared = 0
+    for table in tables:
+        rows_a = sorted(a.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        rows_b = sorted(b.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        assert rows_a == rows_b, table  # densities, maxima, histograms, top and quantile examples, logits
+        compared += len(rows_a)
+    assert compared > 1000

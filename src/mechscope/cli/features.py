@@ -31,7 +31,9 @@ def features() -> None:
 @features.command("build")
 @click.option("--transcoders", "transcoders_name", default="gemma-3-270m-plt-v1", show_default=True)
 @click.option("--model", "model_name", default="gemma-3-270m", show_default=True)
-@click.option("--corpus", "corpus_path", default=None, help="Built corpus directory (default: the default corpus).")
+@click.option("--corpus", "corpus_path", default=None,
+              help="Built corpus: a name under <cache>/corpus (e.g. chat-qwen2.5-coder-0.5b-instruct) or a directory "
+                   "(default: the default corpus).")
 @click.option("--tokens", "n_tokens", type=int, default=1_000_000, show_default=True, help="Tokens to stream.")
 @click.option("--ctx-len", type=int, default=128, show_default=True)
 @click.option("--batch-sequences", type=int, default=8, show_default=True)
@@ -52,27 +54,30 @@ def build_command(placement, transcoders_name, model_name, corpus_path, n_tokens
         raise BadInputError(f"--tokens must be >= 1, got {n_tokens}")
     if quantile_tokens < 0:
         raise BadInputError(f"--quantile-tokens must be >= 0, got {quantile_tokens}")
+    from mechscope import distributed
     from mechscope.data.corpus import TokenStream, corpus_dir
     from mechscope.features.build import build_feature_store
-
+    from mechscope.progress import Progress
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set, resolve_transcoders
 
-    from mechscope.progress import Progress
-
     resolve_transcoders(transcoders_name)
-    progress = Progress.for_terminal(quiet=no_progress)
+    distributed.init()
+    progress = Progress.for_terminal(quiet=no_progress or not distributed.is_main())
     out = _store_path(store, transcoders_name)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_suffix(".build")
     progress.phase(f"loading {model_name} and {transcoders_name}")
     model = placement.load_model(model_name)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     progress.phase("tokenizing the corpus (once per tokenizer; cached)")
-    stream = TokenStream(Path(corpus_path) if corpus_path else corpus_dir(), model.tokenizer, ctx_len, "train", seed,
-                         mix=mix)
+    corpus = corpus_dir() if corpus_path is None else Path(corpus_path)
+    if corpus_path is not None and not corpus.is_dir() and "/" not in corpus_path:
+        corpus = corpus_dir(corpus_path)  # a corpus name, e.g. chat-qwen2.5-coder-0.5b-instruct
+    stream = TokenStream(corpus, model.tokenizer, ctx_len, "train", seed, mix=mix)
     path = build_feature_store(rm, stream, n_tokens, out, ckpt, batch_sequences, quantile_tokens=quantile_tokens,
                                progress=progress)
-    click.echo(f"feature store written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if distributed.is_main():
+        click.echo(f"feature store written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def _highlight(tokens: list[str], acts: list[float], max_value: float) -> str:

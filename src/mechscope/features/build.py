@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mechscope import distributed
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.features.dense import logit_effects
@@ -94,10 +95,13 @@ def build_feature_store(
                 "seed": stream.seed, "mix": stream.mix, "top_k": top_k, "window": window,
                 "batch_sequences": batch_sequences, "n_quantile_sequences": n_quantile_sequences,
                 "n_intervals": n_intervals, "per_interval": per_interval}
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:  # rank r takes batches r, r + world, ...; each keeps its own checkpoint
+        identity["world_size"] = world
     stats = FeatureStatistics(n_layers, d_transcoder, top_k, window)
     quantiles = None
-    ckpt = checkpoint_dir / "checkpoint"
-    state = {"identity": identity, "phase": "top", "next_sequence": 0}
+    ckpt = _rank_checkpoint(checkpoint_dir, rank, world)
+    state = {"identity": identity, "phase": "top", "next_sequence": rank * batch_sequences}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         if saved["identity"] != identity:
@@ -106,7 +110,8 @@ def build_feature_store(
         state = saved
         stats.load_state(load_file(str(ckpt / "stats.safetensors")))
         if state["phase"] == "quantiles":
-            quantiles = QuantileExamples(stats.max_value, n_intervals, per_interval, window, seed=stream.seed)
+            merged = _merged_statistics(checkpoint_dir, world) if world > 1 else stats
+            quantiles = QuantileExamples(merged.max_value, n_intervals, per_interval, window, seed=stream.seed)
             quantiles.load_state(load_file(str(ckpt / "quantiles.safetensors")))
         logger.info("resumed at sequence %d of the %s pass", state["next_sequence"], state["phase"])
 
@@ -115,14 +120,14 @@ def build_feature_store(
                            unit_scale=True, desc=description)
         last_save = time.monotonic()
         while state["next_sequence"] < total:
-            start = state["next_sequence"]
+            start = state["next_sequence"]  # this rank's batches start every world * batch_sequences
             count = min(batch_sequences, total - start)
             batch = torch.as_tensor(np.stack([stream.sequence(i) for i in range(start, start + count)]))
             inputs, _ = rm.model.run_with_mlp_sites(batch)
             sequences = torch.arange(start, start + count)
             for layer in range(n_layers):
                 fold(layer, sequences, rm.transcoders.encode(layer, inputs[layer].float()).cpu())  # statistics: CPU
-            state["next_sequence"] = start + count
+            state["next_sequence"] = min(total, start + world * batch_sequences)
             bar.update(count * per_sequence)
             if time.monotonic() - last_save > checkpoint_every_s:
                 _save(ckpt, stats, quantiles, state)
@@ -131,12 +136,50 @@ def build_feature_store(
 
     if state["phase"] == "top":
         stream_pass(n_sequences, stats.update, "features")
-        quantiles = QuantileExamples(stats.max_value, n_intervals, per_interval, window, seed=stream.seed)
-        state.update(phase="quantiles", next_sequence=0)
+        merged = stats
+        if world > 1:  # every rank samples quantiles against the maxima of the whole corpus
+            _save(ckpt, stats, None, state)
+            distributed.barrier()
+            merged = _merged_statistics(checkpoint_dir, world)
+        quantiles = QuantileExamples(merged.max_value, n_intervals, per_interval, window, seed=stream.seed)
+        state.update(phase="quantiles", next_sequence=rank * batch_sequences)
         _save(ckpt, stats, quantiles, state)
     stream_pass(n_quantile_sequences, quantiles.update, "quantiles")
     _save(ckpt, stats, quantiles, state)
-    return _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens, progress)
+    if world > 1:
+        distributed.barrier()
+        if not distributed.is_main():  # rank 0 merges every rank's part and writes the store
+            distributed.barrier()
+            return out
+        stats = _merged_statistics(checkpoint_dir, world)
+        quantiles = QuantileExamples.merged([_load_quantiles(checkpoint_dir, r, world, stats.max_value, quantiles)
+                                             for r in range(world)])
+    written = _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens, progress)
+    distributed.barrier()
+    return written
+
+
+def _rank_checkpoint(checkpoint_dir: Path, rank: int, world: int) -> Path:
+    return checkpoint_dir / ("checkpoint" if world == 1 else f"checkpoint-rank{rank}-of-{world}")
+
+
+def _merged_statistics(checkpoint_dir: Path, world: int) -> FeatureStatistics:
+    """Every rank's first-pass statistics (from its checkpoint), merged (:meth:`FeatureStatistics.merged`)."""
+    parts = []
+    for r in range(world):
+        tensors = load_file(str(_rank_checkpoint(checkpoint_dir, r, world) / "stats.safetensors"))
+        n_layers, top_k, d_transcoder, window = tensors["top_acts"].shape
+        part = FeatureStatistics(n_layers, d_transcoder, top_k, window)  # the build's settings
+        part.load_state(tensors)
+        parts.append(part)
+    return FeatureStatistics.merged(parts)
+
+
+def _load_quantiles(checkpoint_dir: Path, rank: int, world: int, max_value: torch.Tensor,
+                    like: QuantileExamples) -> QuantileExamples:
+    part = QuantileExamples(max_value, like.n_intervals, like.per_interval, like.window, like.before, like.seed)
+    part.load_state(load_file(str(_rank_checkpoint(checkpoint_dir, rank, world) / "quantiles.safetensors")))
+    return part
 
 
 def _write(rm: ReplacementModel, stream: TokenStream, stats: FeatureStatistics, quantiles: QuantileExamples,

@@ -89,13 +89,49 @@ class FeatureStatistics:
         start, windows = _windows(acts, torch.arange(batch)[:, None].expand(batch, F), seq_pos,
                                   torch.arange(F).expand(batch, F), self.window, self.before, first_pos)
         values = torch.cat([self.top_value[layer], seq_max])  # [K + batch, F]
-        keep = values.topk(self.top_k, dim=0).indices  # [K, F]
-        self.top_value[layer] = values.gather(0, keep)
         seqs = torch.cat([self.top_sequence[layer], sequences[:, None].expand(batch, F)])
+        keep = _best(values, seqs, self.top_k, dim=0)  # [K, F]
+        self.top_value[layer] = values.gather(0, keep)
         self.top_sequence[layer] = seqs.gather(0, keep)
         self.top_start[layer] = torch.cat([self.top_start[layer], start]).gather(0, keep)
         all_windows = torch.cat([self.top_acts[layer], windows])
         self.top_acts[layer] = all_windows.gather(0, keep[..., None].expand(-1, -1, self.window))
+
+    @classmethod
+    def merged(cls, parts: list[FeatureStatistics]) -> FeatureStatistics:
+        """The statistics of the union of the parts' (disjoint) sequences: what one pass over all of
+        them gives. Counts and histograms add; a maximum tied between parts goes to the earliest
+        sequence, the one a single pass meets first; the top contexts are the best ``top_k`` of all
+        parts' (equal values ordered by sequence, as in one pass: :func:`_best`).
+
+        Raises:
+            ValueError: parts of different shapes or settings.
+        """
+        first = parts[0]
+        if any((p.n_layers, p.d_transcoder, p.top_k, p.window, p.before) !=
+               (first.n_layers, first.d_transcoder, first.top_k, first.window, first.before) for p in parts):
+            raise ValueError("feature statistics of different shapes or settings cannot be merged")
+        out = cls(first.n_layers, first.d_transcoder, first.top_k, first.window, first.before)
+        out.n_tokens = sum(p.n_tokens for p in parts)
+        out.active = sum(p.active for p in parts)
+        out.hist = sum(p.hist for p in parts)
+        values = torch.stack([p.max_value for p in parts])  # [P, L, F]
+        sequences = torch.stack([p.max_sequence for p in parts])
+        order = torch.where(sequences < 0, torch.iinfo(torch.long).max, sequences)
+        is_best = values == values.max(0, keepdim=True).values
+        pick = torch.where(is_best, order, torch.iinfo(torch.long).max).argmin(0, keepdim=True)  # [1, L, F]
+        out.max_value = values.gather(0, pick)[0]
+        out.max_sequence = sequences.gather(0, pick)[0]
+        out.max_position = torch.stack([p.max_position for p in parts]).gather(0, pick)[0]
+        top = torch.cat([p.top_value for p in parts], dim=1)  # [L, P*K, F]
+        top_sequence = torch.cat([p.top_sequence for p in parts], dim=1)
+        keep = _best(top, top_sequence, first.top_k, dim=1)
+        out.top_value = top.gather(1, keep)
+        out.top_sequence = top_sequence.gather(1, keep)
+        out.top_start = torch.cat([p.top_start for p in parts], dim=1).gather(1, keep)
+        out.top_acts = torch.cat([p.top_acts for p in parts], dim=1).gather(
+            1, keep[..., None].expand(-1, -1, -1, first.window))
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (see :meth:`load_state`)."""
@@ -105,6 +141,15 @@ class FeatureStatistics:
         for name in self.TENSORS:
             setattr(self, name, tensors[name].clone())
         self.n_tokens = int(tensors["n_tokens"])
+
+
+def _best(values: torch.Tensor, sequences: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Indices along ``dim`` of the ``k`` largest ``values``, equal values by ascending sequence
+    (two stable sorts: a lexicographic order), so the top contexts do not depend on how the corpus
+    was split into batches or ranks."""
+    by_sequence = sequences.argsort(dim=dim, stable=True)
+    by_value = values.gather(dim, by_sequence).argsort(dim=dim, descending=True, stable=True)
+    return by_sequence.gather(dim, by_value).narrow(dim, 0, k)
 
 
 def _windows(acts: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, feature: torch.Tensor, window: int,
@@ -197,6 +242,27 @@ class QuantileExamples:
         self.position[layer] = merge(self.position[layer], position)
         self.start[layer] = merge(self.start[layer], start)
         self.acts[layer] = merge(self.acts[layer], windows)
+
+    @classmethod
+    def merged(cls, parts: list[QuantileExamples]) -> QuantileExamples:
+        """The examples of the union of the parts' (disjoint) batches: each interval keeps the
+        ``per_interval`` smallest keys of all parts' — exactly one pass's sample, since the keys are
+        drawn per batch, whichever process draws them (bottom-k samples merge exactly).
+
+        Raises:
+            ValueError: parts of different shapes, settings or maxima.
+        """
+        first = parts[0]
+        if any(p.key.shape != first.key.shape or not torch.equal(p.max_value, first.max_value) for p in parts):
+            raise ValueError("quantile examples of different shapes or feature maxima cannot be merged")
+        out = cls(first.max_value, first.n_intervals, first.per_interval, first.window, first.before, first.seed)
+        keys = torch.cat([p.key for p in parts], dim=2)  # [L, Q, P*K, F]
+        keep = keys.topk(first.per_interval, dim=2, largest=False).indices
+        for name in cls.TENSORS:
+            both = torch.cat([getattr(p, name) for p in parts], dim=2)
+            index = keep.view(*keep.shape, *([1] * (both.dim() - 4))).expand(*keep.shape, *both.shape[4:])
+            setattr(out, name, both.gather(2, index))
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.TENSORS}
