@@ -228,7 +228,6 @@ def test_trace_prompts_file_gives_the_same_graphs_on_two_ranks(tmp_path, capsys)
 
 # ------------------------------------------------------------------------------ feature stores, corpus-sharded
 def _store_setup(root):
-    from test_feature_store import BUILD, N_TOKENS  # noqa: F401
     from test_training import CTX_LEN, write_sources
 
     from conftest import make_tiny_adapter, make_tiny_transcoders
@@ -280,3 +279,52 @@ def test_two_ranks_build_the_same_feature_store_cell_by_cell(tmp_path):
         assert rows_a == rows_b, table  # densities, maxima, histograms, top and quantile examples, logits
         compared += len(rows_a)
     assert compared > 1000
+
+
+def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str) -> None:
+    _world(rank, world, port)
+    from pathlib import Path
+
+    from conftest import make_tiny_adapter
+    from test_training import CTX_LEN, make_tiny_tokenizer
+
+    from mechscope.data.corpus import TokenStream
+    from mechscope.training.clt_trainer import train_clt
+
+    tok = make_tiny_tokenizer()
+    train_clt(make_tiny_adapter("llama"), TokenStream(Path(corpus), tok, CTX_LEN, "train"),
+              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(), Path(out), Path(ckpt), progress=False)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _clt_config():
+    from test_training import tiny_train_config
+
+    return tiny_train_config(n_tokens=480, d_transcoder=32, k=4, batch_sequences=4, minibatches=2)
+
+
+def test_two_ranks_train_the_same_clt_as_one_process(tmp_path):
+    from safetensors.torch import load_file
+    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+
+    from conftest import make_tiny_adapter
+    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.training.clt_trainer import train_clt
+
+    txt, jsonl, _ = write_sources(tmp_path / "raw")
+    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
+                          out=tmp_path / "built")
+    tok = make_tiny_tokenizer()
+    train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
+              TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
+              progress=False)
+    torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True,
+                                args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
+    a = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "ck-two" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.allclose(value, b[name], rtol=1e-5, atol=1e-6), name
+    assert (tmp_path / "two" / "config.yaml").exists()

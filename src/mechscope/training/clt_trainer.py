@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mechscope import distributed
 from mechscope.data.corpus import TokenStream
 from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
@@ -45,8 +46,12 @@ from mechscope.training.trainer import (
     _load_checkpoint,
     _lr,
     _save_checkpoint,
+    _token_mean,
     calibrated_thresholds,
+    check_world_size,
     evaluate_transcoders,
+    gather_rows,
+    rank_rows,
 )
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.clt_io import save_clt
@@ -88,7 +93,7 @@ class CLTTrainee(nn.Module):
             self.b_dec[m].copy_(y_n.mean(0))
             if self.W_skip is not None and self.cfg.skip_init == "lstsq":
                 xc, yc = x_n - x_n.mean(0), y_n - y_n.mean(0)
-                gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d)
+                gram = xc.T @ xc + 1e-2 * len(xc) * torch.eye(d, device=xc.device)
                 self.W_skip[m].copy_(torch.linalg.solve(gram, xc.T @ yc).T)
                 self.b_dec[m].copy_(y_n.mean(0) - x_n.mean(0) @ self.W_skip[m].T)
 
@@ -111,14 +116,15 @@ class CLTTrainee(nn.Module):
         xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
         ys_n = [y / self.out_scale[m] for m, y in enumerate(ys)]
         codes, recon = self.forward_topk(xs_n)
-        mses = [((r - y).pow(2).sum(-1).mean() / (y - y.mean(0)).pow(2).sum(-1).mean().detach())
+        mean = _token_mean  # over this step's tokens on every rank (one process: a plain mean)
+        mses = [mean((r - y).pow(2).sum(-1)) / mean((y - mean(y)).pow(2).sum(-1)).detach()
                 for r, y in zip(recon, ys_n)]
         fired = []
         for idx, vals in codes:
-            mask = torch.zeros(self.cfg.d_transcoder, dtype=torch.bool)
+            mask = torch.zeros(self.cfg.d_transcoder, dtype=torch.bool, device=vals.device)
             mask[idx[vals > 0]] = True
             fired.append(mask)
-        return sum(mses), [float(m.detach()) for m in mses], fired
+        return sum(mses), [m.detach() for m in mses], fired
 
     @torch.no_grad()
     def after_step(self, fired: list[torch.Tensor], n_tokens: int) -> None:
@@ -158,12 +164,15 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator)
+    world = distributed.world_size()
+    rows = rank_rows(cfg.batch_sequences, cfg.minibatches)
+    trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator).to(adapter.device)
     opt = torch.optim.Adam(trainee.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     ckpt = checkpoint_dir / "checkpoint"
-    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": []}
+    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": [], "world_size": world}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
+        check_world_size(ckpt, saved)
         fixed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v and k not in SCHEDULE_FIELDS)
         if fixed:
             raise BadInputError(f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use "
@@ -171,23 +180,31 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
         state = _load_checkpoint(ckpt, trainee, opt)
         state["config"] = asdict(cfg)
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
-    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress, desc="training CLT", unit="step")
+    bar = tqdm(total=cfg.n_steps, initial=state["step"], disable=not progress or not distributed.is_main(),
+               desc="training CLT", unit="step")
     last_save = time.monotonic()
     while state["step"] < cfg.n_steps:
         index, batch = next(stream)
-        xs, ys = _activations(adapter, batch)
-        if state["step"] == 0:
-            trainee.initialize(xs, ys)
+        xs, ys = _activations(adapter, batch[rows])  # this rank's share of the batch
+        if state["step"] == 0:  # from the whole batch, in one process's order, on every rank
+            trainee.initialize([gather_rows(x, cfg.minibatches) for x in xs], [gather_rows(y, cfg.minibatches) for y in ys])
         for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
             for group in opt.param_groups:
                 group["lr"] = _lr(cfg, state["step"])
             opt.zero_grad(set_to_none=True)
-            loss, mses, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
+            loss, mse_values, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
             loss.backward()
+            mse_values = torch.stack(mse_values)
+            if world > 1:  # the step of the whole batch: gradients and values summed, firing OR-ed
+                distributed.all_reduce_sum_([p.grad for p in trainee.parameters() if p.grad is not None] + [mse_values])
+                masks = torch.stack(fired).to(torch.uint8)
+                distributed.all_reduce_max_(masks)
+                fired = list(masks.bool())
+            mses = mse_values.tolist()
             opt.step()
-            trainee.after_step(fired, len(part))
+            trainee.after_step(fired, len(part) * world)
             state["step"] += 1
-        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0])
+        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0] * world)
         bar.update(cfg.minibatches)
         if state["step"] % 100 < cfg.minibatches:
             state["history"].append({"step": state["step"], "tokens": state["tokens"], "mse": [round(m, 4) for m in mses]})
@@ -195,6 +212,9 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             _save_checkpoint(ckpt, trainee, opt, state)
             last_save = time.monotonic()
     bar.close()
+    if not distributed.is_main():  # rank 0 calibrates, evaluates and saves
+        distributed.barrier()
+        return None, []
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
                         sources=train_stream.sources)
     evaluator = adapter if eval_adapter is None else eval_adapter()
@@ -204,6 +224,7 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
                           "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
              "heldout_metrics": [m.as_dict() for m in metrics]}
     save_clt(result, out, dtype=torch.bfloat16, extra_config=extra)
+    distributed.barrier()
     return result, metrics
 
 
@@ -220,7 +241,7 @@ def _calibrate_clt(adapter, trainee: CLTTrainee, calib: TokenStream, cfg: TrainC
         for layer, x in enumerate(xs):
             pre = trainee.pre_activations(layer, x / trainee.in_scale[layer])
             vals, idx = pre.topk(cfg.k, dim=-1)
-            counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float()
-            pre_chunks[layer].append(pre.half())
-    alive = trainee.last_fired < cfg.dead_after_tokens
+            counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float().cpu()
+            pre_chunks[layer].append(pre.half().cpu())
+    alive = (trainee.last_fired < cfg.dead_after_tokens).cpu()
     return [calibrated_thresholds(torch.cat(pre_chunks[l]).float(), counts[l], alive[l]) for l in range(trainee.n_layers)]
