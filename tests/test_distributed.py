@@ -281,7 +281,7 @@ def test_two_ranks_build_the_same_feature_store_cell_by_cell(tmp_path):
     assert compared > 1000
 
 
-def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str) -> None:
+def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str, shard: bool = False) -> None:
     _world(rank, world, port)
     from pathlib import Path
 
@@ -293,7 +293,8 @@ def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: s
 
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(Path(corpus), tok, CTX_LEN, "train"),
-              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(), Path(out), Path(ckpt), progress=False)
+              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(), Path(out), Path(ckpt), progress=False,
+              shard_features=shard)
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -328,3 +329,43 @@ def test_two_ranks_train_the_same_clt_as_one_process(tmp_path):
     for name, value in a.items():
         assert torch.allclose(value, b[name], rtol=1e-5, atol=1e-6), name
     assert (tmp_path / "two" / "config.yaml").exists()
+
+
+def test_feature_sharded_clt_training_equals_one_process(tmp_path):
+    """Two ranks, each holding half of every layer's features (and reading every batch whole), train
+    the one-process CLT: the slices put together equal its training state."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+
+    from conftest import make_tiny_adapter
+    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.training.clt_trainer import train_clt
+    from mechscope.transcoders.io import load_transcoder_set
+
+    txt, jsonl, _ = write_sources(tmp_path / "raw")
+    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
+                          out=tmp_path / "built")
+    tok = make_tiny_tokenizer()
+    train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
+              TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
+              progress=False)
+    torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True, args=(2, _free_port(), str(corpus),
+                                                                       str(tmp_path / "two"), str(tmp_path / "ck-two"), True))
+    one = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
+    shards = [load_file(str(tmp_path / "ck-two" / f"checkpoint-shard{r}-of-2" / "state.safetensors")) for r in range(2)]
+    assert shards[0]["model.W_enc.0"].shape[0] == one["model.W_enc.0"].shape[0] // 2  # half the features each
+    for name, value in one.items():
+        if not name.startswith("model."):
+            continue
+        if any(f".{p}." in name + "." for p in ("b_dec", "W_skip")) or name.endswith(("in_scale", "out_scale")):
+            parts = [shards[0][name]]  # replicated
+        else:
+            parts = [s[name] for s in shards]
+        whole = torch.cat(parts, dim=1 if name.endswith("last_fired") else 0)
+        assert torch.allclose(value, whole, rtol=1e-4, atol=1e-5), name
+    metrics_one = yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())["heldout_metrics"]
+    metrics_two = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["heldout_metrics"]
+    for a, b in zip(metrics_one, metrics_two):
+        assert abs(a["fvu"] - b["fvu"]) < 1e-3 and abs(a["l0"] - b["l0"]) < 0.2
+    assert load_transcoder_set(tmp_path / "two").d_transcoder(0) == 32  # rank 0 saved the whole set

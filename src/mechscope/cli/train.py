@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from mechscope.cli.options import default_of
+from mechscope.errors import BadInputError
 from mechscope.training.trainer import TrainConfig
 
 __all__ = ["train"]
@@ -46,8 +47,12 @@ def _opt(name: str, type_, help_: str):
 @click.option("--kind", type=click.Choice(["plt", "clt"]), default="plt", show_default=True,
               help="Per-layer transcoders, or one cross-layer transcoder (features write to every later layer).")
 @click.option("--no-skip", is_flag=True, help="No skip connection.")
+@click.option("--shard-features", is_flag=True,
+              help="Under torchrun, with --kind clt: each rank holds a slice of every layer's features (for a CLT "
+                   "larger than one device) instead of a share of each batch.")
 @click.option("--no-progress", is_flag=True)
-def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, no_progress, device, **fields):
+def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, shard_features, no_progress, device,
+          **fields):
     """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration).
 
     When the corpus holds chat transcripts (`mechscope corpus chat`), held-out figures are also
@@ -61,6 +66,8 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     from mechscope.devices import resolve_device
 
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
+    if shard_features and kind != "clt":
+        raise BadInputError("--shard-features splits a cross-layer transcoder's features; use it with --kind clt")
     target = resolve_device(device)
     distributed.init("nccl" if target.type == "cuda" else "gloo")
 
@@ -88,7 +95,7 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
         from mechscope.training.clt_trainer import train_clt
 
         _, metrics = train_clt(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
-                               eval_adapter=eval_adapter)
+                               eval_adapter=eval_adapter, shard_features=shard_features)
     else:
         _, metrics = train_transcoders(model, train_stream, heldout, cfg, out, ckpt, progress=not no_progress,
                                        eval_adapter=eval_adapter, heldout_by_kind=by_kind)

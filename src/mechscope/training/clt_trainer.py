@@ -65,11 +65,16 @@ logger = logging.getLogger(__name__)
 class CLTTrainee(nn.Module):
     """A CLT while training, in normalised units (see the module docstring for the parameters)."""
 
-    def __init__(self, n_layers: int, d_model: int, cfg: TrainConfig, generator: torch.Generator):
+    def __init__(self, n_layers: int, d_model: int, cfg: TrainConfig, generator: torch.Generator,
+                 features: slice | None = None):
         super().__init__()
-        F_ = cfg.d_transcoder
         self.cfg, self.n_layers = cfg, n_layers
-        dec = [torch.randn(F_, n_layers - l, d_model, generator=generator) for l in range(n_layers)]
+        # features: this rank's slice of every layer's features (feature-sharded training); the full
+        # initialisation is drawn and sliced, so the shards together are the one-process trainee
+        self.sharded = features is not None
+        features = features or slice(None)
+        F_ = len(range(cfg.d_transcoder)[features])
+        dec = [torch.randn(cfg.d_transcoder, n_layers - l, d_model, generator=generator)[features] for l in range(n_layers)]
         dec = [d / d.flatten(1).norm(dim=1)[:, None, None] for d in dec]  # unit concatenated decoders
         self.W_dec = nn.ParameterList(nn.Parameter(d) for d in dec)
         self.W_enc = nn.ParameterList(nn.Parameter(d[:, 0].clone() / d[:, 0].norm(dim=1, keepdim=True)) for d in dec)
@@ -104,10 +109,19 @@ class CLTTrainee(nn.Module):
         """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, d_model] per output layer)``."""
         codes, recon = [], []
         for m in range(self.n_layers):
-            vals, idx = self.pre_activations(m, xs_n[m]).topk(self.cfg.k, dim=-1)
+            pre = self.pre_activations(m, xs_n[m])
+            vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
+            if self.sharded:  # keep the local candidates that are among the k largest of all ranks'
+                vals = vals * (vals >= _global_kth(vals.detach(), self.cfg.k))
             codes.append((idx, vals.clamp(min=0)))
-            out = self.b_dec[m] + sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l, mode="sum")
-                                      for l, (idx_l, v_l) in enumerate(codes))
+            decoded = sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l, mode="sum")
+                          for l, (idx_l, v_l) in enumerate(codes))
+            if self.sharded:  # the other ranks' features' share, as a constant: gradients stay local
+                local = decoded.detach()
+                total = local.clone()
+                distributed.all_reduce_sum_([total])
+                decoded = decoded + (total - local)
+            out = self.b_dec[m] + decoded
             recon.append(out if self.W_skip is None else out + xs_n[m] @ self.W_skip[m].T)
         return codes, recon
 
@@ -116,15 +130,21 @@ class CLTTrainee(nn.Module):
         xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
         ys_n = [y / self.out_scale[m] for m, y in enumerate(ys)]
         codes, recon = self.forward_topk(xs_n)
-        mean = _token_mean  # over this step's tokens on every rank (one process: a plain mean)
+        # over this step's tokens on every rank (one process, or feature shards that all see the same
+        # tokens: a plain mean)
+        mean = (lambda v: v.mean(0)) if self.sharded else _token_mean
         mses = [mean((r - y).pow(2).sum(-1)) / mean((y - mean(y)).pow(2).sum(-1)).detach()
                 for r, y in zip(recon, ys_n)]
         fired = []
         for idx, vals in codes:
-            mask = torch.zeros(self.cfg.d_transcoder, dtype=torch.bool, device=vals.device)
+            mask = torch.zeros(self.W_enc[0].shape[0], dtype=torch.bool, device=vals.device)
             mask[idx[vals > 0]] = True
             fired.append(mask)
         return sum(mses), [m.detach() for m in mses], fired
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every feature shard holds whole (``b_dec``, ``W_skip``)."""
+        return list(self.b_dec) + (list(self.W_skip) if self.W_skip is not None else [])
 
     @torch.no_grad()
     def after_step(self, fired: list[torch.Tensor], n_tokens: int) -> None:
@@ -151,28 +171,60 @@ class CLTTrainee(nn.Module):
         return clt.requires_grad_(False)
 
 
+def _global_kth(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, 1]``: the k-th largest of every rank's ``[n, k_local]`` TopK candidates, per token."""
+    candidates = torch.cat(distributed.all_gather_tensors(vals.contiguous()), dim=-1)
+    return candidates.topk(k, dim=-1).values[:, -1:]
+
+
 def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: TokenStream, cfg: TrainConfig,
               out: Path, checkpoint_dir: Path, progress: bool = True,
-              eval_adapter=None) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
+              eval_adapter=None, shard_features: bool = False) -> tuple[CrossLayerTranscoderSet, list[LayerMetrics]]:
     """Train, checkpoint, resume, calibrate, evaluate and save a CLT (see the module docstring).
+
+    Under torch.distributed the ranks split each batch (data-parallel), or, with ``shard_features``,
+    every layer's features: rank ``r`` holds features ``[r F / N, (r + 1) F / N)`` of every layer with
+    their Adam moments, every rank reads the whole batch, TopK is taken over all ranks' candidates
+    and the reconstructions are all-reduced, so a CLT larger than one device trains; each rank
+    checkpoints its own slice and rank 0 gathers the whole set at the end.
 
     ``eval_adapter``: a callable returning the model used for calibration and the held-out figures
     (the float32 model when training read a bfloat16 one); default ``adapter``.
 
+    Returns:
+        the set and its held-out metrics; ``(None, [])`` on ranks other than 0.
+
     Raises:
-        BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
+        BadInputError: a checkpoint from a different config or world size is in ``checkpoint_dir``;
+            ``d_transcoder`` not divisible by the world size when sharding features.
     """
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    world = distributed.world_size()
-    rows = rank_rows(cfg.batch_sequences, cfg.minibatches)
-    trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator).to(adapter.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    shard_features = shard_features and world > 1
+    if shard_features:
+        if cfg.d_transcoder % world:
+            raise BadInputError(f"--d-transcoder {cfg.d_transcoder} must be a multiple of the world size ({world}) "
+                                "to shard every layer's features evenly")
+        size = cfg.d_transcoder // world
+        rows = list(range(cfg.batch_sequences))
+        trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator, slice(rank * size, (rank + 1) * size))
+        ckpt = checkpoint_dir / f"checkpoint-shard{rank}-of-{world}"
+    else:
+        rows = rank_rows(cfg.batch_sequences, cfg.minibatches)
+        trainee = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, generator)
+        ckpt = checkpoint_dir / "checkpoint"
+    trainee.to(adapter.device)
+    data_world = 1 if shard_features else world  # how many ranks split each batch
     opt = torch.optim.Adam(trainee.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    ckpt = checkpoint_dir / "checkpoint"
-    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": [], "world_size": world}
+    state = {"config": asdict(cfg), "step": 0, "index": 0, "tokens": 0, "history": [], "world_size": world,
+             "shard_features": shard_features}
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         check_world_size(ckpt, saved)
+        if saved.get("shard_features", False) != shard_features:
+            raise BadInputError(f"{ckpt} was written {'with' if saved.get('shard_features') else 'without'} "
+                                "--shard-features; resume it the same way")
         fixed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v and k not in SCHEDULE_FIELDS)
         if fixed:
             raise BadInputError(f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use "
@@ -185,9 +237,13 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
     last_save = time.monotonic()
     while state["step"] < cfg.n_steps:
         index, batch = next(stream)
-        xs, ys = _activations(adapter, batch[rows])  # this rank's share of the batch
+        xs, ys = _activations(adapter, batch[rows])  # this rank's share of the batch (feature shards: all of it)
         if state["step"] == 0:  # from the whole batch, in one process's order, on every rank
-            trainee.initialize([gather_rows(x, cfg.minibatches) for x in xs], [gather_rows(y, cfg.minibatches) for y in ys])
+            if data_world > 1:
+                xs_all, ys_all = [gather_rows(x, cfg.minibatches) for x in xs], [gather_rows(y, cfg.minibatches) for y in ys]
+            else:
+                xs_all, ys_all = xs, ys
+            trainee.initialize(xs_all, ys_all)
         for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
             for group in opt.param_groups:
                 group["lr"] = _lr(cfg, state["step"])
@@ -195,23 +251,30 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             loss, mse_values, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
             loss.backward()
             mse_values = torch.stack(mse_values)
-            if world > 1:  # the step of the whole batch: gradients and values summed, firing OR-ed
+            if shard_features:  # replicas of b_dec and W_skip take the same (averaged) step everywhere
+                grads = [p.grad for p in trainee.replicated_parameters() if p.grad is not None]
+                distributed.all_reduce_sum_(grads)
+                for g in grads:
+                    g /= world
+            elif world > 1:  # the step of the whole batch: gradients and values summed, firing OR-ed
                 distributed.all_reduce_sum_([p.grad for p in trainee.parameters() if p.grad is not None] + [mse_values])
                 masks = torch.stack(fired).to(torch.uint8)
                 distributed.all_reduce_max_(masks)
                 fired = list(masks.bool())
             mses = mse_values.tolist()
             opt.step()
-            trainee.after_step(fired, len(part) * world)
+            trainee.after_step(fired, len(part) * data_world)
             state["step"] += 1
-        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0] * world)
+        state.update(index=index, tokens=state["tokens"] + xs[0].shape[0] * data_world)
         bar.update(cfg.minibatches)
         if state["step"] % 100 < cfg.minibatches:
             state["history"].append({"step": state["step"], "tokens": state["tokens"], "mse": [round(m, 4) for m in mses]})
         if time.monotonic() - last_save > cfg.checkpoint_every_s or state["step"] >= cfg.n_steps:
-            _save_checkpoint(ckpt, trainee, opt, state)
+            _save_checkpoint(ckpt, trainee, opt, state, every_rank=shard_features)
             last_save = time.monotonic()
     bar.close()
+    if shard_features:  # rank 0 gathers every slice into the whole trainee (on the CPU)
+        trainee = _gathered(trainee, adapter, cfg)
     if not distributed.is_main():  # rank 0 calibrates, evaluates and saves
         distributed.barrier()
         return None, []
@@ -229,6 +292,20 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
 
 
 @torch.no_grad()
+def _gathered(shard: CLTTrainee, adapter: ModelAdapter, cfg: TrainConfig) -> CLTTrainee | None:
+    """The whole trainee from every rank's feature slice, on rank 0's CPU (``None`` elsewhere)."""
+    full = CLTTrainee(adapter.n_layers, adapter.d_model, cfg, torch.Generator().manual_seed(cfg.seed))
+    replicated = {id(p) for p in shard.replicated_parameters()} | {id(shard.in_scale), id(shard.out_scale)}
+    for (name, part), (_, target) in zip(shard.state_dict(keep_vars=True).items(), full.state_dict(keep_vars=True).items()):
+        if id(part) in replicated:
+            target.data.copy_(part.detach().cpu())
+            continue
+        dim = 1 if name == "last_fired" else 0  # [n_layers, F] ; parameters have features first
+        target.data.copy_(torch.cat([p.cpu() for p in distributed.all_gather_tensors(part.detach())], dim=dim))
+    return full if distributed.is_main() else None
+
+
+@torch.no_grad()
 def _calibrate_clt(adapter, trainee: CLTTrainee, calib: TokenStream, cfg: TrainConfig) -> list[torch.Tensor]:
     """Per layer, JumpReLU thresholds (in raw units: pre-activations do not depend on the output
     scale) matching each feature's TopK firing rate on calibration text."""
@@ -239,6 +316,7 @@ def _calibrate_clt(adapter, trainee: CLTTrainee, calib: TokenStream, cfg: TrainC
             break
         xs, _ = _activations(adapter, batch)
         for layer, x in enumerate(xs):
+            x = x.to(trainee.in_scale.device)
             pre = trainee.pre_activations(layer, x / trainee.in_scale[layer])
             vals, idx = pre.topk(cfg.k, dim=-1)
             counts[layer] += torch.bincount(idx[vals > 0], minlength=cfg.d_transcoder).float().cpu()

@@ -371,9 +371,12 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * warm * max(decay, 0.02)
 
 
-def _save_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Rank 0 writes (atomically); every rank holds the same state, so the others only wait."""
-    if not distributed.is_main():
+def _save_checkpoint(path: Path, trainees: nn.ModuleList, opt: torch.optim.Optimizer, state: dict,
+                     every_rank: bool = False) -> None:
+    """Rank 0 writes (atomically); every rank holds the same state, so the others only wait. With
+    ``every_rank`` (feature-sharded training, where each rank holds its own slice) each rank writes
+    its own ``path``."""
+    if not distributed.is_main() and not every_rank:
         distributed.barrier()
         return
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainees.state_dict().items()}
