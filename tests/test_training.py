@@ -326,8 +326,8 @@ def stop_after_first_checkpoint(monkeypatch, module=trainer) -> list[int]:
     original = trainer._save_checkpoint
     saved_steps: list[int] = []
 
-    def save_then_interrupt(path, trainees, opt, state):
-        original(path, trainees, opt, state)
+    def save_then_interrupt(path, trainees, opt, state, **options):
+        original(path, trainees, opt, state, **options)
         saved_steps.append(state["step"])
         if len(saved_steps) == 1:
             raise KeyboardInterrupt
