@@ -90,14 +90,14 @@ class SourceVectors:
         positions: per layer ``[n_layer]`` positions of its active features.
         scaled_decoders: per layer ``[n_layer, n_out, d_model]`` activation x decoder vectors.
         out_layers: per layer, the output layers of its features.
-        errors: ``[n_layers, pos, d_model]`` error vectors; embeddings: ``[pos, d_model]``.
+        errors: per layer ``[pos, d_model]`` error vectors (each on its layer's device); embeddings: ``[pos, d_model]``.
     """
 
     layer_slices: list[slice]
     positions: list[torch.Tensor]
     scaled_decoders: list[torch.Tensor]
     out_layers: list[range]
-    errors: torch.Tensor
+    errors: list[torch.Tensor]
     embeddings: torch.Tensor
 
     @classmethod
@@ -112,9 +112,9 @@ class SourceVectors:
             vectors = rm.transcoders.decoder_vectors(layer, rows[:, 2]).float()
             slices.append(sl)
             positions.append(rows[:, 1])
-            decoders.append(trace.active_values[sl][:, None, None] * vectors)  # (n, n_out, d)
+            decoders.append(trace.active_values[sl].to(vectors.device)[:, None, None] * vectors)  # (n, n_out, d)
             outs.append(rm.transcoders.output_layers(layer))
-        return cls(slices, positions, decoders, outs, torch.stack(trace.errors), trace.run.embeddings.float())
+        return cls(slices, positions, decoders, outs, list(trace.errors), trace.run.embeddings.float())
 
     def width(self, n_source_layers: int) -> int:
         """Number of active features in layers ``< n_source_layers`` (a prefix of ``trace.active``)."""
@@ -148,12 +148,12 @@ class SourceVectors:
                 block.zero_()
                 local = slice(start - sl.start, start - sl.start + count)
                 for o, out_layer in enumerate(self.out_layers[layer]):
-                    if out_layer < n_source_layers:
-                        block += grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T
+                    if out_layer < n_source_layers:  # .to: a no-op unless a device map split the layers
+                        block += (grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T).to(block.device)
                 start += count
         others = torch.zeros(batch, (n_layers + 1) * n_pos, device=grad_embed.device)
         for layer, grad in enumerate(grads):
-            others[:, layer * n_pos : (layer + 1) * n_pos] = torch.einsum("pd,bpd->bp", self.errors[layer], grad)
+            others[:, layer * n_pos : (layer + 1) * n_pos] = torch.einsum("pd,bpd->bp", self.errors[layer], grad).to(others.device)
         others[:, n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
         return features, others
 

@@ -137,13 +137,12 @@ class _Editor:
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> [pos, d_model] live MLP input
         self.live: dict[int, torch.Tensor] = {}  # layer -> [pos, d_transcoder] live activations before edits
         self.cross_layer = len(rm.transcoders.output_layers(0)) > 1
-        self.device = trace.errors[0].device
 
-    def _positions(self, positions: tuple[int, ...] | None, n: int) -> torch.Tensor:
+    def _positions(self, positions: tuple[int, ...] | None, n: int, device: torch.device) -> torch.Tensor:
         if positions is None:
             end = n if self.config.open_ended else min(n, self.n_prompt)
-            return torch.arange(self.trace.first_pos, end, device=self.device)
-        return torch.tensor([p for p in positions if p < n], dtype=torch.long, device=self.device)
+            return torch.arange(self.trace.first_pos, end, device=device)
+        return torch.tensor([p for p in positions if p < n], dtype=torch.long, device=device)
 
     def constrained(self, layer: int) -> bool:
         layers = self.config.constrained_layers
@@ -172,7 +171,7 @@ class _Editor:
             reference = self.trace.activations[layer] if constrained else live
             acts = live.clone()
             for target, intervention in self.features.get(layer, []):
-                pos = self._positions(target.positions, n)
+                pos = self._positions(target.positions, n, y.device)
                 old = reference[pos, target.feature]
                 new = intervention.apply(old)
                 acts[pos, target.feature] = new
@@ -181,11 +180,11 @@ class _Editor:
                     pending = self.pending.setdefault(out_layer, torch.zeros_like(out))
                     pending.index_add_(0, pos, (new - old)[:, None] * decoder[j])
             for target, intervention in self.errors.get(layer, []):
-                pos = self._positions(target.positions, n)
+                pos = self._positions(target.positions, n, y.device)
                 if constrained:
                     error = self.trace.errors[layer][pos]
                 else:  # the live reconstruction: this layer's live features (and a CLT's earlier ones)
-                    earlier = [self.live[l] if self.cross_layer else torch.zeros(n, tcs.d_transcoder(l), device=self.device)
+                    earlier = [self.live[l] if self.cross_layer else torch.zeros(n, tcs.d_transcoder(l), device=y.device)
                                for l in range(layer)]
                     error = y[0].float()[pos] - self.rm.decode_upto(layer, earlier + [live], x32)[pos]
                 out.index_add_(0, pos, intervention.apply(error) - error)

@@ -41,8 +41,8 @@ class Trace:
         reconstructions: per layer ``[pos, d_model]`` transcoder outputs (with ``b_dec`` and skip).
         errors: per layer ``[pos, d_model]`` ``y - y_hat`` (zero at skipped positions).
         first_pos: first position that has feature and error nodes (1 when position 0 is BOS).
-        active: ``[n_active, 3]`` (layer, pos, feature) of every active feature, sorted.
-        active_values: ``[n_active]`` their activations.
+        active: ``[n_active, 3]`` (layer, pos, feature) of every active feature, sorted (on the CPU).
+        active_values: ``[n_active]`` their activations (on the CPU).
     """
 
     run: CleanRun
@@ -108,8 +108,9 @@ class ReplacementModel:
             err[:first] = 0
             errors.append(err)
             pos, feat = acts[layer].nonzero(as_tuple=True)
-            rows.append(torch.stack([torch.full_like(pos, layer), pos, feat], dim=1))
-            values.append(acts[layer][pos, feat])
+            rows.append(torch.stack([torch.full_like(pos, layer), pos, feat], dim=1).cpu())
+            values.append(acts[layer][pos, feat].cpu())
+        # the index of active features is held on the CPU (with a device map the layers' are on several devices)
         return Trace(run, acts, recons, errors, first, torch.cat(rows), torch.cat(values))
 
     @torch.no_grad()
@@ -245,10 +246,10 @@ class FrozenReplacement:
         outputs, grads = [], []
         for layer, vec in mlp_input_injections.items():
             outputs.append(self.mlp_inputs[layer])
-            grads.append(vec.to(self.mlp_inputs[layer].dtype)[:, None])  # [batch, 1, pos, d]: one per copy
+            grads.append(vec.to(self.mlp_inputs[layer].device, self.mlp_inputs[layer].dtype)[:, None])  # [batch, 1, pos, d]
         if final_injection is not None:
             outputs.append(self.final)
-            grads.append(final_injection.to(self.final.dtype)[:, None])
+            grads.append(final_injection.to(self.final.device, self.final.dtype)[:, None])
         batch = len(grads[0])
         inputs = [*self.mlp_leaves[: n_source_layers], self.embed_leaf]
         result = torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True,
