@@ -270,7 +270,11 @@ def random_set(
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(autouse=True, scope="session")
 def _light_torch():
-    """Tiny models gain nothing from threads; keep CPU use light next to long-running jobs."""
+    """Tiny models gain nothing from threads; keep CPU use light next to long-running jobs (the
+    CLI, run in-process, then keeps one thread too: ``MECHSCOPE_THREADS``)."""
+    import os
+
+    os.environ.setdefault("MECHSCOPE_THREADS", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

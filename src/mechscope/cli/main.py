@@ -22,6 +22,9 @@ def cli(verbose: int) -> None:
     """mechscope: transcoders, attribution graphs and interventions for causal LMs."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from mechscope.threads import configure
+
+    logging.getLogger(__name__).info("computing with %d thread(s)", configure())
     try:
         from transformers.utils import logging as hf_logging
 
