@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_PROMPT
 
 from mechscope.attribution.attribute import AttributionConfig, attribute
+from mechscope.errors import BadInputError
 from mechscope.graph.graph import NodeKind
 from mechscope.graph.prune import partial_influences
 from mechscope.replacement.replacement_model import ReplacementModel
@@ -177,6 +178,25 @@ def test_batch_size_and_feature_selection_do_not_change_edges(tiny_adapter, make
     assert torch.allclose(partial.adjacency[partial_rows][:, : len(columns)], full.adjacency[rows][:, columns], atol=1e-5)
     # they are the most influential ones, not the first ones
     assert not torch.equal(partial.selected_features, torch.arange(n))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_prefix_backward_passes_give_the_whole_prompts_edges(tiny_adapter, make_tiny_transcoders, family):
+    """Back-propagating a batch through the frozen model of the shortest prefix of whole blocks that
+    holds its targets (attention is causal) gives the edges of the whole-prompt backward pass."""
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip=True)
+    prompt = "a cat sat on the mat and the dog ran far away"
+    whole = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=1))
+    for blocks in (3, 8):
+        blocked = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=blocks))
+        assert torch.equal(blocked.selected_features, whole.selected_features)
+        assert float((blocked.adjacency - whole.adjacency).abs().max()) <= 1e-5 * float(whole.adjacency.abs().max())
+    selected = attribute(rm, prompt, AttributionConfig(max_feature_nodes=40, batch_size=8, prefix_blocks=4))
+    reference = attribute(rm, prompt, AttributionConfig(max_feature_nodes=40, batch_size=8, prefix_blocks=1))
+    assert torch.equal(selected.selected_features, reference.selected_features)
+    assert torch.allclose(selected.adjacency, reference.adjacency, atol=1e-5 * float(reference.adjacency.abs().max()))
+    with pytest.raises(BadInputError, match="prefix_blocks"):
+        AttributionConfig(prefix_blocks=0)
 
 
 def test_feature_selection_replays_circuit_tracers_dense_algorithm(tiny_adapter, make_tiny_transcoders):

@@ -53,6 +53,11 @@ class AttributionConfig:
         batch_size: target rows per backward pass (>= 1).
         max_feature_nodes: feature nodes kept, chosen by influence; ``None`` keeps every active one.
         update_interval: batches between re-rankings of features by influence (>= 1).
+        prefix_blocks: the prompt is cut into this many blocks of positions (>= 1; 1 = off); a
+            batch of feature targets whose positions all lie in the first ``b`` blocks is
+            back-propagated through a frozen replacement model of that prefix only. Attention is
+            causal, so the gradients at earlier positions are the same (tested to float rounding)
+            and the backward passes of a long prompt cost what their prefixes cost.
     """
 
     max_n_logits: int = 10
@@ -62,6 +67,7 @@ class AttributionConfig:
     batch_size: int = 64
     max_feature_nodes: int | None = 8192
     update_interval: int = 4
+    prefix_blocks: int = 4
 
     def __post_init__(self):
         if self.max_n_logits < 1:
@@ -74,6 +80,8 @@ class AttributionConfig:
             raise BadInputError(f"max_feature_nodes must be >= 0, got {self.max_feature_nodes}")
         if self.update_interval < 1:
             raise BadInputError(f"update_interval must be >= 1, got {self.update_interval}")
+        if self.prefix_blocks < 1:
+            raise BadInputError(f"prefix_blocks must be >= 1, got {self.prefix_blocks}")
         if self.logit_diff is not None:
             if len(self.logit_diff) != 2 or self.logit_diff[0] == self.logit_diff[1]:
                 raise BadInputError(f"--logit-diff takes two different tokens A B, got {list(self.logit_diff)}")
@@ -158,24 +166,47 @@ class SourceVectors:
         return features, others
 
 
+class _Prefixes:
+    """Frozen replacement models of the prompt's prefixes (``config.prefix_blocks`` block lengths),
+    built on first use and kept for the whole attribution."""
+
+    def __init__(self, rm: ReplacementModel, trace: Trace, full: FrozenReplacement, blocks: int):
+        self.rm, self.trace, self.batch = rm, trace, full.batch
+        self.block = -(-trace.n_pos // blocks)
+        self.models = {trace.n_pos: full}
+
+    def length(self, last_position: int) -> int:
+        """The shortest prefix length of whole blocks that holds ``last_position``."""
+        return min(self.trace.n_pos, -(-(last_position + 1) // self.block) * self.block)
+
+    def __call__(self, n: int) -> FrozenReplacement:
+        if n not in self.models:
+            self.models[n] = FrozenReplacement(self.rm, self.trace.prefix(n), self.batch)
+        return self.models[n]
+
+
 def _feature_rows(
-    rm: ReplacementModel, trace: Trace, frozen: FrozenReplacement, sources: SourceVectors,
+    rm: ReplacementModel, trace: Trace, prefixes: _Prefixes, sources: SourceVectors,
     idx: torch.Tensor, retain_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edge rows ``(features, others)`` (see :meth:`SourceVectors.edges`) for active features
-    ``idx`` (indices into ``trace.active``); only layers below the highest target layer are
-    back-propagated through."""
-    batch = frozen.batch
-    n_pos, d = trace.n_pos, rm.model.d_model
+    ``idx`` (indices into ``trace.active``); only layers below the highest target layer, and only
+    the prefix of whole position blocks that holds every target, are back-propagated through."""
+    d = rm.model.d_model
+    targets = trace.active[idx]
+    n = prefixes.length(int(targets[:, 1].max()))
     injections: dict[int, torch.Tensor] = {}
-    for b, j in enumerate(idx.tolist()):
-        layer, pos, feature = (int(v) for v in trace.active[j])
+    for b, (layer, pos, feature) in enumerate(targets.tolist()):
         if layer not in injections:
-            injections[layer] = torch.zeros(batch, n_pos, d, device=trace.errors[layer].device)
+            injections[layer] = torch.zeros(len(idx), n, d, device=trace.errors[layer].device)
         injections[layer][b, pos] = rm.transcoders.encoder_vectors(layer, torch.tensor([feature]))[0].float()
-    grads, grad_embed = frozen.gradients(injections, None, retain_graph=retain_graph, n_source_layers=max(injections))
+    grads, grad_embed = prefixes(n).gradients(injections, None, retain_graph=retain_graph,
+                                              n_source_layers=max(injections))
+    if n < trace.n_pos:  # later positions get no gradient from these targets
+        pad = (0, 0, 0, trace.n_pos - n)
+        grads, grad_embed = [torch.nn.functional.pad(g, pad) for g in grads], torch.nn.functional.pad(grad_embed, pad)
     features, others = sources.edges(grads, grad_embed)
-    return features[: len(idx)].cpu(), others[: len(idx)].cpu()  # edge rows are held on the CPU
+    return features.cpu(), others.cpu()  # edge rows are held on the CPU
 
 
 def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(),
@@ -214,6 +245,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     # phase 3: one frozen forward pass, reused by every backward pass
     batch = max(1, min(config.batch_size, max(n_visit, n_logits)))
     frozen = FrozenReplacement(rm, trace, batch)
+    prefixes = _Prefixes(rm, trace, frozen, config.prefix_blocks)
     sources = SourceVectors.build(rm, trace)
     rows = EdgeRows(n_active, (n_layers + 1) * n_pos)
     # phase 4: logit rows
@@ -240,9 +272,13 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)].sort().values
             del influence, rank
             release_free_memory()  # the influence block and the last queue's gradients
+        # by prefix block first (a batch then back-propagates through the shortest prefix that holds
+        # its targets), by layer within a block
+        block_of = trace.active[pending, 1] // prefixes.block
+        pending = pending[torch.argsort(block_of, stable=True)]
         for idx in pending.split(batch):
             n_done += len(idx)
-            features, others = _feature_rows(rm, trace, frozen, sources, idx, retain_graph=n_done < n_visit)
+            features, others = _feature_rows(rm, trace, prefixes, sources, idx, retain_graph=n_done < n_visit)
             rows.add(idx, features, others)
             visited[idx] = True
             bar.update(len(idx))

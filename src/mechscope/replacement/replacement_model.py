@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 
 from mechscope.errors import BadInputError, IncompatibleTranscodersError
-from mechscope.models.adapter import CleanRun, ModelAdapter
+from mechscope.models.adapter import CleanRun, FrozenState, ModelAdapter
 from mechscope.transcoders.transcoder import TranscoderSet
 
 __all__ = ["ReplacementModel", "Trace", "FrozenReplacement", "place_transcoders"]
@@ -56,6 +56,18 @@ class Trace:
     @property
     def n_pos(self) -> int:
         return len(self.run.input_ids)
+
+    def prefix(self, n: int) -> Trace:
+        """The trace of the first ``n`` positions, as a run on that prefix alone would record it
+        (attention is causal, so every site and frozen pattern of an earlier position is the same);
+        ``active`` keeps the whole prompt's index."""
+        run = self.run
+        frozen = FrozenState({layer: p[..., :n, :n] for layer, p in run.frozen.patterns.items()},
+                             {key: s[:, :n] for key, s in run.frozen.norm_scales.items()})
+        short = CleanRun(run.input_ids[:n], run.embeddings[:n], [x[:n] for x in run.mlp_inputs],
+                         [y[:n] for y in run.mlp_outputs], run.final_hidden[:n], run.logits, frozen)
+        return Trace(short, [a[:n] for a in self.activations], [r[:n] for r in self.reconstructions],
+                     [e[:n] for e in self.errors], self.first_pos, self.active, self.active_values)
 
 
 class ReplacementModel:
