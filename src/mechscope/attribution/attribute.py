@@ -272,10 +272,6 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)].sort().values
             del influence, rank
             release_free_memory()  # the influence block and the last queue's gradients
-        # by prefix block first (a batch then back-propagates through the shortest prefix that holds
-        # its targets), by layer within a block
-        block_of = trace.active[pending, 1] // prefixes.block
-        pending = pending[torch.argsort(block_of, stable=True)]
         for idx in pending.split(batch):
             n_done += len(idx)
             features, others = _feature_rows(rm, trace, prefixes, sources, idx, retain_graph=n_done < n_visit)
