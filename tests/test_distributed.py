@@ -62,6 +62,26 @@ def test_a_sweep_split_over_two_ranks_equals_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------ data-parallel training
+def _tiny_corpus(root):
+    from test_training import write_sources
+
+    from mechscope.data.corpus import CorpusConfig, build_corpus
+
+    txt, jsonl, _ = write_sources(root / "raw")
+    return build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
+                        out=root / "built")
+
+
+def _assert_same_training_state(a, b) -> None:
+    from safetensors.torch import load_file
+
+    one = load_file(str(a / "checkpoint" / "state.safetensors"))
+    two = load_file(str(b / "checkpoint" / "state.safetensors"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        assert torch.allclose(value, two[name], rtol=1e-5, atol=1e-6), name
+
+
 def _world(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
@@ -102,18 +122,16 @@ def _ddp_config():
 
 
 def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, caplog):
-    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+    from test_training import CTX_LEN, make_tiny_tokenizer
 
     from conftest import make_tiny_adapter
-    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.data.corpus import TokenStream
     from mechscope.errors import BadInputError
     from mechscope.training.trainer import gather_rows, rank_rows, train_transcoders
     from mechscope.transcoders.io import load_transcoder_set
 
     assert rank_rows(4, 2) == [0, 1, 2, 3] and gather_rows(torch.arange(6.0)[:, None], 2).flatten().tolist() == list(range(6))
-    txt, jsonl, _ = write_sources(tmp_path / "raw")
-    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
-                          out=tmp_path / "built")
+    corpus = _tiny_corpus(tmp_path)
     tok = make_tiny_tokenizer()
     train, heldout = TokenStream(corpus, tok, CTX_LEN, "train"), TokenStream(corpus, tok, CTX_LEN, "heldout")
     cfg = _ddp_config()
@@ -124,14 +142,9 @@ def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, caplog):
     assert len(resampled) == 2 and "[0, 0]" not in resampled[0]  # features were resampled in these steps
     torch.multiprocessing.spawn(_train_worker, nprocs=2, join=True,
                                 args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
-    from safetensors.torch import load_file
 
     # the float32 training state (weights, Adam moments, firing counters) of rank 0 equals one process's
-    state_one = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
-    state_two = load_file(str(tmp_path / "ck-two" / "checkpoint" / "state.safetensors"))
-    assert state_one.keys() == state_two.keys()
-    for name, value in state_one.items():
-        assert torch.allclose(value, state_two[name], rtol=1e-5, atol=1e-6), name
+    _assert_same_training_state(tmp_path / "ck-one", tmp_path / "ck-two")
     assert json.loads((tmp_path / "ck-two" / "checkpoint" / "state.json").read_text())["world_size"] == 2
     two = load_transcoder_set(tmp_path / "two")  # calibrated and saved by rank 0
     for a, b in zip(load_transcoder_set(tmp_path / "one").transcoders, two.transcoders):
@@ -307,27 +320,20 @@ def _clt_config():
 
 
 def test_two_ranks_train_the_same_clt_as_one_process(tmp_path):
-    from safetensors.torch import load_file
-    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+    from test_training import CTX_LEN, make_tiny_tokenizer
 
     from conftest import make_tiny_adapter
-    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.data.corpus import TokenStream
     from mechscope.training.clt_trainer import train_clt
 
-    txt, jsonl, _ = write_sources(tmp_path / "raw")
-    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
-                          out=tmp_path / "built")
+    corpus = _tiny_corpus(tmp_path)
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
               TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
               progress=False)
     torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True,
                                 args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
-    a = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
-    b = load_file(str(tmp_path / "ck-two" / "checkpoint" / "state.safetensors"))
-    assert a.keys() == b.keys()
-    for name, value in a.items():
-        assert torch.allclose(value, b[name], rtol=1e-5, atol=1e-6), name
+    _assert_same_training_state(tmp_path / "ck-one", tmp_path / "ck-two")
     assert (tmp_path / "two" / "config.yaml").exists()
 
 
@@ -336,16 +342,14 @@ def test_feature_sharded_clt_training_equals_one_process(tmp_path):
     the one-process CLT: the slices put together equal its training state."""
     import yaml
     from safetensors.torch import load_file
-    from test_training import CTX_LEN, make_tiny_tokenizer, write_sources
+    from test_training import CTX_LEN, make_tiny_tokenizer
 
     from conftest import make_tiny_adapter
-    from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
+    from mechscope.data.corpus import TokenStream
     from mechscope.training.clt_trainer import train_clt
     from mechscope.transcoders.io import load_transcoder_set
 
-    txt, jsonl, _ = write_sources(tmp_path / "raw")
-    corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl)), weights=(4.0, 1.0), heldout_every=3),
-                          out=tmp_path / "built")
+    corpus = _tiny_corpus(tmp_path)
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
               TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
