@@ -73,3 +73,34 @@ def test_the_core_package_carries_no_weights():
     src = REPO / "src" / "mechscope"
     assert not list(src.rglob("*.safetensors"))
     assert not (src / "transcoders" / "shipped").exists()
+
+
+def test_package_set_script_makes_a_wheel_that_holds_the_set(tmp_path):
+    import importlib.util
+    import subprocess
+    import tomllib
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("package_set", REPO / "scripts" / "package_set.py")
+    package_set = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package_set)
+    source = tmp_path / "trained"
+    save_transcoder_set(random_set(), source, extra_config={"heldout_metrics": [
+        {"layer": 0, "fvu": 0.1234, "l0": 12.5, "dead_fraction": 0.01, "n_tokens": 10}]})
+    target = package_set.package("tiny-plt-v9", source, tmp_path / "sets", "A tiny test set.")
+    project = tomllib.loads((target / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "mechscope-set-tiny-plt-v9"
+    assert project["project"]["entry-points"]["mechscope.transcoder_sets"] == {"tiny-plt-v9": "mechscope_set_tiny_plt_v9"}
+    assert "| 0 | 0.123 | 12.5 | 0.010 |" in (target / "README.md").read_text()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheel"), str(target)], check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"mechscope_set_tiny_plt_v9/files/{p.name}" for p in source.iterdir()} <= set(names)
+    assert wheel.stat().st_size < WHEEL_LIMIT
+    # nothing is overwritten, and a directory that is not a set is refused
+    with pytest.raises(SystemExit, match="exists already"):
+        package_set.package("tiny-plt-v9", source, tmp_path / "sets", "again")
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        package_set.package("other", tmp_path, tmp_path / "sets", "x")
+    assert sorted(p.name for p in (tmp_path / "sets").iterdir()) == ["tiny-plt-v9"]
