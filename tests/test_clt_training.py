@@ -55,3 +55,29 @@ def test_interrupted_clt_training_resumes_exactly(llama, streams, tmp_path, monk
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert [m.fvu for m in resumed] == pytest.approx([m.fvu for m in metrics], abs=1e-6)
+
+
+def test_the_auxk_loss_reaches_dead_features_only_when_it_is_on(llama):
+    """A dead feature (no firing for ``dead_after_tokens``) is never in the TopK code, so only the AuxK
+    term gives its encoder and decoder a gradient; with ``aux_coef`` 0 they get none."""
+    from mechscope.training.clt_trainer import CLTTrainee
+    from mechscope.training.trainer import _activations
+
+    ids = llama.tokenize("a cat sat on the mat and the dog ran far away")[None].repeat(2, 1)
+    xs, ys = _activations(llama, ids.numpy())
+    grads = {}
+    for coef in (0.0, 1 / 32):
+        cfg = tiny_train_config(d_transcoder=32, k=4, aux_k=8, aux_coef=coef, dead_after_tokens=10)
+        trainee = CLTTrainee(llama.n_layers, llama.d_model, cfg, torch.Generator().manual_seed(0))
+        trainee.initialize(xs, ys)
+        codes, _, _ = trainee.forward_topk([x / trainee.in_scale[m] for m, x in enumerate(xs)])
+        chosen = torch.zeros(32, dtype=torch.bool)
+        chosen[codes[0][0].flatten()] = True
+        dead = ~chosen
+        assert dead.sum() >= 8
+        trainee.last_fired[0, dead] = 100  # dead at layer 0
+        loss, _, _ = trainee.loss(xs, ys)
+        loss.backward()
+        grads[coef] = (trainee.W_enc[0].grad[dead].abs().sum(), trainee.W_dec[0].grad[dead].abs().sum())
+    assert float(grads[0.0][0]) == 0 and float(grads[0.0][1]) == 0
+    assert float(grads[1 / 32][0]) > 0 and float(grads[1 / 32][1]) > 0

@@ -16,8 +16,9 @@ calibration is a valid shortcut to their JumpReLU + tanh-sparsity objective):
    CLT layout.
 
 Memory: the decoders are ``n_layers (n_layers + 1) / 2`` blocks of ``[d_transcoder, d_model]``, with
-Adam's two moments each. Not yet here: the AuxK dead-feature loss and resampling of the per-layer
-trainer (``aux_coef`` and ``resample_every`` are ignored).
+Adam's two moments each. The AuxK dead-feature loss (``aux_k``, ``aux_coef``, ``dead_after_tokens``) is
+carried over per layer (:meth:`CLTTrainee.aux_losses`); the per-layer trainer's resampling is not
+(``resample_every`` is ignored here).
 """
 
 from __future__ import annotations
@@ -105,31 +106,63 @@ class CLTTrainee(nn.Module):
     def pre_activations(self, layer: int, x_n: torch.Tensor) -> torch.Tensor:
         return x_n @ self.W_enc[layer].T + self.b_enc[layer]
 
+    def _top(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx, vals)``: the ``k`` largest of ``pre [n, F]`` per token (ReLU'd); for a feature shard,
+        its candidates that are among the ``k`` largest of every shard's (the others get value 0)."""
+        vals, idx = pre.topk(min(k, pre.shape[-1]), dim=-1)
+        if self.sharded:
+            vals = torch.where(vals >= _global_kth(vals.detach(), k), vals, torch.zeros_like(vals))
+        return idx, vals.clamp(min=0)
+
+    def _all_shards(self, decoded: torch.Tensor) -> torch.Tensor:
+        """A feature shard's decoded share plus every other shard's, as a constant (gradients stay local)."""
+        if not self.sharded:
+            return decoded
+        local = decoded.detach()
+        total = local.clone()
+        distributed.all_reduce_sum_([total])
+        return decoded + (total - local)
+
     def forward_topk(self, xs_n: list[torch.Tensor]):
-        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, d_model] per output layer)``."""
-        codes, recon = [], []
+        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, d_model] per output layer,
+        pre-activations [n, F] per layer)``."""
+        codes, recon, pres = [], [], []
         for m in range(self.n_layers):
             pre = self.pre_activations(m, xs_n[m])
-            vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
-            if self.sharded:  # keep the local candidates that are among the k largest of all ranks'
-                vals = vals * (vals >= _global_kth(vals.detach(), self.cfg.k))
-            codes.append((idx, vals.clamp(min=0)))
-            decoded = sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l, mode="sum")
-                          for l, (idx_l, v_l) in enumerate(codes))
-            if self.sharded:  # the other ranks' features' share, as a constant: gradients stay local
-                local = decoded.detach()
-                total = local.clone()
-                distributed.all_reduce_sum_([total])
-                decoded = decoded + (total - local)
+            pres.append(pre)
+            codes.append(self._top(pre, self.cfg.k))
+            decoded = self._all_shards(sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l,
+                                                           mode="sum") for l, (idx_l, v_l) in enumerate(codes)))
             out = self.b_dec[m] + decoded
             recon.append(out if self.W_skip is None else out + xs_n[m] @ self.W_skip[m].T)
-        return codes, recon
+        return codes, recon, pres
+
+    def aux_losses(self, pres: list[torch.Tensor], recon: list[torch.Tensor], ys_n: list[torch.Tensor], mean
+                   ) -> list[torch.Tensor]:
+        """The AuxK dead-feature loss (Gao et al. 2024, section A.2) carried over to a CLT: per layer, the
+        ``aux_k`` most active of its dead features (no firing in ``dead_after_tokens`` tokens) predict,
+        through their decoder to that layer, what the reconstruction of that layer misses; the squared
+        error is normalised by the residual's. Layers without dead features add nothing."""
+        terms = []
+        for m, (pre, r, y) in enumerate(zip(pres, recon, ys_n)):
+            dead = self.last_fired[m] >= self.cfg.dead_after_tokens
+            n_dead = dead.sum().float()
+            if self.sharded:
+                distributed.all_reduce_sum_([n_dead])
+            if int(n_dead) == 0:
+                continue
+            residual = (y - r).detach()
+            idx, vals = self._top(pre.masked_fill(~dead, float("-inf")), min(self.cfg.aux_k, int(n_dead)))
+            aux_hat = self._all_shards(F.embedding_bag(idx, self.W_dec[m][:, 0], per_sample_weights=vals, mode="sum"))
+            aux = mean((aux_hat - residual).pow(2).sum(-1)) / mean(residual.pow(2).sum(-1)).detach().clamp(min=1e-8)
+            terms.append(torch.nan_to_num(aux, nan=0.0))
+        return terms
 
     def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor]):
         """``(loss, per-layer normalised MSE, per-layer fired masks)`` for raw ``[n, d_model]`` inputs."""
         xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
         ys_n = [y / self.out_scale[m] for m, y in enumerate(ys)]
-        codes, recon = self.forward_topk(xs_n)
+        codes, recon, pres = self.forward_topk(xs_n)
         # over this step's tokens on every rank (one process, or feature shards that all see the same
         # tokens: a plain mean)
         mean = (lambda v: v.mean(0)) if self.sharded else _token_mean
@@ -140,7 +173,12 @@ class CLTTrainee(nn.Module):
             mask = torch.zeros(self.W_enc[0].shape[0], dtype=torch.bool, device=vals.device)
             mask[idx[vals > 0]] = True
             fired.append(mask)
-        return sum(mses), [m.detach() for m in mses], fired
+        loss = sum(mses)
+        if self.cfg.aux_coef > 0:
+            aux = self.aux_losses(pres, recon, ys_n, mean)
+            if aux:
+                loss = loss + self.cfg.aux_coef * sum(aux)
+        return loss, [m.detach() for m in mses], fired
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every feature shard holds whole (``b_dec``, ``W_skip``)."""
