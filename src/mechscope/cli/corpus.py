@@ -80,9 +80,7 @@ def chat(model_name, base, name, conversations, max_new_tokens, weight, batch_si
             if not file.name.startswith("chat."):
                 shutil.copyfile(file, target / file.name)
         shutil.copyfile(source / "manifest.json", target / "manifest.json")
-    import torch
-
-    adapter = load_model(model_name, dtype=getattr(torch, model_dtype))
+    adapter = load_model(model_name, dtype=model_dtype)
     out = build_chat_source(adapter.hf, adapter.tokenizer, target, cfg, progress=not no_progress)
     manifest = json.loads((out / "manifest.json").read_text())
     entry = next(e for e in manifest["sources"] if e["name"] == "chat")

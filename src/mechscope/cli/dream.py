@@ -101,7 +101,6 @@ def dream(placement, feature_id, n_iters, seed, seq_len, population, top_k, star
     config = DreamConfig(n_iters=n_iters, seq_len=seq_len, population=population, top_k=top_k, seed=seed)
     dashboard_max, why = _dashboard_max(store, transcoders_name, layer, index)
 
-
     from mechscope.replacement.replacement_model import ReplacementModel
     from mechscope.transcoders.io import load_transcoder_set
 

@@ -55,7 +55,7 @@ def build_command(placement, transcoders_name, model_name, corpus_path, n_tokens
     if quantile_tokens < 0:
         raise BadInputError(f"--quantile-tokens must be >= 0, got {quantile_tokens}")
     from mechscope import distributed
-    from mechscope.data.corpus import TokenStream, corpus_dir
+    from mechscope.data.corpus import TokenStream, resolve_corpus
     from mechscope.features.build import build_feature_store
     from mechscope.progress import Progress
     from mechscope.replacement.replacement_model import ReplacementModel
@@ -70,10 +70,7 @@ def build_command(placement, transcoders_name, model_name, corpus_path, n_tokens
     model = placement.load_model(model_name)
     rm = ReplacementModel(model, load_transcoder_set(transcoders_name))
     progress.phase("tokenizing the corpus (once per tokenizer; cached)")
-    corpus = corpus_dir() if corpus_path is None else Path(corpus_path)
-    if corpus_path is not None and not corpus.is_dir() and "/" not in corpus_path:
-        corpus = corpus_dir(corpus_path)  # a corpus name, e.g. chat-qwen2.5-coder-0.5b-instruct
-    stream = TokenStream(corpus, model.tokenizer, ctx_len, "train", seed, mix=mix)
+    stream = TokenStream(resolve_corpus(corpus_path), model.tokenizer, ctx_len, "train", seed, mix=mix)
     path = build_feature_store(rm, stream, n_tokens, out, ckpt, batch_sequences, quantile_tokens=quantile_tokens,
                                progress=progress)
     if distributed.is_main():

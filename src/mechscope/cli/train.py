@@ -60,8 +60,6 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
 
     Data-parallel on several processes: `torchrun --nproc-per-node N -m mechscope train ...` (each rank
     computes its share of every batch; gradients are all-reduced; rank 0 checkpoints and saves)."""
-    import torch
-
     from mechscope import distributed
     from mechscope.devices import resolve_device
 
@@ -71,15 +69,13 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     target = resolve_device(device)
     distributed.init("nccl" if target.type == "cuda" else "gloo")
 
-    from mechscope.data.corpus import TokenStream, corpus_dir
+    from mechscope.data.corpus import TokenStream, resolve_corpus
     from mechscope.models.loading import load_model
     from mechscope.paths import cache_root
     from mechscope.training.trainer import train_transcoders
 
-    corpus = corpus_dir() if corpus_path is None else Path(corpus_path)
-    if corpus_path is not None and not corpus.is_dir() and "/" not in corpus_path:
-        corpus = corpus_dir(corpus_path)
-    model = load_model(model_name, dtype=getattr(torch, cfg.model_dtype), device=target)
+    corpus = resolve_corpus(corpus_path)
+    model = load_model(model_name, dtype=cfg.model_dtype, device=target)
     train_stream = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "train", cfg.seed)
     heldout = TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed)
     names = [e["name"] for e in train_stream.manifest["sources"]]
@@ -88,7 +84,7 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
         by_kind = {"corpus": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed,
                                          sources=tuple(n for n in names if n != "chat")),
                    "chat": TokenStream(corpus, model.tokenizer, cfg.ctx_len, "heldout", cfg.seed, sources=("chat",))}
-    eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype=torch.float32, device=target))
+    eval_adapter = None if cfg.model_dtype == "float32" else (lambda: load_model(model_name, dtype="float32", device=target))
     out = Path(out_dir) if out_dir else cache_root() / "transcoders" / name
     ckpt = Path(checkpoint_dir) if checkpoint_dir else cache_root() / "training" / name
     if kind == "clt":

@@ -29,7 +29,7 @@ from mechscope.errors import BadInputError
 from mechscope.paths import atomic_write_bytes, atomic_write_text, cache_root
 from mechscope.progress import Progress
 
-__all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir", "MIXES"]
+__all__ = ["CorpusConfig", "build_corpus", "TokenStream", "corpus_dir", "resolve_corpus", "MIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ MIXES = ("source", "document")
 
 def corpus_dir(name: str = "default") -> Path:
     return cache_root() / "corpus" / name
+
+
+def resolve_corpus(name_or_path: str | None) -> Path:
+    """A built corpus by ``--corpus`` value: ``None`` is the default corpus, an existing directory is
+    itself, a bare name (no ``/``) is ``<cache>/corpus/NAME`` (e.g. ``chat-qwen2.5-coder-0.5b-instruct``)."""
+    if name_or_path is None:
+        return corpus_dir()
+    path = Path(name_or_path)
+    return corpus_dir(name_or_path) if not path.is_dir() and "/" not in name_or_path else path
 
 
 @dataclass(frozen=True)
