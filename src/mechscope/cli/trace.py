@@ -102,8 +102,7 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
     if jobs is None:
         text, chat = chat_request.render(model.tokenizer, prompt)
         rm.tokenize(text)  # length check before the expensive part
-        summary = _trace_one(rm, text, chat, config, options, None, progress, started)
-        graph, pruned = summary.pop("_graph"), summary.pop("_pruned")
+        summary, graph, pruned = _trace_one(rm, text, chat, config, options, None, progress, started)
         if as_json:
             click.echo(json.dumps(summary))
         else:
@@ -125,8 +124,7 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
     for i in distributed.shard(len(jobs)):
         job, (text, chat) = jobs[i], rendered[i]
         job_config = config if "target" not in job else replace(config, targets=tuple(job["target"]), logit_diff=None)
-        summary = _trace_one(rm, text, chat, job_config, options, job.get("slug"), progress, time.perf_counter())
-        summary.pop("_graph"), summary.pop("_pruned")
+        summary, _, _ = _trace_one(rm, text, chat, job_config, options, job.get("slug"), progress, time.perf_counter())
         mine.append(summary)
         if not as_json:
             click.echo(f"[{i + 1}/{len(jobs)}] {summary['graph_path']}: top {summary['logit_targets'][0]['token']!r}, "
@@ -148,16 +146,15 @@ class _GraphOptions:
 
 
 def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOptions, slug: str | None,
-               progress, started: float) -> dict:
-    """Build, prune, score and write one graph (atomically); its summary (with the graph objects
-    under ``_graph`` / ``_pruned`` for the terminal summary)."""
+               progress, started: float) -> tuple[dict, object, object]:
+    """Build, prune, score and write one graph (atomically): ``(summary, graph, pruned graph or None)``."""
     import torch
 
     from mechscope.attribution.attribute import attribute
-    from mechscope.export.neuronpedia import slugify, to_neuronpedia, validate_neuronpedia
+    from mechscope.export.neuronpedia import to_neuronpedia, validate_neuronpedia
     from mechscope.graph.io import save_graph
     from mechscope.graph.prune import graph_scores, prune_graph
-    from mechscope.models.chat import chat_metadata, chat_slug_text
+    from mechscope.models.chat import chat_metadata
     from mechscope.paths import atomic_write_text
 
     model = rm.model
@@ -170,7 +167,7 @@ def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOp
     progress.phase("pruning and scores" if not options.no_prune else "scores")
     pruned = None if options.no_prune else prune_graph(graph, options.node_threshold, options.edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
-    slug = slug or slugify(chat_slug_text(chat) if chat is not None else text)
+    slug = _slug(text, chat, slug)
     labels, densities = options.annotations
     progress.phase("exporting the graph JSON")
     exchange = to_neuronpedia(graph, pruned, slug, options.node_threshold, options.edge_threshold, labels=labels,
@@ -182,7 +179,7 @@ def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOp
     atomic_write_text(graph_path, json.dumps(exchange))
 
     n_edges = int(torch.count_nonzero(graph.adjacency))  # (A != 0).sum() would cast N x N bools to int64
-    return {
+    summary = {
         "graph_path": str(graph_path),
         "slug": slug,
         "model": graph.model_id,
@@ -201,9 +198,16 @@ def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOp
         "seconds": time.perf_counter() - started,
         "attribution_seconds": attribution_seconds,
         "peak_rss_mb": peak_rss_mb(),
-        "_graph": graph,
-        "_pruned": pruned,
     }
+    return summary, graph, pruned
+
+
+def _slug(text: str, chat, given: str | None = None) -> str:
+    """A graph's file name: the one given, else the user's words (a chat prompt's) or the text, slugified."""
+    from mechscope.export.neuronpedia import slugify
+    from mechscope.models.chat import chat_slug_text
+
+    return given or slugify(chat_slug_text(chat) if chat is not None else text)
 
 
 _JOB_KEYS = {"prompt", "chat", "target", "slug"}
@@ -266,12 +270,9 @@ def _render_job(tokenizer, job: dict):
 
 
 def _check_slugs(jobs: list[dict], rendered: list) -> None:
-    from mechscope.export.neuronpedia import slugify
-    from mechscope.models.chat import chat_slug_text
-
     seen: dict[str, int] = {}
     for number, (job, (text, chat)) in enumerate(zip(jobs, rendered), 1):
-        slug = job.get("slug") or slugify(chat_slug_text(chat) if chat is not None else text)
+        slug = _slug(text, chat, job.get("slug"))
         if slug in seen:
             raise BadInputError(f"prompts {seen[slug]} and {number} would both be written as {slug!r}; "
                                 "give one of them a \"slug\"")
