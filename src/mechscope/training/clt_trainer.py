@@ -53,6 +53,7 @@ from mechscope.training.trainer import (
     evaluate_transcoders,
     gather_rows,
     rank_rows,
+    reduce_step,
 )
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.clt_io import save_clt
@@ -288,18 +289,14 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             opt.zero_grad(set_to_none=True)
             loss, mse_values, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
             loss.backward()
-            mse_values = torch.stack(mse_values)
             if shard_features:  # replicas of b_dec and W_skip take the same (averaged) step everywhere
                 grads = [p.grad for p in trainee.replicated_parameters() if p.grad is not None]
                 distributed.all_reduce_sum_(grads)
                 for g in grads:
                     g /= world
-            elif world > 1:  # the step of the whole batch: gradients and values summed, firing OR-ed
-                distributed.all_reduce_sum_([p.grad for p in trainee.parameters() if p.grad is not None] + [mse_values])
-                masks = torch.stack(fired).to(torch.uint8)
-                distributed.all_reduce_max_(masks)
-                fired = list(masks.bool())
-            mses = mse_values.tolist()
+            elif world > 1:  # the step of the whole batch
+                mse_values, fired = reduce_step(trainee.parameters(), mse_values, fired)
+            mses = [float(m) for m in mse_values]
             opt.step()
             trainee.after_step(fired, len(part) * data_world)
             state["step"] += 1

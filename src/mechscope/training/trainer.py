@@ -311,12 +311,7 @@ def _optimizer_step(trainees, opt, xs, ys, lr: float, running: list[float]) -> N
         fired_masks.append(fired)
     world = distributed.world_size()
     if world > 1:
-        total = torch.stack(losses)
-        distributed.all_reduce_sum_([p.grad for p in trainees.parameters() if p.grad is not None] + [total])
-        losses = list(total)
-        fired = torch.stack(fired_masks).to(torch.uint8)
-        distributed.all_reduce_max_(fired)
-        fired_masks = list(fired.bool())
+        losses, fired_masks = reduce_step(trainees.parameters(), losses, fired_masks)
     for layer, (tr, fired) in enumerate(zip(trainees, fired_masks)):
         running[layer] = 0.98 * running[layer] + 0.02 * float(losses[layer])
         tr.after_step(fired, xs[layer].shape[0] * world)
@@ -324,6 +319,17 @@ def _optimizer_step(trainees, opt, xs, ys, lr: float, running: list[float]) -> N
     with torch.no_grad():
         for tr in trainees:
             tr.W_dec /= tr.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def reduce_step(parameters, values: list[torch.Tensor], fired: list[torch.Tensor]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Make a data-parallel step the whole batch's: every gradient and every value (0-dim tensors, e.g.
+    each layer's loss) summed over the ranks, the firing masks OR-ed. Returns ``(values, fired)``."""
+    total = torch.stack(values)
+    distributed.all_reduce_sum_([p.grad for p in parameters if p.grad is not None] + [total])
+    masks = torch.stack(fired).to(torch.uint8)
+    distributed.all_reduce_max_(masks)
+    return list(total), list(masks.bool())
 
 
 def rank_rows(n_sequences: int, minibatches: int) -> list[int]:
