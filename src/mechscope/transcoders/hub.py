@@ -20,6 +20,7 @@ read; files named by ``hf://`` URIs inside a ``config.yaml`` are fetched by :fun
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +98,23 @@ def download_file(ref: HubRef, name: str) -> Path:
     Raises:
         BadInputError: not cached while offline, or not on the hub (names the cache and the file).
     """
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     file = ref.path_in_repo(name)
     try:
-        return Path(hf_hub_download(ref.repo_id, file, revision=ref.revision, cache_dir=_cache_dir()))
+        return _downloaded(ref.repo_id, file, ref.revision, _cache_dir())
     except (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
         raise _missing(ref, file, e) from e
+
+
+@functools.lru_cache(maxsize=4096)
+def _downloaded(repo_id: str, file: str, revision: str | None, cache_dir: str) -> Path:
+    """``hf_hub_download``, once per process for each file: a set is resolved early (to fail before
+    the model loads) and again when loaded, and each call would ask the hub again (failures are not
+    remembered, so a retry asks again)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, file, revision=revision, cache_dir=cache_dir))
 
 
 def download_uri(uri: str) -> Path:
@@ -126,14 +136,21 @@ def download_uri(uri: str) -> Path:
 def _snapshot(ref: HubRef, patterns: list[str]) -> Path | None:
     """The cached snapshot holding the files matching ``patterns`` (fetched unless offline), or ``None``
     when the repository or revision is not there."""
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, cache_dir=_cache_dir()))
+        root = _snapshot_downloaded(ref.repo_id, ref.revision, tuple(patterns), _cache_dir())
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError):
         return None
     return root / ref.subfolder if ref.subfolder else root
+
+
+@functools.lru_cache(maxsize=256)
+def _snapshot_downloaded(repo_id: str, revision: str | None, patterns: tuple[str, ...], cache_dir: str) -> Path:
+    """``snapshot_download``, once per process for each set (see :func:`_downloaded`)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns), cache_dir=cache_dir))
 
 
 def fetch_transcoders(name: str) -> Path:

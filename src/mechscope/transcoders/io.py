@@ -221,14 +221,14 @@ def load_transcoder_set(name_or_path: str | os.PathLike, device: str | None = No
         CorruptFileError: a layer file is missing, truncated or has the wrong tensors.
         BadInputError: a device that is not there.
     """
-    tcs = _load_transcoder_set(name_or_path)
+    name = str(name_or_path)
+    path = resolve_transcoders(name)
+    tcs = _load_transcoder_set(path)
     from mechscope.transcoders.hub import looks_like_hub_id, parse_hub_ref
 
-    name = str(name_or_path)
     if not Path(name).expanduser().exists() and name not in _installed_sets() and looks_like_hub_id(name):
-        reference = str(parse_hub_ref(name))
-        if not tcs.scan or tcs.scan == resolve_transcoders(name).name:  # the snapshot folder says nothing
-            tcs.scan = reference
+        if not tcs.scan or tcs.scan == path.name:  # a hub snapshot's folder name says nothing: use the reference
+            tcs.scan = str(parse_hub_ref(name))
     if device is not None:
         from mechscope.devices import resolve_device
 
@@ -238,8 +238,8 @@ def load_transcoder_set(name_or_path: str | os.PathLike, device: str | None = No
     return tcs
 
 
-def _load_transcoder_set(name_or_path: str | os.PathLike) -> TranscoderSet:
-    path = resolve_transcoders(str(name_or_path))
+def _load_transcoder_set(path: Path) -> TranscoderSet:
+    """The set in the directory ``path`` (resolved by :func:`resolve_transcoders`)."""
     if not (path / "config.yaml").exists():
         if is_sparsify_dir(path):
             return load_sparsify(path)
