@@ -151,7 +151,7 @@ def build_feature_store(
         if not distributed.is_main():  # rank 0 merges every rank's part and writes the store
             distributed.barrier()
             return out
-        stats = _merged_statistics(checkpoint_dir, world)
+        stats = merged  # the first pass's statistics of every rank, merged before the quantile pass
         quantiles = QuantileExamples.merged([_load_quantiles(checkpoint_dir, r, world, stats.max_value, quantiles)
                                              for r in range(world)])
     written = _write(rm, stream, stats, quantiles, n_quantile_sequences * per_sequence, out, n_logit_tokens, progress)
