@@ -82,11 +82,37 @@ PROMPTS = {
 }
 
 
+def _logbook(entries: int) -> str:
+    """Dated logbook entries, deterministic, to lengthen the lighthouse story to about 2,048 tokens."""
+    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"]
+    winds = ["north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west"]
+    ships = ["Aurora", "Kestrel", "Mary Ellen", "Northern Star", "Perseverance", "Gannet", "Two Brothers",
+             "Elsie May", "Curlew", "Good Intent", "Heather Bell", "Pilot"]
+    skies = ["clear", "overcast", "low cloud with drizzle", "fog in the morning, clearing by noon",
+             "squalls of rain", "bright with high cloud"]
+    lines = []
+    for i in range(entries):
+        lines.append(f"On {months[i % 12]} {1 + (7 * i) % 28}, 1953, the wind was from the {winds[(3 * i) % 8]} at "
+                     f"{8 + (5 * i) % 23} knots and the sky was {skies[i % 6]}. The {ships[(5 * i) % 12]} passed "
+                     f"inbound at {1 + i % 11} o'clock and the {ships[(7 * i + 3) % 12]} went out on the evening "
+                     f"tide.")
+    return " ".join(lines)
+
+
+PROMPTS["xxl"] = (PROMPTS["xl"].rsplit(" The keeper's name", 1)[0] + " Some pages from her logbook of the following "
+                  "year read as follows; she wrote each entry in pencil and inked it over the next morning. " + _logbook(28) + " The keeper's name was Margaret, and the town where "
+                  "she lived is called")
+
+
+
+
 def run_mechscope(prompt: str, settings: dict, out: Path) -> dict:
     argv = [str(MECHSCOPE), "trace", prompt, "--json", "--out", str(out), "--batch-size", str(settings["batch_size"]),
             "--max-n-logits", str(settings["max_n_logits"]), "--desired-logit-prob", str(settings["desired_logit_prob"])]
     nodes = settings.get("max_feature_nodes")
     argv += ["--max-feature-nodes", "all" if nodes is None else str(nodes)]  # circuit-tracer's default: all
+    argv += ["--max-prompt-tokens", "4096"]  # the xxl prompt has 2,047 tokens
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip()[-500:] or f"exit code {result.returncode}"}
@@ -96,6 +122,8 @@ def run_mechscope(prompt: str, settings: dict, out: Path) -> dict:
 
 
 def run_circuit_tracer(prompt: str, settings: dict, out: Path) -> dict:
+    if not CT_PYTHON.exists():
+        return {"error": "not run: circuit-tracer is not installed (bash benchmarks/setup_circuit_tracer.sh)"}
     model_dir, _ = resolve_model_dir("gemma-3-270m")
     argv = [str(CT_PYTHON), str(ROOT / "_circuit_tracer_run.py"), str(model_dir),
             str(resolve_transcoders("gemma-3-270m-plt-v1")), str(out / "ct.pt"), json.dumps(settings), prompt]
@@ -227,7 +255,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default="short,medium,long,xl", help=f"comma-separated of {', '.join(PROMPTS)}")
+    parser.add_argument("--prompts", default="short,medium,long,xl,xxl", help=f"comma-separated of {', '.join(PROMPTS)}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-n-logits", type=int, default=10)
     parser.add_argument("--desired-logit-prob", type=float, default=0.95)
@@ -251,7 +279,8 @@ def main() -> None:
             plot(saved["results"], Path(args.plot))
         return
     if not CT_PYTHON.exists():
-        sys.exit("circuit-tracer is not installed: run bash benchmarks/setup_circuit_tracer.sh")
+        print("circuit-tracer is not installed (bash benchmarks/setup_circuit_tracer.sh): measuring mechscope alone",
+              file=sys.stderr)
 
     def settings_for(nodes: str) -> dict:
         return {"batch_size": args.batch_size, "max_n_logits": args.max_n_logits,

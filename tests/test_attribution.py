@@ -199,6 +199,50 @@ def test_prefix_backward_passes_give_the_whole_prompts_edges(tiny_adapter, make_
         AttributionConfig(prefix_blocks=0)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_grouped_backward_passes_equal_one_target_at_a_time(tiny_adapter, make_tiny_transcoders, family):
+    """Queues are cut into groups with a tight span of layers and positions (plan_groups) and rows
+    are stored over that span only; the graph equals back-propagating every target alone through
+    the whole prompt."""
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip=True)
+    prompt = "a cat sat on the mat and the dog ran far away"
+    alone = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=1, prefix_blocks=1))
+    grouped = attribute(rm, prompt, AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=4))
+    assert torch.equal(grouped.selected_features, alone.selected_features)
+    assert float((grouped.adjacency - alone.adjacency).abs().max()) <= 1e-5 * float(alone.adjacency.abs().max())
+    assert grouped.config["edge_rows_mb"] < alone.config["edge_rows_mb"]  # later columns of early targets not stored
+
+
+def test_plan_groups_is_the_cheapest_cut_of_the_queue():
+    """The dynamic programme returns consecutive groups of at most ``max_group`` covering the queue,
+    and no other cut of the queue into consecutive groups is cheaper (checked by enumeration)."""
+    import itertools
+
+    from mechscope.attribution.attribute import plan_groups
+
+    gen = torch.Generator().manual_seed(3)
+    layers = torch.randint(0, 5, (9,), generator=gen).sort().values
+    positions = torch.randint(0, 40, (9,), generator=gen)
+    order = torch.argsort(layers * 100 + positions)
+    layers, positions = layers[order], positions[order]
+    length = lambda p: min(40, -(-(p + 1) // 8) * 8)  # noqa: E731
+
+    def cost(groups):
+        return sum((int(layers[g].max()) + 1) * ((len(g) + 0.7) * length(int(positions[g].max())) + 48) + 100
+                   for g in groups)
+
+    groups = plan_groups(layers, positions, length, max_group=4, group_units=100)
+    assert torch.equal(torch.cat(groups), torch.arange(9)) and max(map(len, groups)) <= 4
+    best = float("inf")
+    for cuts in itertools.product([0, 1], repeat=8):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [9]
+        candidate = [torch.arange(a, b) for a, b in zip(bounds, bounds[1:])]
+        if max(map(len, candidate)) <= 4:
+            best = min(best, cost(candidate))
+    assert cost(groups) == pytest.approx(best)
+    assert len(plan_groups(layers, positions, length, max_group=1)) == 9
+
+
 def test_feature_selection_replays_circuit_tracers_dense_algorithm(tiny_adapter, make_tiny_transcoders):
     """Visiting order by partial influence, replayed naively on dense rows of the full graph:
     logit rows first, then the ``update_interval * batch_size`` most influential unvisited features,

@@ -2,31 +2,60 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mechscope.attribution.edge_rows import EdgeRows
+from mechscope.attribution.edge_rows import ActiveLayout, EdgeRows
 from mechscope.graph.prune import partial_influences
 
 
-def _random_rows(n_active=40, n_other=12, n_logits=3, batches=((5, 0), (7, 25), (4, 40), (6, 11)), seed=0):
-    """Dense rows (logits first, then feature rows with zero columns past each batch's width) and the
-    same rows in an EdgeRows."""
+def _random_rows(n_layers=4, n_pos=6, n_logits=3, spans=((5, (0, 3)), (7, (2, 6)), (4, (4, 2)), (6, (1, 6)), (3, (4, 6))),
+                 seed=0):
+    """Dense rows (logits first, then feature rows with zeros outside each chunk's span of layers
+    and positions) and the same rows in an EdgeRows."""
     gen = torch.Generator().manual_seed(seed)
-    rows = EdgeRows(n_active, n_other)
+    active = torch.rand(n_layers, n_pos, generator=gen) < 0.7  # which (layer, pos) cells have a feature
+    per_cell = torch.randint(1, 4, (n_layers, n_pos), generator=gen) * active
+    layers = torch.repeat_interleave(torch.arange(n_layers).repeat_interleave(n_pos), per_cell.flatten())
+    positions = torch.repeat_interleave(torch.arange(n_pos).repeat(n_layers), per_cell.flatten())
+    layout = ActiveLayout(layers, positions, n_layers, n_pos)
+    n_active, n_other = len(layers), (n_layers + 1) * n_pos
+    rows = EdgeRows(layout)
     logit = torch.randn(n_logits, n_active + n_other, generator=gen)
-    rows.add(torch.full((n_logits,), -1), logit[:, :n_active], logit[:, n_active:])
+    rows.add(torch.full((n_logits,), -1), logit[:, :n_active], logit[:, n_active:].view(n_logits, n_layers + 1, n_pos))
     dense, nodes = [logit], [torch.arange(n_logits) + n_active + n_other]
     order = torch.randperm(n_active, generator=gen)
     used = 0
-    for k, width in batches:
+    for k, (n_source_layers, n) in spans:
         idx = order[used : used + k]
         used += k
         block = torch.randn(k, n_active + n_other, generator=gen)
-        block[:, width:n_active] = 0
-        rows.add(idx, block[:, :width], block[:, n_active:])
+        block[:, :n_active][:, (layers >= n_source_layers) | (positions >= n)] = 0
+        others = block[:, n_active:].view(k, n_layers + 1, n_pos)
+        others[:, :, n:] = 0
+        rows.add(idx, layout.gather(block[:, :n_active], n_source_layers, n), others[:, :, :n].clone(), (n_source_layers, n))
         dense.append(block)
         nodes.append(idx)
     return rows, torch.cat(dense), torch.cat(nodes)
+
+
+def test_active_layout_spans_are_the_reachable_columns():
+    rows, dense, _ = _random_rows()
+    layout = rows.layout
+    for n_source_layers, n in ((0, 6), (2, 3), (4, 6), (3, 0)):
+        columns = ((layout.layers < n_source_layers) & (layout.positions < n)).nonzero().flatten()
+        assert layout.width(n_source_layers, n) == len(columns)
+        inside, local = layout.locate(torch.arange(layout.n_active), n_source_layers, n)
+        assert torch.equal(inside.nonzero().flatten(), columns)
+        assert torch.equal(local[inside], torch.arange(len(columns)))
+        values = torch.randn(len(columns))
+        target = torch.zeros(layout.n_active)
+        layout.scatter_add(target, values, n_source_layers, n)
+        assert torch.equal(target[columns], values) and target.count_nonzero() == values.count_nonzero()
+    with pytest.raises(ValueError, match="sorted"):
+        ActiveLayout(torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1]), 2, 2)
+    with pytest.raises(ValueError, match="span"):
+        rows.add(torch.tensor([0]), torch.zeros(1, 3), torch.zeros(1, 5, 6), (2, 3))
 
 
 def test_feature_influence_equals_dense_partial_influences():

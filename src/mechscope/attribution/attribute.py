@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from jaxtyping import Int
 
-from mechscope.attribution.edge_rows import EdgeRows
+from mechscope.attribution.edge_rows import ActiveLayout, EdgeRows
 from mechscope.attribution.targets import select_logit_targets
 from mechscope.progress import Progress
 from mechscope.errors import BadInputError
@@ -34,7 +37,7 @@ from mechscope.graph.graph import Graph
 from mechscope.memory import release_free_memory
 from mechscope.replacement.replacement_model import FrozenReplacement, ReplacementModel, Trace
 
-__all__ = ["AttributionConfig", "attribute", "SourceVectors"]
+__all__ = ["AttributionConfig", "attribute", "SourceVectors", "plan_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,15 @@ class AttributionConfig:
         max_feature_nodes: feature nodes kept, chosen by influence; ``None`` keeps every active one.
         update_interval: batches between re-rankings of features by influence (>= 1).
         prefix_blocks: the prompt is cut into this many blocks of positions (>= 1; 1 = off); a
-            batch of feature targets whose positions all lie in the first ``b`` blocks is
+            group of feature targets whose positions all lie in the first ``b`` blocks is
             back-propagated through a frozen replacement model of that prefix only. Attention is
             causal, so the gradients at earlier positions are the same (tested to float rounding)
             and the backward passes of a long prompt cost what their prefixes cost.
+
+    Each queue of ``update_interval * batch_size`` features (the unit of circuit-tracer's visiting
+    order, kept as it is) is split into groups of at most ``batch_size`` targets that share a tight
+    span of layers and positions (:func:`plan_groups`), so a row costs and stores about what its own
+    target reaches. The groups change neither which features are visited nor their edges.
     """
 
     max_n_logits: int = 10
@@ -67,7 +75,7 @@ class AttributionConfig:
     batch_size: int = 64
     max_feature_nodes: int | None = 8192
     update_interval: int = 4
-    prefix_blocks: int = 4
+    prefix_blocks: int = 8
 
     def __post_init__(self):
         if self.max_n_logits < 1:
@@ -94,16 +102,23 @@ class SourceVectors:
     """What each source contributes, per layer, before the Jacobian.
 
     Attributes:
-        layer_slices: per layer, the slice of ``trace.active`` holding that layer's features.
-        positions: per layer ``[n_layer]`` positions of its active features.
-        scaled_decoders: per layer ``[n_layer, n_out, d_model]`` activation x decoder vectors.
+        layout: where each active feature sits (:class:`ActiveLayout`).
+        runs: per layer ``(positions, counts)``: the distinct positions of its active features and
+            how many sit at each (they are consecutive in the active list).
+        decoders: per layer ``[n_unique, n_out, d_model]`` decoder vectors of the distinct features
+            active in it (one copy per feature, however many positions it is active at: a long
+            prompt's half a million active features have a few thousand distinct decoders).
+        rows_of: per layer ``[n_layer]`` each active feature's row in ``decoders``.
+        values: per layer ``[n_layer]`` activations (a source's vector is activation x decoder).
         out_layers: per layer, the output layers of its features.
         errors: per layer ``[pos, d_model]`` error vectors (each on its layer's device); embeddings: ``[pos, d_model]``.
     """
 
-    layer_slices: list[slice]
-    positions: list[torch.Tensor]
-    scaled_decoders: list[torch.Tensor]
+    layout: ActiveLayout
+    runs: list[tuple[torch.Tensor, list[int]]]
+    decoders: list[torch.Tensor]
+    rows_of: list[torch.Tensor]
+    values: list[torch.Tensor]
     out_layers: list[range]
     errors: list[torch.Tensor]
     embeddings: torch.Tensor
@@ -111,85 +126,147 @@ class SourceVectors:
     @classmethod
     @torch.no_grad()
     def build(cls, rm: ReplacementModel, trace: Trace) -> SourceVectors:
-        slices, positions, decoders, outs = [], [], [], []
-        layers = trace.active[:, 0]
+        layout = ActiveLayout(trace.active[:, 0], trace.active[:, 1], rm.model.n_layers, trace.n_pos)
+        runs, decoders, rows_of, values, outs = [], [], [], [], []
         for layer in range(rm.model.n_layers):
-            idx = (layers == layer).nonzero().flatten()
-            sl = slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) else slice(0, 0)
+            sl = slice(int(layout.starts[layer]), int(layout.starts[layer + 1]))
             rows = trace.active[sl]
-            vectors = rm.transcoders.decoder_vectors(layer, rows[:, 2]).float()
-            slices.append(sl)
-            positions.append(rows[:, 1])
-            decoders.append(trace.active_values[sl].to(vectors.device)[:, None, None] * vectors)  # (n, n_out, d)
+            unique, inverse = rows[:, 2].unique(return_inverse=True)
+            vectors = rm.transcoders.decoder_vectors(layer, unique).float()  # (n_unique, n_out, d)
+            positions, counts = rows[:, 1].unique_consecutive(return_counts=True)
+            runs.append((positions, counts.tolist()))
+            decoders.append(vectors)
+            rows_of.append(inverse.to(vectors.device))
+            values.append(trace.active_values[sl].float().to(vectors.device))
             outs.append(rm.transcoders.output_layers(layer))
-        return cls(slices, positions, decoders, outs, list(trace.errors), trace.run.embeddings.float())
-
-    def width(self, n_source_layers: int) -> int:
-        """Number of active features in layers ``< n_source_layers`` (a prefix of ``trace.active``)."""
-        return self.layer_slices[n_source_layers - 1].stop if n_source_layers else 0
+        return cls(layout, runs, decoders, rows_of, values, outs, list(trace.errors), trace.run.embeddings.float())
 
     @torch.no_grad()
     def edges(self, grads: list[torch.Tensor], grad_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Direct effects on a batch of targets from source-site gradients.
+        """Direct effects on a batch of targets from source-site gradients of a prefix.
 
         Args:
-            grads: per source layer ``l < n_source_layers`` the ``[batch, pos, d_model]`` gradient
-                at its MLP output site (later layers cannot reach the targets).
-            grad_embed: ``[batch, pos, d_model]`` gradient at the embedding.
+            grads: per source layer ``l < n_source_layers`` the ``[batch, n, d_model]`` gradient
+                at its MLP output site over the first ``n`` positions (later layers cannot reach
+                the targets, nor later positions, which must have none).
+            grad_embed: ``[batch, n, d_model]`` gradient at the embedding.
 
         Returns:
-            ``(features [batch, width], others [batch, (n_layers + 1) * pos])``: edges from the
-            active features of layers ``< n_source_layers``, and from error then token nodes.
+            ``(features [batch, width], others [batch, n_layers + 1, n])``: edges from the active
+            features of span ``(n_source_layers, n)`` in :class:`ActiveLayout` order, and from error
+            nodes (per layer) and token nodes (last) at positions ``< n``.
         """
-        batch, n_pos, _ = grad_embed.shape
-        n_source_layers, n_layers = len(grads), len(self.layer_slices)
-        features = torch.empty(batch, self.width(n_source_layers), device=grad_embed.device)
-        for layer, sl in enumerate(self.layer_slices[:n_source_layers]):
-            if sl.stop == sl.start:
-                continue
-            # active features of a layer are sorted by position: one (B, d) x (d, n_p) product
-            # per position block keeps the work at B * n * d
-            positions, counts = self.positions[layer].unique_consecutive(return_counts=True)
-            start = sl.start
-            for pos, count in zip(positions.tolist(), counts.tolist()):
-                block = features[:, start : start + count]
-                block.zero_()
-                local = slice(start - sl.start, start - sl.start + count)
-                for o, out_layer in enumerate(self.out_layers[layer]):
-                    if out_layer < n_source_layers:  # .to: a no-op unless a device map split the layers
-                        block += (grads[out_layer][:, pos] @ self.scaled_decoders[layer][local, o].T).to(block.device)
-                start += count
-        others = torch.zeros(batch, (n_layers + 1) * n_pos, device=grad_embed.device)
+        batch, n, _ = grad_embed.shape
+        n_source_layers, n_layers = len(grads), len(self.runs)
+        offsets = self.layout.offsets(n_source_layers, n).tolist()
+        # built transposed, [width, batch]: each position's run of features is a row block that one
+        # (n_p, d) x (d, B) product writes in place; a layer's active features are sorted by position
+        columns = grad_embed.new_empty(offsets[-1], batch)
+        by_position = [g.permute(1, 2, 0) for g in grads]  # [n, d, B] views
+        for layer in range(n_source_layers):
+            positions, counts = self.runs[layer]
+            n_runs = int(torch.searchsorted(positions, n))
+            outs = [(o, out) for o, out in enumerate(self.out_layers[layer]) if out < n_source_layers]
+            local = 0
+            for pos, count in zip(positions[:n_runs].tolist(), counts[:n_runs]):
+                block = columns[offsets[layer] + local : offsets[layer] + local + count]
+                decoders = self.decoders[layer][self.rows_of[layer][local : local + count]]
+                for k, (o, out_layer) in enumerate(outs):
+                    source = by_position[out_layer][pos]
+                    if source.device == block.device:
+                        block.addmm_(decoders[:, o], source) if k else torch.mm(decoders[:, o], source, out=block)
+                    else:  # a device map put this layer on another device than the embedding
+                        product = (decoders[:, o] @ source).to(block.device)
+                        block.add_(product) if k else block.copy_(product)
+                if outs:
+                    block.mul_(self.values[layer][local : local + count, None].to(block.device))
+                else:
+                    block.zero_()
+                local += count
+        features = columns.T
+        others = torch.zeros(batch, n_layers + 1, n, device=grad_embed.device)
         for layer, grad in enumerate(grads):
-            others[:, layer * n_pos : (layer + 1) * n_pos] = torch.einsum("pd,bpd->bp", self.errors[layer], grad).to(others.device)
-        others[:, n_layers * n_pos :] = torch.einsum("pd,bpd->bp", self.embeddings, grad_embed)
+            others[:, layer] = torch.einsum("pd,bpd->bp", self.errors[layer][:n], grad).to(others.device)
+        others[:, n_layers] = torch.einsum("pd,bpd->bp", self.embeddings[:n], grad_embed)
         return features, others
 
 
 class _Prefixes:
-    """Frozen replacement models of the prompt's prefixes (``config.prefix_blocks`` block lengths),
-    built on first use and kept for the whole attribution."""
+    """Frozen replacement models of the prompt's prefixes of whole blocks (``config.prefix_blocks``
+    block lengths): the whole prompt's is kept, the others are built on first use (each costs
+    about two backward rows) and kept while their lengths sum to at most ``budget`` prompts (the
+    least recently used go first)."""
 
-    def __init__(self, rm: ReplacementModel, trace: Trace, full: FrozenReplacement, blocks: int):
-        self.rm, self.trace, self.batch = rm, trace, full.batch
+    def __init__(self, rm: ReplacementModel, trace: Trace, full: FrozenReplacement, blocks: int, budget: float = 4.0):
+        self.rm, self.trace, self.batch, self.full = rm, trace, full.batch, full
         self.block = -(-trace.n_pos // blocks)
-        self.models = {trace.n_pos: full}
+        self.budget = budget * trace.n_pos
+        self.models: OrderedDict[int, FrozenReplacement] = OrderedDict()
 
     def length(self, last_position: int) -> int:
         """The shortest prefix length of whole blocks that holds ``last_position``."""
         return min(self.trace.n_pos, -(-(last_position + 1) // self.block) * self.block)
 
     def __call__(self, n: int) -> FrozenReplacement:
-        if n not in self.models:
+        if n == self.trace.n_pos:
+            return self.full
+        if n in self.models:
+            self.models.move_to_end(n)
+        else:
+            while self.models and sum(self.models) + n > self.budget:
+                self.models.popitem(last=False)
             self.models[n] = FrozenReplacement(self.rm, self.trace.prefix(n), self.batch)
         return self.models[n]
 
 
+# Cost of back-propagating a group, in units of one target through one layer at one position
+# (measured on Gemma 3 270M: 15-20 us a unit; a call costs about 48 units a layer in overhead, the
+# edge products about 0.7 of a target; every ranking by influence visits every stored chunk, about
+# 300 us, 20 units, each time).
+_CALL_UNITS, _EDGE_ROWS, _RANKING_UNITS = 48.0, 0.7, 20.0
+
+
+def plan_groups(layers: Int[torch.Tensor, "m"], positions: Int[torch.Tensor, "m"], prefix_length,
+                max_group: int, group_units: float = 0.0) -> list[torch.Tensor]:
+    """Split a queue of feature targets into groups for batched backward passes.
+
+    A group of targets is back-propagated through the layers below its highest target layer ``L``
+    and the prefix of ``prefix_length(max position)`` positions, and its rows store that span's
+    columns, so its cost is about ``(L + 1) * ((size + 0.7) * n + 48) + group_units`` (per-call
+    overhead included; ``group_units`` is what a stored chunk costs later, in the rankings). The targets are taken in (layer, position) order and cut into consecutive groups of
+    at most ``max_group`` by dynamic programming on that cost (exact for the order, O(m * max_group)).
+
+    Args:
+        layers, positions: ``[m]`` of the queue's targets, sorted by (layer, position).
+        prefix_length: position -> prefix length of the backward pass.
+        max_group: at most this many targets in a group (>= 1).
+
+    Returns:
+        index tensors into the queue, each a group, in queue order.
+    """
+    m = len(layers)
+    lay, pos = layers.tolist(), positions.tolist()
+    best = np.full(m + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(m + 1, dtype=np.int64)
+    for j in range(1, m + 1):
+        top_layer = top_pos = 0
+        for i in range(j - 1, max(j - max_group, 0) - 1, -1):
+            top_layer, top_pos = max(top_layer, lay[i]), max(top_pos, pos[i])
+            cost = best[i] + (top_layer + 1) * ((j - i + _EDGE_ROWS) * prefix_length(top_pos) + _CALL_UNITS) + group_units
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], m
+    while j:
+        groups.append(torch.arange(int(cut[j]), j))
+        j = int(cut[j])
+    return groups[::-1]
+
+
 def _feature_rows(
-    rm: ReplacementModel, trace: Trace, prefixes: _Prefixes, sources: SourceVectors,
-    idx: torch.Tensor, retain_graph: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge rows ``(features, others)`` (see :meth:`SourceVectors.edges`) for active features
+    rm: ReplacementModel, trace: Trace, prefixes: _Prefixes, sources: SourceVectors, idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Edge rows ``(features, others, span)`` (see :meth:`SourceVectors.edges`) for active features
     ``idx`` (indices into ``trace.active``); only layers below the highest target layer, and only
     the prefix of whole position blocks that holds every target, are back-propagated through."""
     d = rm.model.d_model
@@ -200,13 +277,10 @@ def _feature_rows(
         if layer not in injections:
             injections[layer] = torch.zeros(len(idx), n, d, device=trace.errors[layer].device)
         injections[layer][b, pos] = rm.transcoders.encoder_vectors(layer, torch.tensor([feature]))[0].float()
-    grads, grad_embed = prefixes(n).gradients(injections, None, retain_graph=retain_graph,
-                                              n_source_layers=max(injections))
-    if n < trace.n_pos:  # later positions get no gradient from these targets
-        pad = (0, 0, 0, trace.n_pos - n)
-        grads, grad_embed = [torch.nn.functional.pad(g, pad) for g in grads], torch.nn.functional.pad(grad_embed, pad)
+    n_source_layers = max(injections)
+    grads, grad_embed = prefixes(n).gradients(injections, None, retain_graph=True, n_source_layers=n_source_layers)
     features, others = sources.edges(grads, grad_embed)
-    return features.cpu(), others.cpu()  # edge rows are held on the CPU
+    return features.cpu(), others.cpu(), (n_source_layers, n)  # edge rows are held on the CPU
 
 
 def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = AttributionConfig(),
@@ -247,7 +321,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     frozen = FrozenReplacement(rm, trace, batch)
     prefixes = _Prefixes(rm, trace, frozen, config.prefix_blocks)
     sources = SourceVectors.build(rm, trace)
-    rows = EdgeRows(n_active, (n_layers + 1) * n_pos)
+    rows = EdgeRows(sources.layout)
     # phase 4: logit rows
     for i in range(0, n_logits, batch):
         chunk = vectors[i : i + batch]
@@ -256,11 +330,14 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         grads, grad_embed = frozen.gradients({}, inject, retain_graph=True)
         features, others = sources.edges(grads, grad_embed)
         rows.add(torch.full((len(chunk),), -1), features[: len(chunk)].cpu(), others[: len(chunk)].cpu())
+    del grads, grad_embed
     # phase 5: feature rows, visited by influence; each queue is visited whole before the next
-    # ranking, so it is sorted by layer: a batch then back-propagates through only the layers
-    # below its highest target and stores only the feature columns those layers hold
+    # ranking, so it is cut into groups with a tight span of layers and positions (plan_groups),
+    # taken in order of their prefix length so that prefix models are reused
     visited = torch.zeros(n_active, dtype=torch.bool)
     n_done = 0
+    n_rankings = 0 if n_visit == n_active else -(-n_visit // (config.update_interval * batch))
+    chunk_units = _RANKING_UNITS * n_rankings / 2  # a chunk is ranked in half the rankings, on average
     bar = progress.bar(total=n_visit, desc="attribution", unit="feature")
     logit_probs = torch.tensor([t.prob for t in targets])
     while n_done < n_visit:
@@ -272,10 +349,15 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             pending = rank[~visited[rank]][: min(config.update_interval * batch, n_visit - n_done)].sort().values
             del influence, rank
             release_free_memory()  # the influence block and the last queue's gradients
-        for idx in pending.split(batch):
+        groups = []
+        for part in pending.split(256):  # the planner is quadratic in the part's length
+            where = trace.active[part]
+            groups += [part[g] for g in plan_groups(where[:, 0], where[:, 1], prefixes.length, batch, chunk_units)]
+        groups.sort(key=lambda g: prefixes.length(int(trace.active[g, 1].max())))
+        for idx in groups:
             n_done += len(idx)
-            features, others = _feature_rows(rm, trace, prefixes, sources, idx, retain_graph=n_done < n_visit)
-            rows.add(idx, features, others)
+            features, others, span = _feature_rows(rm, trace, prefixes, sources, idx)
+            rows.add(idx, features, others, span)
             visited[idx] = True
             bar.update(len(idx))
     bar.close()

@@ -2,17 +2,22 @@
 
 A row holds the direct effects of every source on one target. Its full column layout is
 ``[active features (sorted by layer, then position), error nodes (layer-major), token nodes]``
-(``n_active + n_layers * n_pos + n_pos`` columns), as in circuit-tracer's ``edge_matrix``. A
-feature target reads the MLP input of its layer ``l``, which only sources of layers ``< l`` can
-reach; those features are a prefix of the active list, so a row keeps only its first ``width``
-feature columns (``width`` = number of active features below the batch's highest target layer) and
-the ``n_layers * n_pos + n_pos`` error and token columns. Logit rows keep every column.
+(``n_active + n_layers * n_pos + n_pos`` columns), as in circuit-tracer's ``edge_matrix``. Two
+kinds of column are zero in a feature target's row and are not stored:
 
-On the default model this stores about a quarter of circuit-tracer's dense
-``[max_feature_nodes + n_logits, n_active + ...]`` float32 matrix (measured: feature targets chosen
-by influence sit mostly in early layers), and never builds an ``N x N`` matrix of all active
-features. Influence on the logits, which orders the features to visit, is computed from the
-same rows (see :meth:`EdgeRows.feature_influence`).
+- a target reads the MLP input of its layer ``l``, which only sources of layers ``< l`` reach;
+- attention is causal, so a target at position ``p`` gets nothing from sources at positions ``> p``.
+
+Rows are stored in chunks; a chunk has a *span* ``(n_source_layers, n_positions)``: its rows keep
+the columns of active features in layers ``< n_source_layers`` at positions ``< n_positions`` (per
+layer a contiguous run of the active list, since it is sorted by position within a layer; the
+runs concatenated in layer order), and the error and token columns of positions ``< n_positions``.
+Logit rows span every column. Chunks are small groups of targets planned to share a tight span
+(see :func:`mechscope.attribution.attribute.plan_groups`), so a stored row holds about the columns
+its own target can reach, not those of its batch's highest and latest target; the dense
+``[rows, all active features]`` matrix of circuit-tracer is never built, nor an ``N x N`` matrix of
+all active features. Influence on the logits, which orders the features to visit, is computed from
+the same rows (see :meth:`EdgeRows.feature_influence`).
 """
 
 from __future__ import annotations
@@ -24,31 +29,107 @@ from jaxtyping import Float, Int
 
 from mechscope.memory import release_free_memory
 
-__all__ = ["EdgeRows"]
+__all__ = ["ActiveLayout", "EdgeRows"]
+
+
+class ActiveLayout:
+    """Where each active feature sits in the active list (sorted by layer, then position).
+
+    Args:
+        layers: ``[n_active]`` layer of each active feature (non-decreasing).
+        positions: ``[n_active]`` its position (non-decreasing within a layer).
+        n_layers, n_pos: the model's layers and the prompt's positions.
+
+    Attributes:
+        starts: ``[n_layers + 1]`` first active index of each layer (and ``n_active``).
+        below: ``[n_layers, n_pos + 1]`` number of a layer's active features at positions ``< n``.
+
+    Raises:
+        ValueError: features not sorted by layer then position.
+    """
+
+    def __init__(self, layers: Int[torch.Tensor, "n_active"], positions: Int[torch.Tensor, "n_active"],
+                 n_layers: int, n_pos: int):
+        layers, positions = layers.long().cpu().contiguous(), positions.long().cpu().contiguous()
+        key = layers * (n_pos + 1) + positions
+        if len(key) > 1 and bool((key[1:] < key[:-1]).any()):
+            raise ValueError("active features must be sorted by layer, then position")
+        self.layers, self.positions = layers, positions
+        self.n_active, self.n_layers, self.n_pos = len(layers), n_layers, n_pos
+        self.starts = torch.searchsorted(layers, torch.arange(n_layers + 1))
+        counts = torch.zeros(n_layers, n_pos + 1, dtype=torch.long)
+        counts.view(-1).index_add_(0, layers * (n_pos + 1) + positions + 1, torch.ones_like(layers))
+        self.below = counts.cumsum(1)
+        self._offsets: dict[tuple[int, int], torch.Tensor] = {}
+
+    def offsets(self, n_source_layers: int, n_positions: int) -> torch.Tensor:
+        """``[n_source_layers + 1]`` where each layer's run starts in a row of this span (and its width)."""
+        key = (n_source_layers, n_positions)
+        if key not in self._offsets:
+            widths = self.below[:n_source_layers, n_positions]
+            self._offsets[key] = torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)])
+        return self._offsets[key]
+
+    def width(self, n_source_layers: int, n_positions: int) -> int:
+        """Number of feature columns a row of this span stores."""
+        return int(self.below[:n_source_layers, n_positions].sum())
+
+    def locate(self, idx: Int[torch.Tensor, "m"], n_source_layers: int, n_positions: int,
+               where: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inside [m] bool, local [m])``: whether active features ``idx`` are columns of this
+        span, and for those that are, their column in its rows. ``where``: their ``(layers,
+        positions)``, when already looked up."""
+        layer, pos = (self.layers[idx], self.positions[idx]) if where is None else where
+        inside = (layer < n_source_layers) & (pos < n_positions)
+        offsets = self.offsets(n_source_layers, n_positions)
+        layer_in = layer.clamp(max=max(n_source_layers - 1, 0))
+        local = offsets[layer_in] + idx - self.starts[layer_in]
+        return inside, torch.where(inside, local, torch.zeros_like(local))
+
+    def scatter_add(self, target: Float[torch.Tensor, "n_active"], values: Float[torch.Tensor, "width"],
+                    n_source_layers: int, n_positions: int) -> None:
+        """``target[columns of the span] += values`` (one slice per layer)."""
+        offsets = self.offsets(n_source_layers, n_positions).tolist()
+        for layer in range(n_source_layers):
+            a, b = offsets[layer], offsets[layer + 1]
+            if b > a:
+                start = int(self.starts[layer])
+                target[start : start + b - a] += values[a:b]
+
+    def gather(self, rows: Float[torch.Tensor, "k n_active"], n_source_layers: int, n_positions: int
+               ) -> Float[torch.Tensor, "k width"]:
+        """The columns of this span from full-width rows (the inverse of storing them)."""
+        offsets = self.offsets(n_source_layers, n_positions).tolist()
+        parts = [rows[:, int(self.starts[layer]) : int(self.starts[layer]) + offsets[layer + 1] - offsets[layer]]
+                 for layer in range(n_source_layers)]
+        return torch.cat(parts, 1) if parts else rows[:, :0]
 
 
 @dataclass
 class _Chunk:
-    """Rows of one batch: ``nodes [k]`` (active-feature index, or ``-1`` for a logit row),
-    ``features [k, width]`` edges from the first ``width`` active features, ``others [k, n_other]``
-    edges from error and token nodes, ``row_sums [k]`` the rows' absolute sums over all columns."""
+    """Rows of one group of targets: ``nodes [k]`` (active-feature index, or ``-1`` for a logit
+    row), ``features [k, width]`` edges from the active features of the chunk's span, ``others [k,
+    n_layers + 1, n_positions]`` edges from error nodes (per layer) and token nodes (last) at the
+    span's positions, ``row_sums [k]`` the rows' absolute sums, ``span`` ``(n_source_layers, n_positions)``."""
 
     nodes: torch.Tensor
     features: torch.Tensor
     others: torch.Tensor
     row_sums: torch.Tensor
+    span: tuple[int, int]
 
 
 class EdgeRows:
     """Edge rows in visit order: logit rows first, then feature rows as they are computed.
 
     Args:
-        n_active: number of active features (feature columns of a full row).
-        n_other: number of error plus token columns (``(n_layers + 1) * n_pos``).
+        layout: the active features' layers and positions (:class:`ActiveLayout`).
     """
 
-    def __init__(self, n_active: int, n_other: int):
-        self.n_active, self.n_other = n_active, n_other
+    def __init__(self, layout: ActiveLayout):
+        self.layout = layout
+        self.n_active = layout.n_active
+        self.n_other = (layout.n_layers + 1) * layout.n_pos  # error then token columns of a full row
         self.chunks: list[_Chunk] = []
         self.n_rows = 0
 
@@ -56,20 +137,27 @@ class EdgeRows:
         self,
         nodes: Int[torch.Tensor, "k"],
         features: Float[torch.Tensor, "k width"],
-        others: Float[torch.Tensor, "k n_other"],
+        others: Float[torch.Tensor, "k n_layers_plus_1 n_positions"],
+        span: tuple[int, int] | None = None,
     ) -> None:
         """Append rows. ``nodes[i]`` is the active-feature index of row ``i``'s target (``-1`` for
-        a logit target); ``features`` holds its edges from active features ``0 .. width - 1`` (all
-        later feature columns must be zero) and ``others`` from error and token nodes.
+        a logit target); ``features`` holds its edges from the active features of ``span``
+        ``(n_source_layers, n_positions)`` (default: every column) in the layout's order, ``others``
+        from error and token nodes at positions ``< n_positions``. Every column outside the span
+        must be zero in the full row.
 
         Raises:
-            ValueError: shapes that do not match the layout.
+            ValueError: shapes that do not match the span.
         """
-        if features.shape[1] > self.n_active or others.shape[1] != self.n_other or len(features) != len(nodes):
+        layout = self.layout
+        span = (layout.n_layers, layout.n_pos) if span is None else (int(span[0]), int(span[1]))
+        width = layout.width(*span)
+        if (features.shape != (len(nodes), width) or others.shape != (len(nodes), layout.n_layers + 1, span[1])):
             raise ValueError(f"rows of shape {tuple(features.shape)} + {tuple(others.shape)} for {len(nodes)} nodes "
-                             f"do not fit {self.n_active} feature and {self.n_other} other columns")
-        row_sums = features.abs().sum(1) + others.abs().sum(1)
-        self.chunks.append(_Chunk(nodes.long(), features, others, row_sums))
+                             f"do not fit span {span} ({width} feature columns, "
+                             f"others [{len(nodes)}, {layout.n_layers + 1}, {span[1]}])")
+        row_sums = features.abs().sum(1) + others.abs().sum((1, 2))
+        self.chunks.append(_Chunk(nodes.long(), features, others, row_sums, span))
         self.n_rows += len(nodes)
 
     def nbytes(self) -> int:
@@ -98,11 +186,13 @@ class EdgeRows:
         row_of[nodes[is_feature]] = torch.arange(n_rows)[is_feature]
         visited = nodes[is_feature].sort().values
         block = torch.zeros(n_rows, n_rows)  # normalised |A| restricted to row-node sources
+        where = (self.layout.layers[visited], self.layout.positions[visited])
         start = 0
         for chunk in self.chunks:
-            cols = visited[: int(torch.searchsorted(visited, chunk.features.shape[1]))]
+            inside, local = self.layout.locate(visited, *chunk.span, where=where)
             k = len(chunk.nodes)
-            block[start : start + k, row_of[cols]] = chunk.features[:, cols].abs() / chunk.row_sums.clamp(min=1e-10)[:, None]
+            block[start : start + k, row_of[visited[inside]]] = (
+                chunk.features[:, local[inside]].abs() / chunk.row_sums.clamp(min=1e-10)[:, None])
             start += k
         n_logits = len(logit_probabilities)
         x = torch.zeros(n_rows)
@@ -118,9 +208,9 @@ class EdgeRows:
         influence = torch.zeros(self.n_active)
         start = 0
         for chunk in self.chunks:
-            k, width = chunk.features.shape
+            k = len(chunk.nodes)
             weights = total[start : start + k] / chunk.row_sums.clamp(min=1e-10)
-            influence[:width] += weights @ chunk.features.abs()
+            self.layout.scatter_add(influence, weights @ chunk.features.abs(), *chunk.span)
             start += k
         return influence
 
@@ -135,24 +225,30 @@ class EdgeRows:
             selected: ``[n_selected]`` ascending active-feature indices of the visited features.
             n_logits: number of logit rows (stored first).
         """
+        layout = self.layout
         n_selected = len(selected)
         n_nodes = n_selected + self.n_other + n_logits
         adjacency = torch.empty(n_nodes, n_nodes)  # pages become resident as rows are written
         adjacency[n_selected : n_selected + self.n_other] = 0  # error and token nodes have no inputs
         logit_row = n_nodes - n_logits
+        freed = 0
         while self.chunks:
             chunk = self.chunks.pop(0)
             is_logit = chunk.nodes < 0
             rows = torch.searchsorted(selected, chunk.nodes)
             rows[is_logit] = logit_row + torch.arange(int(is_logit.sum()))
             logit_row += int(is_logit.sum())
-            n_cols = int(torch.searchsorted(selected, chunk.features.shape[1]))
+            inside, local = layout.locate(selected, *chunk.span)
             block = torch.zeros(len(rows), n_nodes)
-            block[:, :n_cols] = chunk.features[:, selected[:n_cols]]
-            block[:, n_selected : n_selected + self.n_other] = chunk.others
+            block[:, :n_selected][:, inside] = chunk.features[:, local[inside]]
+            others = block[:, n_selected : n_selected + self.n_other].view(len(rows), layout.n_layers + 1, layout.n_pos)
+            others[:, :, : chunk.span[1]] = chunk.others
+            freed += chunk.features.nbytes + chunk.others.nbytes
             del chunk
             adjacency[rows] = block
             del block
-            release_free_memory()
+            if freed > 2**26 or not self.chunks:  # trimming the heap costs milliseconds: every 64 MB freed
+                release_free_memory()
+                freed = 0
         self.n_rows = 0
         return adjacency
