@@ -362,9 +362,14 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             bar.update(len(idx))
     bar.close()
     stored_mb = rows.nbytes() / 2**20
-    # phase 6: assemble the node set [selected features, errors, tokens, logits]
+    # phase 6: assemble the node set [selected features, errors, tokens, logits]; the backward
+    # passes are done, so the frozen models and source vectors go, and the kernel may reclaim the
+    # weights' pages (values kept: read back from the file if the model runs again) rather than
+    # hold them under the adjacency
     progress.phase("assembling the adjacency")
     selected = visited.nonzero().flatten()
+    del frozen, prefixes, sources
+    rm.model.release_weights()
     release_free_memory()
     adjacency = rows.assemble(selected, n_logits)
     seconds = time.perf_counter() - start

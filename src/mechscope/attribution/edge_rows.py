@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 
@@ -228,8 +229,10 @@ class EdgeRows:
         layout = self.layout
         n_selected = len(selected)
         n_nodes = n_selected + self.n_other + n_logits
-        adjacency = torch.empty(n_nodes, n_nodes)  # pages become resident as rows are written
-        adjacency[n_selected : n_selected + self.n_other] = 0  # error and token nodes have no inputs
+        # calloc (numpy's zeros) maps fresh zero pages for a block this large: a page becomes
+        # resident when a row on it is written, so the rows of error and token nodes (no inputs;
+        # 80 % of the matrix at 2,048 tokens) stay zero without taking memory
+        adjacency = torch.from_numpy(np.zeros((n_nodes, n_nodes), dtype=np.float32))
         logit_row = n_nodes - n_logits
         freed = 0
         while self.chunks:
