@@ -33,7 +33,8 @@ def _random_rows(n_layers=4, n_pos=6, n_logits=3, spans=((5, (0, 3)), (7, (2, 6)
         block[:, :n_active][:, (layers >= n_source_layers) | (positions >= n)] = 0
         others = block[:, n_active:].view(k, n_layers + 1, n_pos)
         others[:, :, n:] = 0
-        rows.add(idx, layout.gather(block[:, :n_active], n_source_layers, n), others[:, :, :n].clone(), (n_source_layers, n))
+        in_span = (layers < n_source_layers) & (positions < n)  # in ascending order = the layout's order
+        rows.add(idx, block[:, :n_active][:, in_span], others[:, :, :n].clone(), (n_source_layers, n))
         dense.append(block)
         nodes.append(idx)
     return rows, torch.cat(dense), torch.cat(nodes)

@@ -233,8 +233,9 @@ def plan_groups(layers: Int[torch.Tensor, "m"], positions: Int[torch.Tensor, "m"
     A group of targets is back-propagated through the layers below its highest target layer ``L``
     and the prefix of ``prefix_length(max position)`` positions, and its rows store that span's
     columns, so its cost is about ``(L + 1) * ((size + 0.7) * n + 48) + group_units`` (per-call
-    overhead included; ``group_units`` is what a stored chunk costs later, in the rankings). The targets are taken in (layer, position) order and cut into consecutive groups of
-    at most ``max_group`` by dynamic programming on that cost (exact for the order, O(m * max_group)).
+    overhead included; ``group_units`` is what a stored chunk costs later, in the rankings). The
+    targets are taken in (layer, position) order and cut into consecutive groups of at most
+    ``max_group`` by dynamic programming on that cost (exact for the order, O(m * max_group)).
 
     Args:
         layers, positions: ``[m]`` of the queue's targets, sorted by (layer, position).
@@ -353,7 +354,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         for part in pending.split(256):  # the planner is quadratic in the part's length
             where = trace.active[part]
             groups += [part[g] for g in plan_groups(where[:, 0], where[:, 1], prefixes.length, batch, chunk_units)]
-        groups.sort(key=lambda g: prefixes.length(int(trace.active[g, 1].max())))
+        groups.sort(key=lambda g, length=prefixes.length: length(int(trace.active[g, 1].max())))
         for idx in groups:
             n_done += len(idx)
             features, others, span = _feature_rows(rm, trace, prefixes, sources, idx)

@@ -97,14 +97,6 @@ class ActiveLayout:
                 start = int(self.starts[layer])
                 target[start : start + b - a] += values[a:b]
 
-    def gather(self, rows: Float[torch.Tensor, "k n_active"], n_source_layers: int, n_positions: int
-               ) -> Float[torch.Tensor, "k width"]:
-        """The columns of this span from full-width rows (the inverse of storing them)."""
-        offsets = self.offsets(n_source_layers, n_positions).tolist()
-        parts = [rows[:, int(self.starts[layer]) : int(self.starts[layer]) + offsets[layer + 1] - offsets[layer]]
-                 for layer in range(n_source_layers)]
-        return torch.cat(parts, 1) if parts else rows[:, :0]
-
 
 @dataclass
 class _Chunk:
@@ -234,6 +226,7 @@ class EdgeRows:
         # 80 % of the matrix at 2,048 tokens) stay zero without taking memory
         adjacency = torch.from_numpy(np.zeros((n_nodes, n_nodes), dtype=np.float32))
         logit_row = n_nodes - n_logits
+        where = (layout.layers[selected], layout.positions[selected])
         freed = 0
         while self.chunks:
             chunk = self.chunks.pop(0)
@@ -241,7 +234,7 @@ class EdgeRows:
             rows = torch.searchsorted(selected, chunk.nodes)
             rows[is_logit] = logit_row + torch.arange(int(is_logit.sum()))
             logit_row += int(is_logit.sum())
-            inside, local = layout.locate(selected, *chunk.span)
+            inside, local = layout.locate(selected, *chunk.span, where=where)
             block = torch.zeros(len(rows), n_nodes)
             block[:, :n_selected][:, inside] = chunk.features[:, local[inside]]
             others = block[:, n_selected : n_selected + self.n_other].view(len(rows), layout.n_layers + 1, layout.n_pos)

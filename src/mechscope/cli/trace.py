@@ -163,7 +163,7 @@ def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOp
     attribution_seconds = time.perf_counter() - attribution_start
     if chat is not None:
         graph.config["chat"] = chat_metadata(model.tokenizer, chat, graph.input_ids)
-    model.release_weights()  # pruning, scores and export do not read the model
+    # attribute() has released the weights' pages: pruning, scores and export do not read the model
     progress.phase("pruning and scores" if not options.no_prune else "scores")
     pruned = None if options.no_prune else prune_graph(graph, options.node_threshold, options.edge_threshold)
     replacement_score, completeness_score = graph_scores(graph)
