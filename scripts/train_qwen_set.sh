@@ -3,12 +3,15 @@
 # after an interruption and it goes on where it stopped (corpus sources are fetched once, chat
 # transcripts are written per batch, training checkpoints every five minutes).
 #   1. the offline corpus (8 sources);
-#   2. 2,400 chat transcripts: offline user turns, the model's own replies (48 tokens) sampled (weight 0.3);
-#   3. 24 layers x 896 JumpReLU features with skip, TopK k=56 on 3.2M tokens; calibration and held-out
+#   2. chat transcripts (weight 0.3): offline user turns, the model's own replies sampled. Transcripts
+#      already in the corpus chat-<model> are kept: v1's are 3,200 conversations with replies of up to 64
+#      tokens sampled on an H200 (scripts/train_qwen_set_gpu.sh); without a GPU this samples 2,400
+#      conversations of up to 48 tokens on the CPU (about 2 hours);
+#   3. 24 layers x 896 JumpReLU features with skip, TopK k=56 on 3.0M tokens; calibration and held-out
 #      figures on the float32 model.
 # The model forward runs in bfloat16 where the CPU computes it natively (AMX or AVX512-BF16: 3.4x faster
 # than float32 on such a machine) and in float32 elsewhere (bfloat16 is emulated there: 3.6x slower,
-# measured on an AVX-512 machine without BF16). A resumed run keeps the precision it started with.
+# measured on an AVX-512 machine without BF16). A resumed training run keeps the precision it started with.
 # It runs at low priority on one thread (OMP_NUM_THREADS=1, nice) so the machine stays usable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +20,15 @@ MS=".venv/bin/mechscope"
 MODEL=qwen2.5-coder-0.5b-instruct
 NAME=qwen2.5-coder-0.5b-instruct-plt-v1
 home=${MECHSCOPE_HOME:-$HOME/.cache/mechscope}
-parts="$home/corpus/chat-$MODEL/chat-parts/config.json"
-if [ -f "$parts" ]; then
-    DTYPE=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_dtype'])" "$parts")
+state="$home/training/$NAME/checkpoint/state.json"
+if [ -f "$state" ]; then
+    DTYPE=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['model_dtype'])" "$state")
 elif grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo; then DTYPE=bfloat16; else DTYPE=float32; fi
 echo "model forward in $DTYPE"
 [ -f "$home/corpus/default/manifest.json" ] || nice -n 10 $MS corpus build
-nice -n 10 $MS corpus chat --model "$MODEL" --conversations 2400 --max-new-tokens 48 --weight 0.3 \
-    --model-dtype "$DTYPE" --no-progress
+if ! grep -q '"name": "chat"' "$home/corpus/chat-$MODEL/manifest.json" 2>/dev/null; then
+    nice -n 10 $MS corpus chat --model "$MODEL" --conversations 2400 --max-new-tokens 48 --weight 0.3 \
+        --model-dtype "$DTYPE" --no-progress
+fi
 nice -n 10 $MS -v train --model "$MODEL" --corpus "chat-$MODEL" --name "$NAME" --d-transcoder 896 --k 56 \
-    --n-tokens 3200000 --model-dtype "$DTYPE" --no-progress
+    --n-tokens 3000000 --model-dtype "$DTYPE" --no-progress

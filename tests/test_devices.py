@@ -157,3 +157,51 @@ def test_training_steps_on_the_accelerator_equal_the_cpu_ones(accelerator, tmp_p
     b = load_file(str(tmp_path / "ck-dev" / "checkpoint" / "state.safetensors"))
     for name, value in a.items():
         assert torch.allclose(value, b[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_chat_transcripts_are_sampled_on_the_accelerator(accelerator, tmp_path, monkeypatch, capsys):
+    """``corpus chat --device``: the tiny ChatML model samples its replies on the accelerator, the
+    device kind is recorded with the transcripts, and a resume on another kind is refused."""
+    import json
+
+    from conftest import make_tiny_chat_adapter
+    from test_cli import run
+    from test_training import write_sources
+
+    from mechscope.data.corpus import CorpusConfig, build_corpus
+
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    txt, jsonl, _ = write_sources(tmp_path / "raw")
+    build_corpus(CorpusConfig(sources=(str(txt), str(jsonl))), out=tmp_path / "home" / "corpus" / "default")
+    chat = make_tiny_chat_adapter()
+    chat.hf.save_pretrained(tmp_path / "chat")
+    chat.tokenizer.save_pretrained(tmp_path / "chat")
+    args = ["corpus", "chat", "--model", str(tmp_path / "chat"), "--name", "c", "--conversations", "6",
+            "--batch-size", "3", "--max-new-tokens", "4", "--no-progress"]
+    code, out, err = run([*args, "--device", str(accelerator)], capsys)
+    assert code == 0, err
+    parts = tmp_path / "home" / "corpus" / "c" / "chat-parts"
+    assert json.loads((parts / "config.json").read_text())["device"] == accelerator.type
+    rows = [json.loads(line) for part in sorted(parts.glob("0*.jsonl")) for line in part.open()]
+    assert len(rows) == 6 and all(r["messages"][1]["role"] == "assistant" for r in rows)
+    if accelerator.type != "cpu":
+        (parts / "00001.jsonl").unlink()
+        code, out, err = run([*args, "--device", "cpu"], capsys)
+        assert code == 2 and "device" in err
+
+
+def test_models_load_without_hub_kernels(tmp_path, monkeypatch):
+    """transformers >= 5 swaps in hub kernels by default where the `kernels` package is installed and
+    fails where it is not (seen on a GPU machine); mechscope loads the model's own modules either way."""
+    import transformers.modeling_utils as modeling_utils
+
+    from mechscope.models.loading import load_model
+
+    adapter = make_tiny_adapter("llama")
+    adapter.hf.save_pretrained(tmp_path / "model")
+    adapter.tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(modeling_utils, "is_kernels_available", lambda: False)
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    model = load_model(str(tmp_path / "model"), device="cpu")
+    assert model.hf.use_kernels is False
+    assert torch.equal(model.hf.model.layers[0].mlp.down_proj.weight, adapter.hf.model.layers[0].mlp.down_proj.weight)

@@ -55,8 +55,12 @@ def build(sources, weights, max_docs, out_dir):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Precision the replies are sampled in (bfloat16 is about 3x faster on CPU).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the replies are sampled: cpu | cuda | cuda:N | mps | auto (the samples depend on it: "
+                   "the device is recorded with the transcripts and a resume on another one is refused).")
 @click.option("--no-progress", is_flag=True)
-def chat(model_name, base, name, conversations, max_new_tokens, weight, batch_size, seed, model_dtype, no_progress):
+def chat(model_name, base, name, conversations, max_new_tokens, weight, batch_size, seed, model_dtype, device,
+         no_progress):
     """Add the chat model's own transcripts to a copy of a corpus (resumable).
 
     User turns: questions mined from the base corpus, templated everyday / technical / harmful
@@ -68,8 +72,11 @@ def chat(model_name, base, name, conversations, max_new_tokens, weight, batch_si
     from mechscope.data.corpus import corpus_dir
     from mechscope.models.loading import load_model
 
+    from mechscope.devices import resolve_device
+
+    on = resolve_device(device)
     cfg = ChatConfig(conversations=conversations, max_new_tokens=max_new_tokens, weight=weight,
-                     batch_size=batch_size, seed=seed, model_dtype=model_dtype)
+                     batch_size=batch_size, seed=seed, model_dtype=model_dtype, device=on.type)
     source = corpus_dir(base)
     if not (source / "manifest.json").exists():
         raise BadInputError(f"corpus {base!r} is not built ({source}); run `mechscope corpus build` first")
@@ -80,7 +87,7 @@ def chat(model_name, base, name, conversations, max_new_tokens, weight, batch_si
             if not file.name.startswith("chat."):
                 shutil.copyfile(file, target / file.name)
         shutil.copyfile(source / "manifest.json", target / "manifest.json")
-    adapter = load_model(model_name, dtype=model_dtype)
+    adapter = load_model(model_name, dtype=model_dtype, device=on)
     out = build_chat_source(adapter.hf, adapter.tokenizer, target, cfg, progress=not no_progress)
     manifest = json.loads((out / "manifest.json").read_text())
     entry = next(e for e in manifest["sources"] if e["name"] == "chat")

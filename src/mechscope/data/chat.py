@@ -166,6 +166,8 @@ class ChatConfig:
         seed: the user turns' order and the samples.
         model_dtype: the precision the replies are sampled in (``float32`` or ``bfloat16``; bfloat16
             samples about 3x faster on CPU and is recorded with the transcripts).
+        device: the kind of device the replies are sampled on (``cpu``, ``cuda``, ``mps``): the
+            same seed samples differently on another kind, so it is recorded too.
     """
 
     conversations: int = 3200
@@ -177,8 +179,11 @@ class ChatConfig:
     heldout_every: int = 20
     seed: int = 0
     model_dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self):
+        if self.device not in ("cpu", "cuda", "mps"):
+            raise BadInputError(f"device must be one of cpu, cuda, mps, got {self.device!r}")
         if self.model_dtype not in ("float32", "bfloat16"):
             raise BadInputError(f"model_dtype must be one of float32, bfloat16, got {self.model_dtype!r}")
         if self.conversations < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -210,7 +215,7 @@ def _generate(model, tokenizer, conversations: list[list[dict]], cfg: ChatConfig
 
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
     tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
@@ -313,6 +318,7 @@ def _check_parts_config(parts: Path, cfg: ChatConfig) -> None:
     record = parts / "config.json"
     if record.exists():
         had = json.loads(record.read_text())
+        had.setdefault("device", "cpu")  # recorded since transcripts could be sampled on a GPU
         if had != wanted:
             diff = ", ".join(f"{k}: {had.get(k)!r} -> {v!r}" for k, v in wanted.items() if had.get(k) != v)
             raise BadInputError(f"{parts} holds transcripts made with other settings ({diff}); "

@@ -220,7 +220,8 @@ def _dequantize_into(gguf: str, tmp: str) -> None:
     hf_logging.disable_progress_bar()
     gguf_path = Path(gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+                                                 use_kernels=False)
     model.hf_quantizer = None  # dequantized weights are plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -309,7 +310,10 @@ def load_model(
     dtype = resolve_dtype(dtype)
     device_map = check_device_map(device_map)
     target = None if device_map else resolve_device(device)
-    placement = {"device_map": device_map} if device_map else {}
+    # the model's own modules, never hub kernels swapped in for them: mechscope hooks those modules,
+    # and transformers >= 5 kernelizes by default where the `kernels` package is installed (it
+    # fetches kernels from the hub, and fails where the package is missing)
+    placement = {"use_kernels": False, **({"device_map": device_map} if device_map else {})}
     source, model_id = resolve_model_dir(name_or_path)
     is_hub_id = not Path(source).exists()
     try:
