@@ -73,6 +73,9 @@ class TrainConfig:
             fired in ``dead_after_tokens`` tokens (0 = never) ...
         resample_until: ... during the first this fraction of the steps, so the last ones settle.
         calibration_sequences: sequences whose pre-activations set the JumpReLU thresholds.
+        refit_sequences: after calibration, refit each layer's decoder, decoder bias and skip by
+            least squares on this many training sequences with the calibrated encoder fixed
+            (:func:`mechscope.training.refit.refit_decoders`; 0 = no refit).
         model_dtype: dtype of the model forward that produces the training activations
             (``float32`` or ``bfloat16``; transcoders always train in float32). On this CPU a
             bfloat16 forward of Qwen2.5 0.5B is 3.4x faster, and its MLP outputs differ from float32
@@ -99,6 +102,7 @@ class TrainConfig:
     resample_every: int = 500
     resample_until: float = 0.7
     calibration_sequences: int = 512
+    refit_sequences: int = 0
     encoder_init_scale: float = 0.1
     skip_init: str = "lstsq"
     model_dtype: str = "float32"
@@ -139,7 +143,8 @@ class TrainConfig:
 #: fields a resumed run may change: they steer what happens next, not what was already learned
 #: (a longer ``n_tokens`` extends the run and moves the learning-rate decay)
 SCHEDULE_FIELDS = frozenset(
-    {"n_tokens", "checkpoint_every_s", "eval_sequences", "calibration_sequences", "resample_every", "resample_until"}
+    {"n_tokens", "checkpoint_every_s", "eval_sequences", "calibration_sequences", "refit_sequences", "resample_every",
+     "resample_until"}
 )
 
 
@@ -540,7 +545,8 @@ def train_transcoders(
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         check_world_size(ckpt, saved)
-        changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)
+        defaults = asdict(TrainConfig())  # a field added since the checkpoint was written has its default there
+        changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k, defaults[k]) != v)
         fixed = [k for k in changed if k not in SCHEDULE_FIELDS]
         if fixed:
             raise BadInputError(
@@ -591,12 +597,22 @@ def train_transcoders(
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
                         sources=train_stream.sources)
     result = PerLayerTranscoderSet(_calibrate(evaluator, trainees, calib, cfg), model_name=adapter.name, scan=out.name)
+    refit_gains = None
+    if cfg.refit_sequences:
+        from mechscope.training.refit import refit_decoders
+
+        fit = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 2,
+                          sources=train_stream.sources)
+        refit_gains = refit_decoders(evaluator, result, fit, cfg.refit_sequences, cfg.batch_sequences)
+        logger.info("decoder refit removed %s of the squared error per layer", [round(g, 3) for g in refit_gains])
     metrics = evaluate_transcoders(evaluator, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
     by_kind = {kind: [m.as_dict() for m in evaluate_transcoders(evaluator, result, stream, cfg.eval_sequences,
                                                                 cfg.batch_sequences)]
                for kind, stream in (heldout_by_kind or {}).items()}
     extra = {
-        "training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "TopK + AuxK, JumpReLU calibrated",
+        "training": {**asdict(cfg), "tokens_trained": state["tokens"],
+                     "method": "TopK + AuxK, JumpReLU calibrated" + (", decoders refit" if refit_gains else ""),
+                     **({"refit_gain": [round(g, 4) for g in refit_gains]} if refit_gains else {}),
                      "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
         "heldout_metrics": [m.as_dict() for m in metrics],
         **({"heldout_metrics_by_kind": by_kind} if by_kind else {}),
