@@ -88,3 +88,24 @@ def test_training_with_a_refit_records_it_and_lowers_the_training_error(stream, 
     assert len(config["training"]["refit_gain"]) == refit.n_layers and min(config["training"]["refit_gain"]) >= 0
     for a, b in zip(plain.transcoders, refit.transcoders):
         assert torch.equal(a.W_enc, b.W_enc) and not torch.equal(a.W_dec, b.W_dec)
+
+
+def test_a_checkpoint_from_before_the_refit_option_resumes_with_a_refit(stream, tmp_path):
+    """A checkpoint written before ``refit_sequences`` existed has no such key: it counts as the
+    default (0), and asking for a refit on resume is a schedule change, not a different run."""
+    import json
+
+    from test_training import tiny_train_config
+
+    from mechscope.training.trainer import train_transcoders
+
+    heldout = TokenStream(stream.corpus, stream.tokenizer, CTX_LEN, "heldout")
+    cfg = tiny_train_config(n_tokens=240)
+    train_transcoders(make_tiny_adapter("llama"), stream, heldout, cfg, tmp_path / "a", tmp_path / "ck", progress=False)
+    state_file = tmp_path / "ck" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["refit_sequences"]
+    state_file.write_text(json.dumps(state))
+    tiny = tiny_train_config(n_tokens=240, refit_sequences=8)
+    train_transcoders(make_tiny_adapter("llama"), stream, heldout, tiny, tmp_path / "b", tmp_path / "ck", progress=False)
+    assert (tmp_path / "b" / "config.yaml").exists()

@@ -555,7 +555,8 @@ def train_transcoders(
             )
         state = _load_checkpoint(ckpt, trainees, opt)
         if changed:
-            logger.warning("resuming with changed %s: %s", changed, {k: (saved["config"][k], asdict(cfg)[k]) for k in changed})
+            logger.warning("resuming with changed %s: %s", changed,
+                           {k: (saved["config"].get(k, defaults[k]), asdict(cfg)[k]) for k in changed})
             state["config"] = asdict(cfg)
         logger.info("resumed at step %d (%d tokens)", state["step"], state["tokens"])
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
