@@ -44,7 +44,8 @@ def test_clt_training_lowers_heldout_fvu_and_saves_a_clt(llama, streams, tmp_pat
 
 
 def test_interrupted_clt_training_resumes_exactly(llama, streams, tmp_path, monkeypatch):  # noqa: F811
-    cfg = tiny_train_config(n_tokens=1200, checkpoint_every_s=0.0)
+    cfg = tiny_train_config(n_tokens=1200, checkpoint_every_s=0.0, resample_every=2, dead_after_tokens=30,
+                            resample_until=0.9)  # resampling included
     a, metrics = run(llama, streams, cfg, tmp_path / "a", tmp_path / "ca")
     stop_after_first_checkpoint(monkeypatch, clt_trainer)
     with pytest.raises(KeyboardInterrupt):
@@ -81,3 +82,81 @@ def test_the_auxk_loss_reaches_dead_features_only_when_it_is_on(llama):
         grads[coef] = (trainee.W_enc[0].grad[dead].abs().sum(), trainee.W_dec[0].grad[dead].abs().sum())
     assert float(grads[0.0][0]) == 0 and float(grads[0.0][1]) == 0
     assert float(grads[1 / 32][0]) > 0 and float(grads[1 / 32][1]) > 0
+
+
+def _trainee_and_batch(llama, **overrides):  # noqa: F811
+    from mechscope.training.clt_trainer import CLTTrainee
+    from mechscope.training.trainer import _activations
+
+    ids = llama.tokenize("a cat sat on the mat and the dog ran far away")[None].repeat(2, 1)
+    xs, ys = _activations(llama, ids.numpy())
+    cfg = tiny_train_config(d_transcoder=32, k=4, **overrides)
+    trainee = CLTTrainee(llama.n_layers, llama.d_model, cfg, torch.Generator().manual_seed(0))
+    trainee.initialize(xs, ys)
+    with torch.no_grad():
+        for b in trainee.b_enc:
+            b.normal_(0, 0.5)  # features fire at initialisation too
+    return trainee, xs, ys
+
+
+def test_the_clt_reconstruction_sums_each_earlier_layers_decoder_block(llama):  # noqa: F811
+    """The batched decode (each source layer decoded once into all its output layers) is the CLT's
+    definition written pair by pair: output layer m = b_dec[m] + sum_{l <= m} a_l W_dec[l][:, m - l]
+    + W_skip[m] x_m, in normalised units."""
+    import torch.nn.functional as F
+
+    trainee, xs, _ = _trainee_and_batch(llama)
+    xs_n = [x / trainee.in_scale[m] for m, x in enumerate(xs)]
+    codes, recon, _ = trainee.forward_topk(xs_n)
+    assert recon.shape == (xs[0].shape[0], llama.n_layers, llama.d_model)
+    for m in range(llama.n_layers):
+        by_hand = trainee.b_dec[m] + xs_n[m] @ trainee.W_skip[m].T
+        for l in range(m + 1):
+            idx, vals = codes[l]
+            by_hand = by_hand + F.embedding_bag(idx, trainee.W_dec[l][:, m - l].contiguous(), per_sample_weights=vals,
+                                                mode="sum")
+        torch.testing.assert_close(recon[:, m], by_hand, rtol=1e-5, atol=1e-5)
+    assert any(float(v.detach().abs().sum()) > 0 for _, v in codes)
+
+
+def test_clt_resampling_reinitialises_dead_features_only(llama):  # noqa: F811
+    """A dead feature of layer l gets a unit concatenated decoder along one token's residual over
+    layers l.., an encoder along that token's centred input, zero bias, zero Adam moments and a fresh
+    firing count; live features keep everything."""
+    trainee, xs, ys = _trainee_and_batch(llama, dead_after_tokens=10)
+    opt = torch.optim.Adam(trainee.parameters(), lr=1e-3)
+    loss, _, _ = trainee.loss(xs, ys)
+    loss.backward()
+    opt.step()
+    dead = torch.zeros(llama.n_layers, 32, dtype=torch.bool)
+    dead[0, :5] = True
+    dead[-1, 10:12] = True
+    trainee.last_fired[dead] = 100
+    before = {name: p.detach().clone() for name, p in trainee.named_parameters()}
+    xs_n = [x / trainee.in_scale[m] for m, x in enumerate(xs)]
+    y_all = torch.stack([y / trainee.out_scale[m] for m, y in enumerate(ys)], dim=1)
+    with torch.no_grad():
+        residual = y_all - trainee.forward_topk(xs_n)[1]  # under the weights before resampling
+    counts = trainee.resample_dead(xs, ys, opt, torch.Generator().manual_seed(1))
+    assert counts == [int(d.sum()) for d in dead]
+    for l in range(llama.n_layers):
+        W_dec, W_enc = trainee.W_dec[l], trainee.W_enc[l]
+        torch.testing.assert_close(W_dec[~dead[l]], before[f"W_dec.{l}"][~dead[l]], rtol=0, atol=0)
+        torch.testing.assert_close(W_enc[~dead[l]], before[f"W_enc.{l}"][~dead[l]], rtol=0, atol=0)
+        if not dead[l].any():
+            continue
+        flat = W_dec[dead[l]].flatten(1)
+        torch.testing.assert_close(flat.norm(dim=1), torch.ones(len(flat)))
+        assert (trainee.b_enc[l][dead[l]] == 0).all() and (trainee.last_fired[l, dead[l]] == 0).all()
+        assert (opt.state[W_dec]["exp_avg"][dead[l]] == 0).all() and (opt.state[W_enc]["exp_avg_sq"][dead[l]] == 0).all()
+        assert (opt.state[W_dec]["exp_avg"][~dead[l]] != 0).any()
+        # each new decoder is the direction of some token's residual over layers l.., its encoder that
+        # of the same token's centred input
+        tails = residual[:, l:].flatten(1)
+        dec_cos = flat @ (tails / tails.norm(dim=1, keepdim=True)).T
+        assert (dec_cos.max(dim=1).values > 1 - 1e-4).all()
+        enc_dirs = W_enc[dead[l]] / W_enc[dead[l]].norm(dim=1, keepdim=True)
+        centred = xs_n[l] - xs_n[l].mean(0)
+        cos = enc_dirs @ (centred / centred.norm(dim=1, keepdim=True)).T
+        assert (cos.max(dim=1).values > 1 - 1e-4).all()
+        assert torch.equal(cos.argmax(dim=1), dec_cos.argmax(dim=1))

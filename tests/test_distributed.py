@@ -294,7 +294,8 @@ def test_two_ranks_build_the_same_feature_store_cell_by_cell(tmp_path):
     assert compared > 1000
 
 
-def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str, shard: bool = False) -> None:
+def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str, shard: bool = False,
+                resample: bool = True) -> None:
     _world(rank, world, port)
     from pathlib import Path
 
@@ -306,20 +307,72 @@ def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: s
 
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(Path(corpus), tok, CTX_LEN, "train"),
-              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(), Path(out), Path(ckpt), progress=False,
-              shard_features=shard)
+              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(resample), Path(out), Path(ckpt),
+              progress=False, shard_features=shard)
     import torch.distributed as dist
 
     dist.destroy_process_group()
 
 
-def _clt_config():
+def _clt_config(resample: bool = True):
+    """With ``resample``, dead features (unseen for 30 tokens) are resampled every 2 steps."""
     from test_training import tiny_train_config
 
-    return tiny_train_config(n_tokens=480, d_transcoder=32, k=4, batch_sequences=4, minibatches=2)
+    return tiny_train_config(n_tokens=480, d_transcoder=32, k=4, batch_sequences=4, minibatches=2,
+                             resample_every=2 if resample else 0, dead_after_tokens=30, resample_until=0.9)
 
 
-def test_two_ranks_train_the_same_clt_as_one_process(tmp_path):
+def _resample_worker(rank: int, world: int, port: int, out: str) -> None:
+    _world(rank, world, port)
+    _resample_once(f"{out}.{rank}", slice(rank * 16, (rank + 1) * 16))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _resample_once(out: str, features: slice | None) -> None:
+    """One resampling of a CLT (or its feature shard) with 4 dead features per layer; saves the state."""
+    from safetensors.torch import save_file
+
+    from conftest import make_tiny_adapter
+    from mechscope.training.clt_trainer import CLTTrainee
+    from mechscope.training.trainer import _activations
+
+    adapter = make_tiny_adapter("llama")
+    ids = adapter.tokenize("a cat sat on the mat and the dog ran far away")[None].repeat(2, 1)
+    xs, ys = _activations(adapter, ids.numpy())
+    trainee = CLTTrainee(adapter.n_layers, adapter.d_model, _clt_config(), torch.Generator().manual_seed(0), features)
+    trainee.initialize(xs, ys)
+    whole = torch.zeros(adapter.n_layers, 32, dtype=torch.bool)
+    whole[:, [1, 5, 20, 30]] = True  # dead in both halves
+    trainee.last_fired[whole[:, features or slice(None)]] = 100
+    opt = torch.optim.Adam(trainee.parameters(), lr=1e-3)
+    trainee.resample_dead(xs, ys, opt, torch.Generator().manual_seed(3))
+    save_file({k: v.contiguous() for k, v in trainee.state_dict().items()}, out)
+
+
+def test_feature_shards_resample_as_one_process(tmp_path):
+    """Each feature shard draws the tokens of every shard's dead features in feature order and keeps its
+    own: one resampling in two shards equals one process's (the end-to-end sharded run below compares
+    without resampling, since Adam's reset moments turn float noise of the all-reduced reconstruction
+    into visible differences a few steps later)."""
+    from safetensors.torch import load_file
+
+    _resample_once(str(tmp_path / "one.safetensors"), None)
+    torch.multiprocessing.spawn(_resample_worker, nprocs=2, join=True,
+                                args=(2, _free_port(), str(tmp_path / "shard.safetensors")))
+    one = load_file(str(tmp_path / "one.safetensors"))
+    shards = [load_file(str(tmp_path / f"shard.safetensors.{r}")) for r in range(2)]
+    for name, value in one.items():
+        if name.startswith(("W_dec", "W_enc", "b_enc", "last_fired")):
+            whole = torch.cat([s[name] for s in shards], dim=1 if name == "last_fired" else 0)
+            torch.testing.assert_close(value, whole, rtol=1e-5, atol=1e-6, msg=name)
+    assert (one["last_fired"] == 0).all()  # the dead features were resampled (their counts reset)
+
+
+def test_two_ranks_train_the_same_clt_as_one_process(tmp_path, caplog):
+    import logging
+
     from test_training import CTX_LEN, make_tiny_tokenizer
 
     from conftest import make_tiny_adapter
@@ -328,9 +381,13 @@ def test_two_ranks_train_the_same_clt_as_one_process(tmp_path):
 
     corpus = _tiny_corpus(tmp_path)
     tok = make_tiny_tokenizer()
-    train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
-              TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
-              progress=False)
+    with caplog.at_level(logging.INFO, logger="mechscope.training.clt_trainer"):
+        train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
+                  TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
+                  progress=False)
+    resampled = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert resampled and any(any(c != "0" for c in m.split("[")[1].rstrip("] dead features").split(", "))
+                             for m in resampled), resampled  # features were resampled in this run
     torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True,
                                 args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
     _assert_same_training_state(tmp_path / "ck-one", tmp_path / "ck-two")
@@ -352,10 +409,10 @@ def test_feature_sharded_clt_training_equals_one_process(tmp_path):
     corpus = _tiny_corpus(tmp_path)
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
-              TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
+              TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(False), tmp_path / "one", tmp_path / "ck-one",
               progress=False)
-    torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True, args=(2, _free_port(), str(corpus),
-                                                                       str(tmp_path / "two"), str(tmp_path / "ck-two"), True))
+    torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True, args=(2, _free_port(), str(corpus), str(tmp_path / "two"),
+                                                                       str(tmp_path / "ck-two"), True, False))
     one = load_file(str(tmp_path / "ck-one" / "checkpoint" / "state.safetensors"))
     shards = [load_file(str(tmp_path / "ck-two" / f"checkpoint-shard{r}-of-2" / "state.safetensors")) for r in range(2)]
     assert shards[0]["model.W_enc.0"].shape[0] == one["model.W_enc.0"].shape[0] // 2  # half the features each

@@ -38,6 +38,7 @@ def _opt(name: str, type_, help_: str):
 @_opt("lr", float, "Peak learning rate.")
 @_opt("eval_sequences", int, "Held-out sequences for evaluation.")
 @_opt("checkpoint_every_s", float, "Seconds between checkpoints.")
+@_opt("calibration_sequences", int, "Sequences whose pre-activations set the JumpReLU thresholds.")
 @_opt("refit_sequences", int, "After calibration, refit decoders by least squares on this many sequences (0 = none).")
 @_opt("seed", int, "Seed.")
 @click.option("--model-dtype", "--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",

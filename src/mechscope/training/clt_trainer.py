@@ -17,8 +17,8 @@ calibration is a valid shortcut to their JumpReLU + tanh-sparsity objective):
 
 Memory: the decoders are ``n_layers (n_layers + 1) / 2`` blocks of ``[d_transcoder, d_model]``, with
 Adam's two moments each. The AuxK dead-feature loss (``aux_k``, ``aux_coef``, ``dead_after_tokens``) is
-carried over per layer (:meth:`CLTTrainee.aux_losses`); the per-layer trainer's resampling is not
-(``resample_every`` is ignored here).
+carried over per layer (:meth:`CLTTrainee.aux_losses`), and so is the per-layer trainer's resampling
+(:meth:`CLTTrainee.resample_dead`, every ``resample_every`` steps during the first ``resample_until``).
 """
 
 from __future__ import annotations
@@ -125,27 +125,34 @@ class CLTTrainee(nn.Module):
         return decoded + (total - local)
 
     def forward_topk(self, xs_n: list[torch.Tensor]):
-        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, d_model] per output layer,
-        pre-activations [n, F] per layer)``."""
-        codes, recon, pres = [], [], []
-        for m in range(self.n_layers):
-            pre = self.pre_activations(m, xs_n[m])
-            pres.append(pre)
-            codes.append(self._top(pre, self.cfg.k))
-            decoded = self._all_shards(sum(F.embedding_bag(idx_l, self.W_dec[l][:, m - l], per_sample_weights=v_l,
-                                                           mode="sum") for l, (idx_l, v_l) in enumerate(codes)))
-            out = self.b_dec[m] + decoded
-            recon.append(out if self.W_skip is None else out + xs_n[m] @ self.W_skip[m].T)
+        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, n_layers, d_model] of every output
+        layer, pre-activations [n, F] per layer)``.
+
+        Each source layer's codes are decoded once into all its output layers (one sparse product
+        with its concatenated decoder ``[F, (n_layers - l) d_model]``) and added into the output
+        layers' slots: 18 decodes for Gemma 3 270M instead of 171 per-pair ones, and no zero-filled
+        gradient of a whole decoder per pair (3.4x faster steps, measured in the module docstring)."""
+        n, d = xs_n[0].shape
+        pres = [self.pre_activations(m, x) for m, x in enumerate(xs_n)]
+        codes = [self._top(pre, self.cfg.k) for pre in pres]
+        decoded = torch.zeros(n, self.n_layers, d, dtype=xs_n[0].dtype, device=xs_n[0].device)
+        for l, (idx, vals) in enumerate(codes):
+            decoded[:, l:] += F.embedding_bag(idx, self.W_dec[l].flatten(1), per_sample_weights=vals,
+                                              mode="sum").view(n, self.n_layers - l, d)
+        recon = self._all_shards(decoded) + torch.stack(list(self.b_dec))
+        if self.W_skip is not None:
+            recon = recon + torch.stack([x @ w.T for x, w in zip(xs_n, self.W_skip)], dim=1)
         return codes, recon, pres
 
-    def aux_losses(self, pres: list[torch.Tensor], recon: list[torch.Tensor], ys_n: list[torch.Tensor], mean
+    def aux_losses(self, pres: list[torch.Tensor], recon: torch.Tensor, ys_n: list[torch.Tensor], mean
                    ) -> list[torch.Tensor]:
         """The AuxK dead-feature loss (Gao et al. 2024, section A.2) carried over to a CLT: per layer, the
         ``aux_k`` most active of its dead features (no firing in ``dead_after_tokens`` tokens) predict,
         through their decoder to that layer, what the reconstruction of that layer misses; the squared
         error is normalised by the residual's. Layers without dead features add nothing."""
         terms = []
-        for m, (pre, r, y) in enumerate(zip(pres, recon, ys_n)):
+        for m, (pre, y) in enumerate(zip(pres, ys_n)):
+            r = recon[:, m]
             dead = self.last_fired[m] >= self.cfg.dead_after_tokens
             n_dead = dead.sum().float()
             if self.sharded:
@@ -167,19 +174,72 @@ class CLTTrainee(nn.Module):
         # over this step's tokens on every rank (one process, or feature shards that all see the same
         # tokens: a plain mean)
         mean = (lambda v: v.mean(0)) if self.sharded else _token_mean
-        mses = [mean((r - y).pow(2).sum(-1)) / mean((y - mean(y)).pow(2).sum(-1)).detach()
-                for r, y in zip(recon, ys_n)]
+        y_all = torch.stack(ys_n, dim=1)  # [n, n_layers, d_model]
+        variances = mean((y_all - mean(y_all)).pow(2).sum(-1)).detach()  # [n_layers]
+        mses = mean((recon - y_all).pow(2).sum(-1)) / variances
         fired = []
         for idx, vals in codes:
             mask = torch.zeros(self.W_enc[0].shape[0], dtype=torch.bool, device=vals.device)
             mask[idx[vals > 0]] = True
             fired.append(mask)
-        loss = sum(mses)
+        loss = mses.sum()
         if self.cfg.aux_coef > 0:
             aux = self.aux_losses(pres, recon, ys_n, mean)
             if aux:
                 loss = loss + self.cfg.aux_coef * sum(aux)
-        return loss, [m.detach() for m in mses], fired
+        return loss, list(mses.detach()), fired
+
+    @torch.no_grad()
+    def resample_dead(self, xs: list[torch.Tensor], ys: list[torch.Tensor], opt: torch.optim.Optimizer,
+                      generator: torch.Generator) -> list[int]:
+        """Re-initialise each layer's dead features on the tokens the CLT explains worst.
+
+        The per-layer trainer's resampling (Anthropic, "Towards Monosemanticity", 2023) carried over
+        to a CLT: a dead feature of layer ``l`` (no firing in ``dead_after_tokens`` tokens) writes to
+        layers ``l .. n_layers - 1``, so its token is drawn with probability proportional to the
+        squared error summed over those output layers (each in normalised units), its concatenated
+        decoder becomes that token's residual over them at unit norm, its encoder row the token's
+        centred input direction at layer ``l`` scaled to 0.2 of the mean alive encoder norm, its
+        bias 0, and its Adam moments are reset. ``xs``, ``ys``: raw ``[n, d_model]`` per layer.
+        Returns the number of features resampled per layer (over every feature shard). Feature
+        shards draw the tokens of all shards' dead features in feature order and each takes its own,
+        so sharded training resamples as one process does; every shard calls this at the same step."""
+        xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
+        ys_n = torch.stack([y / self.out_scale[m] for m, y in enumerate(ys)], dim=1)
+        residual = ys_n - self.forward_topk(xs_n)[1]  # [n, n_layers, d_model]
+        tail_error = residual.pow(2).sum(-1).flip(1).cumsum(1).flip(1)  # [n, l]: error over layers >= l
+        counts = []
+        for l in range(self.n_layers):
+            dead = self.last_fired[l] >= self.cfg.dead_after_tokens
+            alive_sum = torch.stack([self.W_enc[l][~dead].norm(dim=-1).sum(), (~dead).sum().to(residual.dtype)])
+            offset, n_dead = 0, int(dead.sum())
+            if self.sharded:  # draw for every shard's dead features, in feature order, and take this shard's
+                per_rank = [int(c) for c in distributed.all_gather_tensors(dead.sum().reshape(1))]
+                offset, n_dead = sum(per_rank[:distributed.rank()]), sum(per_rank)
+                distributed.all_reduce_sum_([alive_sum])
+            counts.append(n_dead)
+            if n_dead == 0:
+                continue
+            weights = tail_error[:, l]
+            tokens = torch.multinomial((weights / weights.sum()).cpu(), n_dead, replacement=True,
+                                       generator=generator).to(residual.device)
+            tokens = tokens[offset:offset + int(dead.sum())]
+            if len(tokens) == 0:
+                continue
+            directions = residual[tokens, l:].flatten(1)
+            directions = directions / directions.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            inputs = xs_n[l][tokens] - xs_n[l].mean(0)
+            inputs = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            alive_norm = alive_sum[0] / alive_sum[1] if alive_sum[1] > 0 else torch.tensor(1.0)
+            self.W_dec[l][dead] = directions.view(len(tokens), self.n_layers - l, -1)
+            self.W_enc[l][dead] = inputs * alive_norm * 0.2
+            self.b_enc[l][dead] = 0.0
+            for param in (self.W_dec[l], self.W_enc[l], self.b_enc[l]):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in opt.state.get(param, {}):
+                        opt.state[param][key][dead] = 0.0
+            self.last_fired[l, dead] = 0
+        return counts
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every feature shard holds whole (``b_dec``, ``W_skip``)."""
@@ -300,13 +360,26 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             opt.step()
             trainee.after_step(fired, len(part) * data_world)
             state["step"] += 1
+        if cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
+                and state["step"] < cfg.resample_until * cfg.n_steps:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+            if data_world > 1:  # the whole batch on every rank, so every rank draws the same tokens
+                xs, ys = [gather_rows(x, cfg.minibatches) for x in xs], [gather_rows(y, cfg.minibatches) for y in ys]
+            resampled = trainee.resample_dead(xs, ys, opt, generator)
+            logger.info("step %d: resampled %s dead features", state["step"], resampled)
         state.update(index=index, tokens=state["tokens"] + xs[0].shape[0] * data_world)
         bar.update(cfg.minibatches)
         if state["step"] % 100 < cfg.minibatches:
-            state["history"].append({"step": state["step"], "tokens": state["tokens"], "mse": [round(m, 4) for m in mses]})
+            dead = (trainee.last_fired >= cfg.dead_after_tokens).float().mean(1)
+            state["history"].append({"step": state["step"], "tokens": state["tokens"], "mse": [round(m, 4) for m in mses],
+                                     "dead": [round(float(d), 4) for d in dead]})
         if time.monotonic() - last_save > cfg.checkpoint_every_s or state["step"] >= cfg.n_steps:
             _save_checkpoint(ckpt, trainee, opt, state, every_rank=shard_features)
             last_save = time.monotonic()
+            last = state["history"][-1] if state["history"] else {"mse": mses, "dead": [0.0]}
+            logger.info("checkpoint at step %d of %d, %d tokens; normalised MSE mean %.3f, max %.3f; dead max %.3f",
+                        state["step"], cfg.n_steps, state["tokens"], sum(last["mse"]) / len(last["mse"]),
+                        max(last["mse"]), max(last["dead"]))
     bar.close()
     if shard_features:  # rank 0 gathers every slice into the whole trainee (on the CPU)
         trainee = _gathered(trainee, adapter, cfg)
