@@ -131,7 +131,8 @@ class CLTTrainee(nn.Module):
         Each source layer's codes are decoded once into all its output layers (one sparse product
         with its concatenated decoder ``[F, (n_layers - l) d_model]``) and added into the output
         layers' slots: 18 decodes for Gemma 3 270M instead of 171 per-pair ones, and no zero-filled
-        gradient of a whole decoder per pair (3.4x faster steps, measured in the module docstring)."""
+        gradient of a whole decoder per pair. On 2 Zen 4 cores a step of 508 tokens at 448 features
+        takes about 1.6 s either way (the sparse products' backward dominates)."""
         n, d = xs_n[0].shape
         pres = [self.pre_activations(m, x) for m, x in enumerate(xs_n)]
         codes = [self._top(pre, self.cfg.k) for pre in pres]
