@@ -43,9 +43,10 @@ def test_clt_training_lowers_heldout_fvu_and_saves_a_clt(llama, streams, tmp_pat
     assert [m.fvu for m in again] == pytest.approx([m.fvu for m in after], abs=1e-3)  # the figures describe the file
 
 
-def test_interrupted_clt_training_resumes_exactly(llama, streams, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("method", ["topk", "jumprelu"])
+def test_interrupted_clt_training_resumes_exactly(llama, streams, tmp_path, monkeypatch, method):  # noqa: F811
     cfg = tiny_train_config(n_tokens=1200, checkpoint_every_s=0.0, resample_every=2, dead_after_tokens=30,
-                            resample_until=0.9)  # resampling included
+                            resample_until=0.9, method=method)  # TopK: resampling included
     a, metrics = run(llama, streams, cfg, tmp_path / "a", tmp_path / "ca")
     stop_after_first_checkpoint(monkeypatch, clt_trainer)
     with pytest.raises(KeyboardInterrupt):
@@ -160,3 +161,38 @@ def test_clt_resampling_reinitialises_dead_features_only(llama):  # noqa: F811
         cos = enc_dirs @ (centred / centred.norm(dim=1, keepdim=True)).T
         assert (cos.max(dim=1).values > 1 - 1e-4).all()
         assert torch.equal(cos.argmax(dim=1), dec_cos.argmax(dim=1))
+
+
+def test_the_jumprelu_straight_through_gradients_are_the_rectangle_kernels():
+    """Forward h 1[h > theta]; backward: da/dh = 1[h > theta] + theta K, da/dtheta = -theta K, with
+    K = 1[|h - theta| < eps / 2] / eps (Rajamanoharan et al. 2024; the jump passes gradient to h too)."""
+    from mechscope.training.clt_trainer import JumpReLUSTE
+
+    h = torch.tensor([[0.0, 0.28, 0.31, 0.5], [0.33, 0.2, 0.36, -1.0]], requires_grad=True)
+    theta = torch.tensor([0.3, 0.3, 0.3, 0.3], requires_grad=True)
+    a = JumpReLUSTE.apply(h, theta, 0.1)
+    torch.testing.assert_close(a, torch.tensor([[0.0, 0.0, 0.31, 0.5], [0.33, 0.0, 0.36, 0.0]]))
+    grad = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    a.backward(grad)
+    near = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # |h - 0.3| < 0.05
+    above = (h > theta).float()
+    torch.testing.assert_close(h.grad, grad * above + grad * 0.3 * near / 0.1)
+    torch.testing.assert_close(theta.grad, -(grad * 0.3 * near / 0.1).sum(0))
+
+
+def test_jumprelu_clt_training_learns_and_its_sparsity_penalty_sets_l0(llama, streams, tmp_path):  # noqa: F811
+    """The JumpReLU + tanh objective lowers held-out FVU, saves its learned thresholds, and a larger
+    sparsity weight gives fewer active features."""
+    _, untrained = run(llama, streams, tiny_train_config(method="jumprelu", lr=1e-9, threshold_init=0.05),
+                       tmp_path / "u", tmp_path / "cu")
+    l0 = {}
+    for coef in (0.0, 0.05):
+        cfg = tiny_train_config(method="jumprelu", sparsity_coef=coef, threshold_init=0.05, bandwidth=0.1)
+        clt, metrics = run(llama, streams, cfg, tmp_path / f"set{coef}", tmp_path / f"c{coef}")
+        assert all(a.fvu < 0.8 * b.fvu for a, b in zip(metrics, untrained)), (metrics, untrained)
+        config = yaml.safe_load((tmp_path / f"set{coef}" / "config.yaml").read_text())
+        assert config["training"]["method"].startswith("CLT: JumpReLU")
+        thresholds = [clt.activation_functions[l].threshold for l in range(llama.n_layers)]
+        assert not all(torch.allclose(t, torch.full_like(t, 0.05)) for t in thresholds)  # learned
+        l0[coef] = sum(m.l0 for m in metrics) / len(metrics)
+    assert l0[0.05] < 0.7 * l0[0.0], l0

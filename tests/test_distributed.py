@@ -6,6 +6,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 
 
@@ -295,7 +296,7 @@ def test_two_ranks_build_the_same_feature_store_cell_by_cell(tmp_path):
 
 
 def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: str, shard: bool = False,
-                resample: bool = True) -> None:
+                resample: bool = True, method: str = "topk") -> None:
     _world(rank, world, port)
     from pathlib import Path
 
@@ -307,19 +308,20 @@ def _clt_worker(rank: int, world: int, port: int, corpus: str, out: str, ckpt: s
 
     tok = make_tiny_tokenizer()
     train_clt(make_tiny_adapter("llama"), TokenStream(Path(corpus), tok, CTX_LEN, "train"),
-              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(resample), Path(out), Path(ckpt),
+              TokenStream(Path(corpus), tok, CTX_LEN, "heldout"), _clt_config(resample, method), Path(out), Path(ckpt),
               progress=False, shard_features=shard)
     import torch.distributed as dist
 
     dist.destroy_process_group()
 
 
-def _clt_config(resample: bool = True):
-    """With ``resample``, dead features (unseen for 30 tokens) are resampled every 2 steps."""
+def _clt_config(resample: bool = True, method: str = "topk"):
+    """With ``resample``, dead features (unseen for 30 tokens) are resampled every 2 steps (TopK)."""
     from test_training import tiny_train_config
 
     return tiny_train_config(n_tokens=480, d_transcoder=32, k=4, batch_sequences=4, minibatches=2,
-                             resample_every=2 if resample else 0, dead_after_tokens=30, resample_until=0.9)
+                             resample_every=2 if resample else 0, dead_after_tokens=30, resample_until=0.9,
+                             method=method, threshold_init=0.05)
 
 
 def _resample_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -370,7 +372,8 @@ def test_feature_shards_resample_as_one_process(tmp_path):
     assert (one["last_fired"] == 0).all()  # the dead features were resampled (their counts reset)
 
 
-def test_two_ranks_train_the_same_clt_as_one_process(tmp_path, caplog):
+@pytest.mark.parametrize("method", ["topk", "jumprelu"])
+def test_two_ranks_train_the_same_clt_as_one_process(tmp_path, caplog, method):
     import logging
 
     from test_training import CTX_LEN, make_tiny_tokenizer
@@ -383,13 +386,15 @@ def test_two_ranks_train_the_same_clt_as_one_process(tmp_path, caplog):
     tok = make_tiny_tokenizer()
     with caplog.at_level(logging.INFO, logger="mechscope.training.clt_trainer"):
         train_clt(make_tiny_adapter("llama"), TokenStream(corpus, tok, CTX_LEN, "train"),
-                  TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(), tmp_path / "one", tmp_path / "ck-one",
-                  progress=False)
-    resampled = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
-    assert resampled and any(any(c != "0" for c in m.split("[")[1].rstrip("] dead features").split(", "))
-                             for m in resampled), resampled  # features were resampled in this run
+                  TokenStream(corpus, tok, CTX_LEN, "heldout"), _clt_config(method=method), tmp_path / "one",
+                  tmp_path / "ck-one", progress=False)
+    if method == "topk":
+        resampled = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+        assert resampled and any(any(c != "0" for c in m.split("[")[1].rstrip("] dead features").split(", "))
+                                 for m in resampled), resampled  # features were resampled in this run
     torch.multiprocessing.spawn(_clt_worker, nprocs=2, join=True,
-                                args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two")))
+                                args=(2, _free_port(), str(corpus), str(tmp_path / "two"), str(tmp_path / "ck-two"),
+                                      False, True, method))
     _assert_same_training_state(tmp_path / "ck-one", tmp_path / "ck-two")
     assert (tmp_path / "two" / "config.yaml").exists()
 

@@ -41,6 +41,14 @@ def _opt(name: str, type_, help_: str):
 @_opt("calibration_sequences", int, "Sequences whose pre-activations set the JumpReLU thresholds.")
 @_opt("refit_sequences", int, "After calibration, refit decoders by least squares on this many sequences (0 = none).")
 @_opt("seed", int, "Seed.")
+@click.option("--method", type=click.Choice(["topk", "jumprelu"]), default=default_of(TrainConfig, "method"),
+              show_default=True, help="topk: TopK + AuxK, JumpReLU calibrated; jumprelu (--kind clt): learned "
+                                      "JumpReLU thresholds, tanh sparsity penalty (Ameisen et al. 2025).")
+@_opt("sparsity_coef", float, "jumprelu: final weight of the tanh sparsity penalty (ramped from 0).")
+@_opt("sparsity_c", float, "jumprelu: scale c inside tanh(c a ||W_dec||).")
+@_opt("preact_coef", float, "jumprelu: weight of the pre-activation penalty against dead features.")
+@_opt("bandwidth", float, "jumprelu: width of the straight-through kernel (normalised units).")
+@_opt("threshold_init", float, "jumprelu: initial threshold (normalised units).")
 @click.option("--model-dtype", "--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Dtype of the model forward giving the training activations (calibration and "
                                       "held-out figures always use float32).")
@@ -55,7 +63,8 @@ def _opt(name: str, type_, help_: str):
 @click.option("--no-progress", is_flag=True)
 def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip, shard_features, no_progress, device,
           **fields):
-    """Train per-layer transcoders on the corpus (TopK + AuxK, then JumpReLU calibration).
+    """Train per-layer transcoders (or, with --kind clt, a cross-layer transcoder) on the corpus: TopK + AuxK,
+    then JumpReLU calibration; or, for a CLT, --method jumprelu (learned thresholds, tanh sparsity).
 
     When the corpus holds chat transcripts (`mechscope corpus chat`), held-out figures are also
     reported separately on corpus text and on chat transcripts.
@@ -68,6 +77,9 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
     if shard_features and kind != "clt":
         raise BadInputError("--shard-features splits a cross-layer transcoder's features; use it with --kind clt")
+    if cfg.method != "topk" and kind != "clt":
+        raise BadInputError(f"--method {cfg.method} trains cross-layer transcoders only; use it with --kind clt "
+                            "(per-layer sets train with --method topk)")
     target = resolve_device(device)
     distributed.init("nccl" if target.type == "cuda" else "gloo")
 

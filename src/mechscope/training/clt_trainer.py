@@ -1,8 +1,15 @@
-"""Train a cross-layer transcoder (CLT): TopK training, then JumpReLU calibration.
+"""Train a cross-layer transcoder (CLT) by one of two methods (``TrainConfig.method``).
 
-The recipe of the per-layer sets (:mod:`mechscope.training.trainer`) carried over to the coupled
-CLT (Ameisen et al. 2025, "Circuit Tracing", note that TopK training followed by JumpReLU
-calibration is a valid shortcut to their JumpReLU + tanh-sparsity objective):
+``topk`` (the default): the recipe of the per-layer sets (:mod:`mechscope.training.trainer`) carried
+over to the coupled CLT, TopK training, then JumpReLU thresholds calibrated to the TopK firing rates.
+``jumprelu``: the objective of Ameisen et al. 2025 ("Circuit Tracing"): JumpReLU features with
+learned thresholds and straight-through gradients of the jump (:class:`JumpReLUSTE`), the same
+reconstruction loss plus ``lambda sum_i tanh(c a_i ||W_dec,i||)`` with lambda ramped linearly from 0
+over training, plus ``lambda_p sum_i ReLU(theta_i - h_i) ||W_dec,i||`` against dead features; decoders
+are not renormalised (the penalty weighs their norms); no AuxK, resampling or calibration. Which
+one the shipped CLT uses, and why, is measured in the README ("Cross-layer transcoders").
+
+The TopK recipe:
 
 1. The model body runs once per batch; every layer's MLP input and output are read.
 2. In normalised units, layer ``l``'s features are TopK(k) of ``W_enc[l] x_l + b_enc[l]``; the
@@ -64,6 +71,31 @@ __all__ = ["CLTTrainee", "train_clt"]
 logger = logging.getLogger(__name__)
 
 
+class JumpReLUSTE(torch.autograd.Function):
+    """JumpReLU ``a = h H(h - theta)`` with straight-through gradients of the jump.
+
+    Forward: ``h`` where ``h > theta``, else 0 (``h [n, F]``, ``theta [F]``, normalised units).
+    Backward: the jump's derivative, a Dirac at ``h = theta``, is replaced by the rectangle kernel
+    ``K(u) = 1[|u| < 1/2] / epsilon`` with ``u = (h - theta) / epsilon`` (Rajamanoharan et al. 2024,
+    "Jumping Ahead", section 4), so ``da/dtheta = -theta K`` and, as in the CLT recipe of Ameisen et al.
+    2025, ``da/dh = H(h - theta) + theta K`` (the jump passes gradient to the pre-activation too).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth = bandwidth
+        return h * (h > theta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((h - theta).abs() < eps / 2).to(h.dtype) / eps
+        jump = grad * theta * kernel
+        return grad * (h > theta) + jump, -jump.sum(0), None
+
+
 class CLTTrainee(nn.Module):
     """A CLT while training, in normalised units (see the module docstring for the parameters)."""
 
@@ -84,6 +116,10 @@ class CLTTrainee(nn.Module):
         self.b_dec = nn.ParameterList(nn.Parameter(torch.zeros(d_model)) for _ in range(n_layers))
         self.W_skip = (nn.ParameterList(nn.Parameter(torch.zeros(d_model, d_model)) for _ in range(n_layers))
                        if cfg.skip_connection else None)
+        self.jumprelu = cfg.method == "jumprelu"
+        if self.jumprelu:  # learned thresholds (log-parametrised, so they stay > 0)
+            self.log_threshold = nn.ParameterList(nn.Parameter(torch.full((F_,), math.log(cfg.threshold_init)))
+                                                  for _ in range(n_layers))
         self.register_buffer("in_scale", torch.ones(n_layers))
         self.register_buffer("out_scale", torch.ones(n_layers))
         self.register_buffer("last_fired", torch.zeros(n_layers, F_))
@@ -125,8 +161,9 @@ class CLTTrainee(nn.Module):
         return decoded + (total - local)
 
     def forward_topk(self, xs_n: list[torch.Tensor]):
-        """``(per layer (idx [n, k], vals [n, k]), reconstructions [n, n_layers, d_model] of every output
-        layer, pre-activations [n, F] per layer)``.
+        """``(codes per layer, reconstructions [n, n_layers, d_model] of every output layer,
+        pre-activations [n, F] per layer)``; codes are ``(idx [n, k], vals [n, k])`` under TopK and
+        the activations ``[n, F]`` under the ``jumprelu`` method.
 
         Each source layer's codes are decoded once into all its output layers (one sparse product
         with its concatenated decoder ``[F, (n_layers - l) d_model]``) and added into the output
@@ -135,11 +172,16 @@ class CLTTrainee(nn.Module):
         takes about 1.6 s either way (the sparse products' backward dominates)."""
         n, d = xs_n[0].shape
         pres = [self.pre_activations(m, x) for m, x in enumerate(xs_n)]
-        codes = [self._top(pre, self.cfg.k) for pre in pres]
         decoded = torch.zeros(n, self.n_layers, d, dtype=xs_n[0].dtype, device=xs_n[0].device)
-        for l, (idx, vals) in enumerate(codes):
-            decoded[:, l:] += F.embedding_bag(idx, self.W_dec[l].flatten(1), per_sample_weights=vals,
-                                              mode="sum").view(n, self.n_layers - l, d)
+        if self.jumprelu:  # dense codes [n, F] (many fire early in training)
+            codes = [JumpReLUSTE.apply(pre, t.exp(), self.cfg.bandwidth) for pre, t in zip(pres, self.log_threshold)]
+            for l, a in enumerate(codes):
+                decoded[:, l:] += (a @ self.W_dec[l].flatten(1)).view(n, self.n_layers - l, d)
+        else:
+            codes = [self._top(pre, self.cfg.k) for pre in pres]
+            for l, (idx, vals) in enumerate(codes):
+                decoded[:, l:] += F.embedding_bag(idx, self.W_dec[l].flatten(1), per_sample_weights=vals,
+                                                  mode="sum").view(n, self.n_layers - l, d)
         recon = self._all_shards(decoded) + torch.stack(list(self.b_dec))
         if self.W_skip is not None:
             recon = recon + torch.stack([x @ w.T for x, w in zip(xs_n, self.W_skip)], dim=1)
@@ -167,8 +209,14 @@ class CLTTrainee(nn.Module):
             terms.append(torch.nan_to_num(aux, nan=0.0))
         return terms
 
-    def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor]):
-        """``(loss, per-layer normalised MSE, per-layer fired masks)`` for raw ``[n, d_model]`` inputs."""
+    def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_ramp: float = 1.0):
+        """``(loss, per-layer normalised MSE, per-layer fired masks)`` for raw ``[n, d_model]`` inputs.
+
+        The reconstruction loss is the sum over output layers of each layer's MSE divided by its
+        variance. TopK adds the AuxK term; ``jumprelu`` adds ``sparsity_ramp * sparsity_coef`` times
+        the tanh sparsity penalty and ``preact_coef`` times the pre-activation penalty (per token,
+        summed over layers and features; ``||W_dec,i||`` is feature i's decoder norm concatenated over
+        its output layers)."""
         xs_n = [x / self.in_scale[m] for m, x in enumerate(xs)]
         ys_n = [y / self.out_scale[m] for m, y in enumerate(ys)]
         codes, recon, pres = self.forward_topk(xs_n)
@@ -178,12 +226,21 @@ class CLTTrainee(nn.Module):
         y_all = torch.stack(ys_n, dim=1)  # [n, n_layers, d_model]
         variances = mean((y_all - mean(y_all)).pow(2).sum(-1)).detach()  # [n_layers]
         mses = mean((recon - y_all).pow(2).sum(-1)) / variances
+        loss = mses.sum()
+        if self.jumprelu:
+            fired = [(a > 0).any(0) for a in codes]
+            penalty, preact = 0.0, 0.0
+            for l, (a, pre) in enumerate(zip(codes, pres)):
+                norms = self.W_dec[l].flatten(1).norm(dim=1)  # [F]
+                penalty = penalty + mean(torch.tanh(self.cfg.sparsity_c * a * norms).sum(-1))
+                preact = preact + mean((F.relu(self.log_threshold[l].exp() - pre) * norms).sum(-1))
+            loss = loss + sparsity_ramp * self.cfg.sparsity_coef * penalty + self.cfg.preact_coef * preact
+            return loss, list(mses.detach()), fired
         fired = []
         for idx, vals in codes:
             mask = torch.zeros(self.W_enc[0].shape[0], dtype=torch.bool, device=vals.device)
             mask[idx[vals > 0]] = True
             fired.append(mask)
-        loss = mses.sum()
         if self.cfg.aux_coef > 0:
             aux = self.aux_losses(pres, recon, ys_n, mean)
             if aux:
@@ -251,8 +308,9 @@ class CLTTrainee(nn.Module):
         self.last_fired += n_tokens
         for m, mask in enumerate(fired):
             self.last_fired[m, mask] = 0
-        for d in self.W_dec:
-            d /= d.flatten(1).norm(dim=1).clamp(min=1e-8)[:, None, None]
+        if not self.jumprelu:  # TopK keeps unit decoders; the jumprelu penalty weighs decoder norms instead
+            for d in self.W_dec:
+                d /= d.flatten(1).norm(dim=1).clamp(min=1e-8)[:, None, None]
 
     @torch.no_grad()
     def to_set(self, thresholds: list[torch.Tensor], model_name: str, scan: str) -> CrossLayerTranscoderSet:
@@ -325,7 +383,9 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
         if saved.get("shard_features", False) != shard_features:
             raise BadInputError(f"{ckpt} was written {'with' if saved.get('shard_features') else 'without'} "
                                 "--shard-features; resume it the same way")
-        fixed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v and k not in SCHEDULE_FIELDS)
+        defaults = asdict(TrainConfig())  # a field added since the checkpoint was written has its default there
+        fixed = sorted(k for k, v in asdict(cfg).items()
+                       if saved["config"].get(k, defaults[k]) != v and k not in SCHEDULE_FIELDS)
         if fixed:
             raise BadInputError(f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use "
                                 "another --checkpoint-dir")
@@ -348,7 +408,8 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             for group in opt.param_groups:
                 group["lr"] = _lr(cfg, state["step"])
             opt.zero_grad(set_to_none=True)
-            loss, mse_values, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys])
+            loss, mse_values, fired = trainee.loss([x[part] for x in xs], [y[part] for y in ys],
+                                                   sparsity_ramp=min(1.0, (state["step"] + 1) / cfg.n_steps))
             loss.backward()
             if shard_features:  # replicas of b_dec and W_skip take the same (averaged) step everywhere
                 grads = [p.grad for p in trainee.replicated_parameters() if p.grad is not None]
@@ -361,7 +422,7 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             opt.step()
             trainee.after_step(fired, len(part) * data_world)
             state["step"] += 1
-        if cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
+        if cfg.method == "topk" and cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
                 and state["step"] < cfg.resample_until * cfg.n_steps:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
             if data_world > 1:  # the whole batch on every rank, so every rank draws the same tokens
@@ -390,9 +451,15 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
     calib = TokenStream(train_stream.corpus, train_stream.tokenizer, cfg.ctx_len, "train", seed=cfg.seed + 1,
                         sources=train_stream.sources)
     evaluator = adapter if eval_adapter is None else eval_adapter()
-    result = trainee.to_set(_calibrate_clt(evaluator, trainee, calib, cfg), adapter.name, out.name)
+    if cfg.method == "jumprelu":  # learned thresholds (pre-activations are the same in raw units)
+        thresholds = [t.detach().exp().cpu() for t in trainee.log_threshold]
+    else:
+        thresholds = _calibrate_clt(evaluator, trainee, calib, cfg)
+    result = trainee.to_set(thresholds, adapter.name, out.name)
     metrics = evaluate_transcoders(evaluator, result, heldout_stream, cfg.eval_sequences, cfg.batch_sequences)
-    extra = {"training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": "CLT: TopK, JumpReLU calibrated",
+    method = ("CLT: JumpReLU (straight-through), tanh sparsity, pre-activation penalty" if cfg.method == "jumprelu"
+              else "CLT: TopK, JumpReLU calibrated")
+    extra = {"training": {**asdict(cfg), "tokens_trained": state["tokens"], "method": method,
                           "corpus": [{"source": e["source"], "weight": e["weight"]} for e in train_stream.manifest["sources"]]},
              "heldout_metrics": [m.as_dict() for m in metrics]}
     save_clt(result, out, dtype=torch.bfloat16, extra_config=extra)

@@ -81,6 +81,19 @@ class TrainConfig:
             bfloat16 forward of Qwen2.5 0.5B is 3.4x faster, and its MLP outputs differ from float32
             by an FVU of 0.001-0.03; calibration and held-out figures use the float32 model when one
             is given (see :func:`train_transcoders`).
+        method: ``topk`` (TopK + AuxK + resampling, then JumpReLU thresholds calibrated to the TopK
+            firing rates) or ``jumprelu`` (cross-layer transcoders only: the objective of Ameisen
+            et al. 2025, "Circuit Tracing", section "Building an interpretable replacement model",
+            see :mod:`mechscope.training.clt_trainer`; thresholds are learned, not calibrated).
+        sparsity_coef: ``jumprelu``: final weight lambda of the sparsity penalty
+            ``sum_i tanh(c a_i ||W_dec,i||)`` (per token, summed over layers), ramped linearly from 0
+            over training.
+        sparsity_c: ``jumprelu``: the scale ``c`` inside the tanh.
+        preact_coef: ``jumprelu``: weight of the pre-activation penalty ``sum_i ReLU(theta_i - h_i)
+            ||W_dec,i||`` that pulls features below threshold back up (against dead features).
+        bandwidth: ``jumprelu``: width epsilon of the rectangle kernel of the straight-through
+            gradient of the jump (normalised pre-activation units).
+        threshold_init: ``jumprelu``: initial threshold of every feature (normalised units).
     """
 
     d_transcoder: int = 1792
@@ -106,6 +119,12 @@ class TrainConfig:
     encoder_init_scale: float = 0.1
     skip_init: str = "lstsq"
     model_dtype: str = "float32"
+    method: str = "topk"
+    sparsity_coef: float = 2e-3
+    sparsity_c: float = 1.0
+    preact_coef: float = 3e-6
+    bandwidth: float = 0.1
+    threshold_init: float = 0.1
 
     def __post_init__(self):
         for name in ("d_transcoder", "k", "n_tokens", "batch_sequences", "eval_sequences"):
@@ -127,6 +146,13 @@ class TrainConfig:
             )
         if not 0 < self.lr < 1:
             raise BadInputError(f"lr must be in (0, 1), got {self.lr}")
+        if self.method not in ("topk", "jumprelu"):
+            raise BadInputError(f"method must be 'topk' or 'jumprelu', got {self.method!r}")
+        for name in ("sparsity_coef", "sparsity_c", "preact_coef"):
+            if getattr(self, name) < 0:
+                raise BadInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bandwidth <= 0 or self.threshold_init <= 0:
+            raise BadInputError(f"bandwidth and threshold_init must be > 0, got {self.bandwidth}, {self.threshold_init}")
         if self.model_dtype not in ("float32", "bfloat16"):
             raise BadInputError(f"model_dtype must be 'float32' or 'bfloat16', got {self.model_dtype!r}")
 
@@ -531,8 +557,12 @@ def train_transcoders(
         saves).
 
     Raises:
-        BadInputError: a checkpoint from a different config is in ``checkpoint_dir``.
+        BadInputError: a checkpoint from a different config is in ``checkpoint_dir``; a method other
+            than ``topk``.
     """
+    if cfg.method != "topk":
+        raise BadInputError(f"method {cfg.method!r} trains cross-layer transcoders only (train --kind clt); "
+                            "per-layer sets train with method 'topk'")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     world = distributed.world_size()
