@@ -438,10 +438,10 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
         if time.monotonic() - last_save > cfg.checkpoint_every_s or state["step"] >= cfg.n_steps:
             _save_checkpoint(ckpt, trainee, opt, state, every_rank=shard_features)
             last_save = time.monotonic()
-            last = state["history"][-1] if state["history"] else {"mse": mses, "dead": [0.0]}
-            logger.info("checkpoint at step %d of %d, %d tokens; normalised MSE mean %.3f, max %.3f; dead max %.3f",
-                        state["step"], cfg.n_steps, state["tokens"], sum(last["mse"]) / len(last["mse"]),
-                        max(last["mse"]), max(last["dead"]))
+            dead = (trainee.last_fired >= cfg.dead_after_tokens).float().mean(1)
+            logger.info("checkpoint at step %d of %d, %d tokens; this step's normalised MSE mean %.3f, max %.3f; "
+                        "dead max %.3f", state["step"], cfg.n_steps, state["tokens"], sum(mses) / len(mses), max(mses),
+                        float(dead.max()))
     bar.close()
     if shard_features:  # rank 0 gathers every slice into the whole trainee (on the CPU)
         trainee = _gathered(trainee, adapter, cfg)
