@@ -41,6 +41,19 @@ def test_an_installed_set_package_is_found_by_its_entry_point(tmp_path, monkeypa
     assert "mechscope_set_tiny_plt_test" not in sys.modules  # found without importing it
 
 
+def test_a_set_trained_here_resolves_by_its_name(tmp_path, monkeypatch):
+    """`mechscope train --name my-set` saves to <cache>/transcoders/my-set; `--transcoders my-set` finds it."""
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownNameError):
+        resolve_transcoders("my-set")
+    save_transcoder_set(random_set(), tmp_path / "home" / "transcoders" / "my-set")
+    assert resolve_transcoders("my-set") == tmp_path / "home" / "transcoders" / "my-set"
+    (tmp_path / "my-set").mkdir()  # a directory of that name where the command runs is what it names
+    save_transcoder_set(random_set(), tmp_path / "my-set")
+    assert resolve_transcoders("my-set") == Path("my-set")
+
+
 def test_a_known_set_that_is_not_installed_names_its_install_line(monkeypatch):
     monkeypatch.setattr(tio, "_installed_sets", lambda: {})
     for name in KNOWN_SETS:

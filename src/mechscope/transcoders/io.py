@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import save_file
 
 from mechscope.errors import BadInputError, CorruptFileError, UnknownNameError
-from mechscope.paths import atomic_directory
+from mechscope.paths import atomic_directory, cache_root
 from mechscope.transcoders.files import read_safetensors
 from mechscope.transcoders.sparsify import is_sparsify_dir, load_sparsify
 from mechscope.transcoders.clt_io import CLT_KIND, is_gemma_scope_2_clt, load_clt, load_gemma_scope_2_clt, save_clt
@@ -112,9 +112,10 @@ def default_transcoders_for(model_id: str) -> str:
 
 
 def resolve_transcoders(name_or_path: str) -> Path:
-    """Directory of a shipped set name, a local set directory, or a set on the Hugging Face hub
-    (``ORG/REPO[//SUBFOLDER][@REVISION]`` or ``hf://...``, fetched into the hub cache by
-    :func:`mechscope.transcoders.hub.fetch_transcoders`).
+    """Directory of a shipped set name, a local set directory, the name of a set trained here
+    (``mechscope train --name NAME`` saves it in ``<cache>/transcoders/NAME``), or a set on the
+    Hugging Face hub (``ORG/REPO[//SUBFOLDER][@REVISION]`` or ``hf://...``, fetched into the hub
+    cache by :func:`mechscope.transcoders.hub.fetch_transcoders`).
 
     Raises:
         BadInputError: a known shipped set whose package is not installed (names the install line); a
@@ -133,6 +134,9 @@ def resolve_transcoders(name_or_path: str) -> Path:
     if path.is_dir() and ((path / "config.yaml").exists() or _is_gemma_scope_2(path) or is_gemma_scope_2_clt(path)
                           or is_sparsify_dir(path)):
         return path
+    trained = cache_root() / "transcoders" / name_or_path  # `mechscope train --name NAME` saves here
+    if not path.exists() and "/" not in name_or_path and (trained / "config.yaml").exists():
+        return trained
     from mechscope.transcoders.hub import fetch_transcoders, looks_like_hub_id
 
     if not path.exists() and looks_like_hub_id(name_or_path):
