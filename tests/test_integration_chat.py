@@ -47,7 +47,8 @@ def test_the_chat_prompt_starts_a_refusal_with_I(chat_model):
     assert abs(float(ours[i]) - float(plain[i])) < 1e-6 and 0.6 < float(plain[i]) < 0.8
 
 
-@pytest.mark.skipif(SET not in shipped_sets(), reason=f"the shipped set {SET} is not installed yet (still training)")
+@pytest.mark.skipif(SET not in shipped_sets(),
+                    reason=f"the shipped set {SET} is not installed yet (not trained yet: README, \"The chat model's set\")")
 def test_trace_chat_on_the_chat_model(tmp_path, capsys):
     from mechscope.cli.main import main
 
