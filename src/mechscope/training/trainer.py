@@ -120,7 +120,7 @@ class TrainConfig:
     skip_init: str = "lstsq"
     model_dtype: str = "float32"
     method: str = "topk"
-    sparsity_coef: float = 2e-3
+    sparsity_coef: float = 5e-4
     sparsity_c: float = 1.0
     preact_coef: float = 3e-6
     bandwidth: float = 0.1
