@@ -444,3 +444,20 @@ def test_gemma_scope_2_file_with_missing_tensor_is_corrupt(tmp_path):
     save_file(raw, str(file))
     with pytest.raises(CorruptFileError, match="threshold"):
         load_transcoder_set(tmp_path)
+
+
+def test_a_set_recorded_for_another_model_is_used_with_a_warning(tiny_adapter, make_tiny_transcoders, caplog):
+    """Right shapes, another model in the set's config: accepted (a base model's set on a fine-tune is
+    a technique), but said; the set of the model itself, or one that records no model, is not."""
+    import logging
+
+    from mechscope.replacement.replacement_model import ReplacementModel
+
+    adapter = tiny_adapter("llama")
+    transcoders = make_tiny_transcoders(adapter)
+    for recorded, warned in ((None, False), (adapter.name, False), ("some-org/another-model", True)):
+        transcoders.model_name = recorded
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mechscope.replacement.replacement_model"):
+            ReplacementModel(adapter, transcoders)
+        assert any("another-model" in r.getMessage() for r in caplog.records) == warned, recorded

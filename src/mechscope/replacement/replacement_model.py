@@ -19,6 +19,7 @@ transcoders with a skip connection, the skip path, which stays live there as in 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from jaxtyping import Float, Int
 from mechscope.errors import BadInputError, IncompatibleTranscodersError
 from mechscope.models.adapter import CleanRun, FrozenState, ModelAdapter
 from mechscope.transcoders.transcoder import TranscoderSet
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ReplacementModel", "Trace", "FrozenReplacement", "place_transcoders"]
 
@@ -73,6 +76,10 @@ class Trace:
 class ReplacementModel:
     """A model adapter paired with a transcoder set.
 
+    A set that records another model (``model_name`` in its ``config.yaml``, canonical ids compared)
+    with the right shapes is accepted with a warning: a base model's set on its fine-tune is a known
+    technique, but it should never happen by accident.
+
     Raises:
         IncompatibleTranscodersError: the set's ``d_model`` or layer count differs from the model's.
     """
@@ -84,6 +91,12 @@ class ReplacementModel:
                 f"{transcoders.n_layers} layers; model {model.name!r} has d_model={model.d_model}, "
                 f"{model.n_layers} layers"
             )
+        from mechscope.models.loading import model_name_for
+
+        if transcoders.model_name and model.name and model_name_for(transcoders.model_name) != model_name_for(model.name):
+            # allowed (a base model's set on a fine-tune is a known technique), but never silently
+            logger.warning("transcoder set %r was trained on %r, not on %r: its features may not fit this model",
+                           transcoders.scan, transcoders.model_name, model.name)
         self.model, self.transcoders = model, transcoders
         self.max_prompt_tokens = max_prompt_tokens
         place_transcoders(transcoders, model)
