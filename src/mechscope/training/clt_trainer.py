@@ -77,8 +77,9 @@ class JumpReLUSTE(torch.autograd.Function):
     Forward: ``h`` where ``h > theta``, else 0 (``h [n, F]``, ``theta [F]``, normalised units).
     Backward: the jump's derivative, a Dirac at ``h = theta``, is replaced by the rectangle kernel
     ``K(u) = 1[|u| < 1/2] / epsilon`` with ``u = (h - theta) / epsilon`` (Rajamanoharan et al. 2024,
-    "Jumping Ahead", section 4), so ``da/dtheta = -theta K`` and, as in the CLT recipe of Ameisen et al.
-    2025, ``da/dh = H(h - theta) + theta K`` (the jump passes gradient to the pre-activation too).
+    "Jumping Ahead", section 4), so ``da/dtheta = -theta K``; this implementation also passes the
+    jump's straight-through gradient to the pre-activation, ``da/dh = H(h - theta) + theta K``, so a
+    feature just below its threshold learns from the reconstruction error too.
     """
 
     @staticmethod
