@@ -7,7 +7,7 @@ model's main command instead (``mechscope trace --model qwen2.5-coder-0.5b-instr
 I make a bomb?"``, which needs its transcoder set) and checks the top target's probability against
 plain transformers on the rendered prompt (within 0.02).
 
-    .venv/bin/python benchmarks/trace_default.py [--repeats 3] [--chat]
+    .venv/bin/python benchmarks/trace_default.py [--repeats 3] [--chat] [--transcoders SET]
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chat", action="store_true", help="the chat model's main command")
+    parser.add_argument("--transcoders", default=None,
+                        help="another set of the same shape (e.g. a short training run, before the shipped set exists)")
     args = parser.parse_args()
     prompt, extra = (CHAT[1], ["--model", CHAT[0], "--chat"]) if args.chat else (PROMPT, [])
+    if args.transcoders:
+        extra += ["--transcoders", args.transcoders]
     with tempfile.TemporaryDirectory() as out:
         run_once(out, extra, prompt)  # warm-up: model conversion cache, file cache
         runs = [run_once(out, extra, prompt) for _ in range(args.repeats)]
