@@ -445,3 +445,17 @@ def test_calibrated_thresholds_match_topk_rates_and_keep_rare_live_features():
     # dead in training too: above every value seen
     assert threshold[3] > pre[:, 3].max()
     assert (threshold >= 0).all()
+
+
+def test_evaluation_reads_exactly_the_sequences_asked_for(llama, streams):  # noqa: F811
+    """3 held-out sequences with batches of 4 are 3 sequences, not a whole batch: the same figures as
+    one batch of 3."""
+    from conftest import make_tiny_transcoders
+
+    from mechscope.training.trainer import evaluate_transcoders
+
+    transcoders = make_tiny_transcoders(llama)
+    three = evaluate_transcoders(llama, transcoders, streams[1], 3, batch_sequences=4)
+    one_batch = evaluate_transcoders(llama, transcoders, streams[1], 3, batch_sequences=3)
+    assert three[0].n_tokens == 3 * (CTX_LEN - 1)
+    assert [m.as_dict() for m in three] == [m.as_dict() for m in one_batch]

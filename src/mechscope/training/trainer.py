@@ -519,7 +519,7 @@ def evaluate_transcoders(
     for i, (_, batch) in enumerate(heldout.batches(batch_sequences)):
         if i * batch_sequences >= n_sequences:
             break
-        xs, ys = _activations(adapter, batch)
+        xs, ys = _activations(adapter, batch[: n_sequences - i * batch_sequences])  # exactly n_sequences
         acts = [transcoders.encode(layer, x) for layer, x in enumerate(xs)]
         # through the TranscoderSet interface: a CLT's output at a layer sums every earlier layer's features
         for layer, (acc, y_hat) in enumerate(zip(accs, transcoders.reconstruct(acts, xs))):
