@@ -329,6 +329,7 @@ def _resample_worker(rank: int, world: int, port: int, out: str) -> None:
     _resample_once(f"{out}.{rank}", slice(rank * 16, (rank + 1) * 16))
     import torch.distributed as dist
 
+    dist.barrier()  # no rank tears the group down while the other's last collective is still in flight
     dist.destroy_process_group()
 
 
