@@ -322,23 +322,20 @@ def compare(model: ModelAdapter, sets: dict[str, TranscoderSet], prompts: list[s
 # ------------------------------------------------------------------------------------ inputs
 def resolve_set(name: str, flag: str) -> Path:
     """The directory of a set given by ``flag``: what ``--transcoders`` accepts
-    (:func:`mechscope.transcoders.io.resolve_transcoders`), else a set ``mechscope train --name NAME``
-    wrote to ``<cache>/transcoders/NAME``.
+    (:func:`mechscope.transcoders.io.resolve_transcoders`: a shipped name, a directory, a set
+    ``mechscope train --name NAME`` wrote to ``<cache>/transcoders/NAME``, a hub id).
 
     Raises:
-        BadInputError: neither (the message names the flag, the value and the known sets).
+        BadInputError: none of these (the message names the flag, the value and the known sets).
     """
     from mechscope.paths import cache_root
     from mechscope.transcoders.io import resolve_transcoders, shipped_sets
 
-    trained = cache_root() / "transcoders"
     try:
         return resolve_transcoders(name)
     except UnknownNameError as e:
-        if "/" not in name and (trained / name / "config.yaml").exists():
-            return trained / name
-        known = shipped_sets() + sorted(p.parent.name for p in trained.glob("*/config.yaml"))
-        raise BadInputError(f"{flag}: {UnknownNameError('transcoder set', name, known)}") from e
+        trained = sorted(p.parent.name for p in (cache_root() / "transcoders").glob("*/config.yaml"))
+        raise BadInputError(f"{flag}: {UnknownNameError('transcoder set', name, shipped_sets() + trained)}") from e
     except BadInputError as e:
         raise BadInputError(f"{flag}: {e}") from e
 

@@ -6,7 +6,7 @@
 #   2. chat transcripts (weight 0.3): offline user turns, the model's own replies sampled. Transcripts
 #      already in the corpus chat-<model> are kept: v1's are 3,200 conversations with replies of up to 64
 #      tokens sampled on an H200 (scripts/train_qwen_set_gpu.sh); without a GPU this samples 2,400
-#      conversations of up to 48 tokens on the CPU (about 2 hours);
+#      conversations of up to 48 tokens on the CPU (about an hour on 2 cores with AVX512-BF16);
 #   3. 24 layers x 896 JumpReLU features with skip, TopK k=60 on 3.0M tokens; calibration on 512
 #      sequences, a least-squares refit of decoders and skips on 256, held-out figures on 256 sequences
 #      each of corpus text and chat transcripts, all on the float32 model.

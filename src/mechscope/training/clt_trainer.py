@@ -48,7 +48,6 @@ from mechscope.errors import BadInputError
 from mechscope.models.adapter import ModelAdapter
 from mechscope.training.metrics import LayerMetrics
 from mechscope.training.trainer import (
-    SCHEDULE_FIELDS,
     TrainConfig,
     _activations,
     _load_checkpoint,
@@ -56,11 +55,13 @@ from mechscope.training.trainer import (
     _save_checkpoint,
     _token_mean,
     calibrated_thresholds,
+    changed_on_resume,
     check_world_size,
     evaluate_transcoders,
     gather_rows,
     rank_rows,
     reduce_step,
+    resample_due,
 )
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.clt_io import save_clt
@@ -384,12 +385,7 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
         if saved.get("shard_features", False) != shard_features:
             raise BadInputError(f"{ckpt} was written {'with' if saved.get('shard_features') else 'without'} "
                                 "--shard-features; resume it the same way")
-        defaults = asdict(TrainConfig())  # a field added since the checkpoint was written has its default there
-        fixed = sorted(k for k, v in asdict(cfg).items()
-                       if saved["config"].get(k, defaults[k]) != v and k not in SCHEDULE_FIELDS)
-        if fixed:
-            raise BadInputError(f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use "
-                                "another --checkpoint-dir")
+        changed_on_resume(ckpt, saved["config"], cfg)
         state = _load_checkpoint(ckpt, trainee, opt)
         state["config"] = asdict(cfg)
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
@@ -423,8 +419,7 @@ def train_clt(adapter: ModelAdapter, train_stream: TokenStream, heldout_stream: 
             opt.step()
             trainee.after_step(fired, len(part) * data_world)
             state["step"] += 1
-        if cfg.method == "topk" and cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
-                and state["step"] < cfg.resample_until * cfg.n_steps:
+        if cfg.method == "topk" and resample_due(cfg, state["step"]):
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
             if data_world > 1:  # the whole batch on every rank, so every rank draws the same tokens
                 xs, ys = [gather_rows(x, cfg.minibatches) for x in xs], [gather_rows(y, cfg.minibatches) for y in ys]

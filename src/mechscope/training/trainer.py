@@ -575,18 +575,10 @@ def train_transcoders(
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
         check_world_size(ckpt, saved)
-        defaults = asdict(TrainConfig())  # a field added since the checkpoint was written has its default there
-        changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k, defaults[k]) != v)
-        fixed = [k for k in changed if k not in SCHEDULE_FIELDS]
-        if fixed:
-            raise BadInputError(
-                f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use another "
-                f"--checkpoint-dir (only {', '.join(sorted(SCHEDULE_FIELDS))} may change on resume)"
-            )
+        changed = changed_on_resume(ckpt, saved["config"], cfg)
         state = _load_checkpoint(ckpt, trainees, opt)
         if changed:
-            logger.warning("resuming with changed %s: %s", changed,
-                           {k: (saved["config"].get(k, defaults[k]), asdict(cfg)[k]) for k in changed})
+            logger.warning("resuming with changed %s: %s", sorted(changed), changed)
             state["config"] = asdict(cfg)
         logger.info("resumed at step %d (%d tokens)", state["step"], state["tokens"])
     stream = train_stream.batches(cfg.batch_sequences, start=state["index"])
@@ -603,8 +595,7 @@ def train_transcoders(
         for part in torch.arange(xs[0].shape[0]).chunk(cfg.minibatches):
             _optimizer_step(trainees, opt, [x[part] for x in xs], [y[part] for y in ys], _lr(cfg, state["step"]), running)
             state["step"] += 1
-        if cfg.resample_every and state["step"] // cfg.resample_every != (state["step"] - cfg.minibatches) // cfg.resample_every \
-                and state["step"] < cfg.resample_until * cfg.n_steps:
+        if resample_due(cfg, state["step"]):
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
             resampled = [tr.resample_dead(gather_rows(x, cfg.minibatches), gather_rows(y, cfg.minibatches), opt, generator)
                          for tr, x, y in zip(trainees, xs, ys)]
@@ -651,6 +642,33 @@ def train_transcoders(
     save_transcoder_set(result, out, dtype=torch.bfloat16, extra_config=extra)
     distributed.barrier()
     return result, metrics
+
+
+def changed_on_resume(ckpt: Path, saved_config: dict, cfg: TrainConfig) -> dict[str, tuple]:
+    """``{field: (saved, now)}`` of the config fields a resume changes (a field newer than the
+    checkpoint counts as its default there).
+
+    Raises:
+        BadInputError: a changed field outside :data:`SCHEDULE_FIELDS` (the run would not be the same).
+    """
+    defaults, now = asdict(TrainConfig()), asdict(cfg)
+    changed = {k: (saved_config.get(k, defaults[k]), v) for k, v in sorted(now.items())
+               if saved_config.get(k, defaults[k]) != v}
+    fixed = [k for k in changed if k not in SCHEDULE_FIELDS]
+    if fixed:
+        raise BadInputError(
+            f"{ckpt} holds a run with a different config ({', '.join(fixed)}); delete it or use another "
+            f"--checkpoint-dir (only {', '.join(sorted(SCHEDULE_FIELDS))} may change on resume)"
+        )
+    return changed
+
+
+def resample_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether dead features are resampled after the activation batch that ended at optimizer step
+    ``step`` (``cfg.minibatches`` steps a batch): a multiple of ``resample_every`` was crossed within
+    the first ``resample_until`` of training."""
+    return bool(cfg.resample_every) and step // cfg.resample_every != (step - cfg.minibatches) // cfg.resample_every \
+        and step < cfg.resample_until * cfg.n_steps
 
 
 def check_world_size(ckpt: Path, saved: dict) -> None:
