@@ -9,7 +9,9 @@ prompt and settings (``max_n_logits``, ``desired_logit_prob``, ``batch_size``,
 ``max_feature_nodes``, float32, 2 threads). circuit-tracer runs with its nnsight backend and one
 fix (see ``_circuit_tracer_run.py``: token vectors get the embedding scale). mechscope runs as the
 ``mechscope trace --json`` command, so its peak RSS includes pruning, scoring and export;
-circuit-tracer's is taken right after its ``attribute`` call.
+circuit-tracer's is taken right after its ``attribute`` call. That command saves only the pruned
+graph's edges, so where circuit-tracer ran, mechscope runs a second time with ``--full-graph`` for
+the adjacency comparison (not timed).
 
 Per prompt (about 8, 32, 128 and 512 tokens, at mechscope's default settings) it prints logit
 targets, whether the active and selected feature sets are equal, the adjacency's max |difference| /
@@ -107,12 +109,16 @@ PROMPTS["xxl"] = (PROMPTS["xl"].rsplit(" The keeper's name", 1)[0] + " Some page
 
 
 
-def run_mechscope(prompt: str, settings: dict, out: Path) -> dict:
+def run_mechscope(prompt: str, settings: dict, out: Path, full_graph: bool = False) -> dict:
+    """``mechscope trace`` as a user runs it (its saved graph keeps the pruned edges only), or with
+    ``full_graph`` every edge, for the comparison of adjacency matrices (saving every edge as
+    coordinates costs memory the default command does not spend, so that run is not the one timed)."""
     argv = [str(MECHSCOPE), "trace", prompt, "--json", "--out", str(out), "--batch-size", str(settings["batch_size"]),
             "--max-n-logits", str(settings["max_n_logits"]), "--desired-logit-prob", str(settings["desired_logit_prob"])]
     nodes = settings.get("max_feature_nodes")
     argv += ["--max-feature-nodes", "all" if nodes is None else str(nodes)]  # circuit-tracer's default: all
     argv += ["--max-prompt-tokens", "4096"]  # the xxl prompt has 2,047 tokens
+    argv += ["--full-graph"] if full_graph else []
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip()[-500:] or f"exit code {result.returncode}"}
@@ -184,7 +190,10 @@ def run_pair(name: str, prompt: str, settings: dict) -> dict:
         row["mechscope"]["scores"] = [mine.get("replacement_score"), mine.get("completeness_score")]
         row["circuit_tracer"]["scores"] = theirs.get("scores")
         if "error" not in mine and "error" not in theirs:
-            row |= compare(mine, theirs)
+            every_edge = run_mechscope(prompt, settings, Path(tmp) / "mechscope-full", full_graph=True)
+            if "error" in every_edge:
+                raise RuntimeError(f"mechscope --full-graph failed: {every_edge['error']}")
+            row |= compare(every_edge, theirs)
             row["speedup"] = theirs["attribution_seconds"] / mine["attribution_seconds"]
             row["memory_ratio"] = mine["peak_rss_mb"] / theirs["peak_rss_mb"]
     return row

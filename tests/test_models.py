@@ -370,6 +370,47 @@ def test_load_model_from_local_directory(tmp_path, tiny_adapter, family):
     )
 
 
+def test_released_tokenizer_is_loaded_again_on_use(tmp_path, tiny_adapter):
+    original = tiny_adapter("gemma3")
+    directory = tmp_path / "tiny"
+    original.hf.save_pretrained(directory)
+    original.tokenizer.save_pretrained(directory)
+    loaded = load_model(str(directory))
+    ids = loaded.tokenize(TINY_PROMPT)
+    strings = loaded.token_strings(ids)
+    first = loaded.tokenizer
+
+    assert loaded.release_tokenizer()
+    assert loaded._tokenizer is None
+    assert not loaded.release_tokenizer()  # nothing left to drop
+    torch.testing.assert_close(loaded.tokenize(TINY_PROMPT), ids)  # loaded again from the directory
+    assert loaded.tokenizer is not first
+    assert loaded.token_strings(ids) == strings
+    assert not original.release_tokenizer()  # built in memory: no loader, so it is kept
+    assert original.tokenizer is not None
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_clean_run_releasing_mlp_pages_changes_nothing(tmp_path, tiny_adapter, family):
+    """Attribution's clean run hands each MLP's weight pages back once it has run: the run's sites
+    and logits are the same, and so are the weights (and a later run) afterwards."""
+    original = tiny_adapter(family)
+    original.hf.save_pretrained(tmp_path / "tiny")
+    original.tokenizer.save_pretrained(tmp_path / "tiny")
+    loaded = load_model(str(tmp_path / "tiny"))  # weights are a private mapping of the file
+    weights = {name: p.clone() for name, p in loaded.hf.named_parameters()}
+    ids = loaded.tokenize(TINY_PROMPT)
+    plain = loaded.clean_run(ids)
+    released = loaded.clean_run(ids, release_vocabulary=True, release_mlps=True)
+    torch.testing.assert_close(released.logits, plain.logits, atol=0, rtol=0)
+    for a, b in zip(released.mlp_outputs + released.mlp_inputs, plain.mlp_outputs + plain.mlp_inputs):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert loaded.release_mlp_weights() >= 0
+    for name, p in loaded.hf.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    torch.testing.assert_close(loaded.clean_run(ids).logits, plain.logits, atol=0, rtol=0)
+
+
 def test_load_model_missing_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BadInputError, match="nope"):

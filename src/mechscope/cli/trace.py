@@ -102,7 +102,8 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
     if jobs is None:
         text, chat = chat_request.render(model.tokenizer, prompt)
         rm.tokenize(text)  # length check before the expensive part
-        summary, graph, pruned = _trace_one(rm, text, chat, config, options, None, progress, started)
+        summary, graph, pruned = _trace_one(rm, text, chat, config, options, None, progress, started,
+                                            release_tokenizer=True)
         if as_json:
             click.echo(json.dumps(summary))
         else:
@@ -146,8 +147,10 @@ class _GraphOptions:
 
 
 def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOptions, slug: str | None,
-               progress, started: float) -> tuple[dict, object, object]:
-    """Build, prune, score and write one graph (atomically): ``(summary, graph, pruned graph or None)``."""
+               progress, started: float, release_tokenizer: bool = False) -> tuple[dict, object, object]:
+    """Build, prune, score and write one graph (atomically): ``(summary, graph, pruned graph or None)``;
+    ``release_tokenizer``: the last graph of the command, whose tokenizer can go once its strings are
+    decoded."""
     import torch
 
     from mechscope.attribution.attribute import attribute
@@ -158,11 +161,12 @@ def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOp
     from mechscope.paths import atomic_write_text
 
     model = rm.model
+    chat_record = None if chat is None else chat_metadata(model.tokenizer, chat, rm.tokenize(text))
     attribution_start = time.perf_counter()
-    graph = attribute(rm, text, config, progress=progress)
+    graph = attribute(rm, text, config, progress=progress, release_tokenizer=release_tokenizer)
     attribution_seconds = time.perf_counter() - attribution_start
-    if chat is not None:
-        graph.config["chat"] = chat_metadata(model.tokenizer, chat, graph.input_ids)
+    if chat_record is not None:
+        graph.config["chat"] = chat_record
     # attribute() has released the weights' pages: pruning, scores and export do not read the model
     progress.phase("pruning and scores" if not options.no_prune else "scores")
     pruned = None if options.no_prune else prune_graph(graph, options.node_threshold, options.edge_threshold)

@@ -19,6 +19,7 @@ A ``.gguf`` path is dequantized once into ``<cache>/models/<stem>-<digest>``; th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -332,4 +333,7 @@ def load_model(
     if target is not None and target.type != "cpu":
         hf = hf.to(target)
     cls = adapter_class_for(hf.config.model_type)
-    return cls(hf, tokenizer, model_id)
+    adapter = cls(hf, tokenizer, model_id)
+    # from the files just read (a hub download is in the local cache by now)
+    adapter.tokenizer_loader = functools.partial(AutoTokenizer.from_pretrained, source, local_files_only=True)
+    return adapter

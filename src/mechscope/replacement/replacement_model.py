@@ -116,10 +116,11 @@ class ReplacementModel:
         return ids
 
     @torch.no_grad()
-    def trace(self, input_ids: Int[torch.Tensor, "pos"], release_vocabulary: bool = False) -> Trace:
+    def trace(self, input_ids: Int[torch.Tensor, "pos"], release_vocabulary: bool = False,
+              release_mlps: bool = False) -> Trace:
         """Clean run, feature activations, reconstructions and errors of one prompt
-        (``release_vocabulary``: see :meth:`ModelAdapter.output_logits`)."""
-        run = self.model.clean_run(input_ids, release_vocabulary)
+        (``release_vocabulary``, ``release_mlps``: see :meth:`ModelAdapter.clean_run`)."""
+        run = self.model.clean_run(input_ids, release_vocabulary, release_mlps)
         first = 1 if self.model.has_bos(input_ids) else 0
         acts, recons, errors, rows, values = [], [], [], [], []
         for layer in range(self.model.n_layers):
