@@ -177,10 +177,11 @@ def zeroing_figures(rm: ReplacementModel, graph: Graph, nodes: list[int], predic
     token = int(graph.logit_token_ids[0])
     modes = InterventionConfig(freeze_attention=config.freeze_attention, top_k=1)
     rows = []
+    clean = rm.trace(graph.input_ids)  # one clean run for all of the prompt's interventions
     for node, prediction in zip(nodes, predicted):
         layer, pos, feature, activation = graph.feature_of(node)
         result = run_interventions(rm, graph.input_ids, [Intervention(FeatureTarget(layer, feature, (pos,)), "zero")],
-                                   modes)
+                                   modes, trace=clean)
         change = _demeaned(result.intervened_logits)[token] - _demeaned(result.clean_logits)[token]
         rows.append({"node_id": graph.node_id(node), "layer": layer, "pos": pos, "feature": feature,
                      "activation": activation, "predicted": prediction, "measured": float(change),

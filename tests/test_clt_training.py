@@ -196,3 +196,53 @@ def test_jumprelu_clt_training_learns_and_its_sparsity_penalty_sets_l0(llama, st
         assert not all(torch.allclose(t, torch.full_like(t, 0.05)) for t in thresholds)  # learned
         l0[coef] = sum(m.l0 for m in metrics) / len(metrics)
     assert l0[0.05] < 0.7 * l0[0.0], l0
+
+
+def test_low_precision_decoder_product_is_the_product_of_rounded_operands():
+    """bfloat16 decoder products: forward and both gradients are float64 products of the
+    bfloat16-rounded operands, rounded once more to bfloat16 (CPU matmuls return their operands'
+    dtype: within 2^-8 relative), and stay near the float32 ones."""
+    from mechscope.training.clt_trainer import _LowPrecisionProduct
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(37, 24, generator=g).relu()).requires_grad_()
+    W = torch.randn(24, 50, generator=g, requires_grad=True)
+    grad = torch.randn(37, 50, generator=g)
+    out = _LowPrecisionProduct.apply(a, W, W.detach().bfloat16())
+    assert out.dtype == torch.float32
+    out.backward(grad)
+    a16, W16, g16 = (t.detach().bfloat16().double() for t in (a, W, grad))
+    torch.testing.assert_close(out.double(), a16 @ W16, atol=1e-6, rtol=2**-8)
+    torch.testing.assert_close(a.grad.double(), g16 @ W16.T, atol=1e-6, rtol=2**-8)
+    torch.testing.assert_close(W.grad.double(), a16.T @ g16, atol=1e-6, rtol=2**-8)
+    exact, out = a.detach() @ W.detach(), out.detach()
+    assert float((out - exact).abs().max()) < 2e-2 * float(exact.abs().max())
+    assert float((out - exact).abs().max()) > 0  # it did round
+
+
+def test_bfloat16_decoder_products_train_like_float32(llama, streams, tmp_path):  # noqa: F811
+    """The same JumpReLU run with bfloat16 decoder products reaches the float32 run's held-out FVU
+    (within 5 %), and the rounded decoder follows every optimizer step (a stale copy would train
+    on old weights)."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_train_config(method="jumprelu", threshold_init=0.05, decoder_dtype=dtype)
+        _, metrics = run(llama, streams, cfg, tmp_path / dtype, tmp_path / f"c{dtype}")
+        results[dtype] = sum(m.fvu for m in metrics) / len(metrics)
+    assert results["bfloat16"] == pytest.approx(results["float32"], rel=0.05), results
+
+    cfg = tiny_train_config(method="jumprelu", decoder_dtype="bfloat16")
+    trainee = clt_trainer.CLTTrainee(2, 8, cfg, torch.Generator().manual_seed(0))
+    a = torch.rand(5, cfg.d_transcoder)
+    first = trainee._decode(0, a)
+    with torch.no_grad():
+        trainee.W_dec[0].mul_(2.0)  # what an optimizer step does: an in-place update
+    torch.testing.assert_close(trainee._decode(0, a), 2 * first)
+
+
+def test_decoder_dtype_is_checked():
+    from mechscope.errors import BadInputError
+    from mechscope.training.trainer import TrainConfig
+
+    with pytest.raises(BadInputError, match="decoder_dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        TrainConfig(decoder_dtype="float16")

@@ -123,6 +123,25 @@ def test_iterative_zeroing_matches_a_manual_edit(tiny_adapter, make_tiny_transco
     assert float((result.intervened_logits - result.clean_logits).abs().max()) > 1e-4
 
 
+def test_a_given_clean_trace_is_reused_unchanged(tiny_adapter, make_tiny_transcoders):
+    """Many interventions on one prompt may share its clean run: passing ``trace`` gives the same
+    results as tracing anew, and leaves the trace as it was."""
+    rm, graph = _setup(tiny_adapter, make_tiny_transcoders, "gemma3")
+    clean = rm.trace(graph.input_ids)
+    before = [a.clone() for a in clean.activations], [e.clone() for e in clean.errors]
+    for node in range(3):
+        layer, pos, feature, _ = graph.feature_of(node)
+        for config in (InterventionConfig(constrained_layers=range(rm.model.n_layers)),
+                       InterventionConfig(freeze_attention=False)):
+            edit = [Intervention(FeatureTarget(layer, feature, (pos,)), "zero")]
+            fresh = run_interventions(rm, graph.input_ids, edit, config)
+            reused = run_interventions(rm, graph.input_ids, edit, config, trace=clean)
+            torch.testing.assert_close(reused.intervened_logits, fresh.intervened_logits, atol=0, rtol=0)
+            torch.testing.assert_close(reused.clean_logits, fresh.clean_logits, atol=0, rtol=0)
+    for kept, was in zip(clean.activations + clean.errors, before[0] + before[1]):
+        assert torch.equal(kept, was)
+
+
 def test_injection_and_supernode_readout(tiny_adapter, make_tiny_transcoders):
     rm, graph = _setup(tiny_adapter, make_tiny_transcoders, "llama")
     trace = rm.trace(graph.input_ids)

@@ -52,6 +52,9 @@ def _opt(name: str, type_, help_: str):
 @click.option("--model-dtype", "--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Dtype of the model forward giving the training activations (calibration and "
                                       "held-out figures always use float32).")
+@click.option("--decoder-dtype", type=click.Choice(["float32", "bfloat16"]), default=default_of(TrainConfig, "decoder_dtype"),
+              show_default=True, help="jumprelu: precision of the products with the CLT's decoders (bfloat16: 2.4x faster "
+                                      "where the CPU or GPU computes it natively; parameters stay float32).")
 @click.option("--device", default="auto", show_default=True,
               help="cpu | cuda | cuda:N | mps | auto. Under torchrun each rank takes its own GPU (LOCAL_RANK).")
 @click.option("--kind", type=click.Choice(["plt", "clt"]), default="plt", show_default=True,
@@ -77,6 +80,9 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
     if shard_features and kind != "clt":
         raise BadInputError("--shard-features splits a cross-layer transcoder's features; use it with --kind clt")
+    if cfg.decoder_dtype != "float32" and cfg.method != "jumprelu":
+        raise BadInputError(f"--decoder-dtype {cfg.decoder_dtype} applies to --method jumprelu (a CLT's dense "
+                            "decoder products); leave it at float32 here")
     if cfg.method != "topk" and kind != "clt":
         raise BadInputError(f"--method {cfg.method} trains cross-layer transcoders only; use it with --kind clt "
                             "(per-layer sets train with --method topk)")

@@ -265,6 +265,7 @@ def run_interventions(
     interventions: list[Intervention],
     config: InterventionConfig = InterventionConfig(),
     readouts: dict[str, list[FeatureTarget]] | None = None,
+    trace: Trace | None = None,
 ) -> InterventionResult:
     """Run the prompt clean and with ``interventions``; generate and read out.
 
@@ -275,6 +276,8 @@ def run_interventions(
         config: modes and generation settings.
         readouts: supernode label -> its feature members (each with explicit positions), whose
             activations are read on the prompt pass, clean and intervened.
+        trace: the prompt's clean run, ``rm.trace(input_ids)``, when the caller already has it (many
+            interventions on one prompt need it once); it is not changed.
 
     Raises:
         BadInputError: a layer, feature or position out of range, or a bad layer range.
@@ -285,7 +288,7 @@ def run_interventions(
         raise BadInputError(
             f"constrained layers {layers.start}:{layers.stop} must be a non-empty range within 0:{rm.model.n_layers}"
         )
-    trace = rm.trace(input_ids)
+    trace = rm.trace(input_ids) if trace is None else trace
     _check_targets(rm, trace, interventions, readouts)
     run = trace.run
     all_layers = layers is not None and set(range(rm.model.n_layers)) <= set(layers)

@@ -98,6 +98,30 @@ class JumpReLUSTE(torch.autograd.Function):
         return grad * (h > theta) + jump, -jump.sum(0), None
 
 
+class _LowPrecisionProduct(torch.autograd.Function):
+    """``a @ W`` computed on operands rounded to ``W_low``'s dtype (bfloat16).
+
+    ``a [n, F]`` float32, ``W [F, m]`` the float32 parameter, ``W_low`` its rounded copy. The
+    forward product and both gradients (``g W_low^T`` for ``a``, ``a_low^T g`` for ``W``) run on
+    the rounded operands; the CPU's bfloat16 matmul accumulates in float32 and rounds its result to
+    bfloat16 (a relative 2^-9), which is returned as float32, like the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, W: torch.Tensor, W_low: torch.Tensor) -> torch.Tensor:
+        a_low = a.to(W_low.dtype)
+        ctx.save_for_backward(a_low, W_low)
+        return (a_low @ W_low).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a_low, W_low = ctx.saved_tensors
+        g = grad.to(W_low.dtype)
+        grad_a = (g @ W_low.T).float() if ctx.needs_input_grad[0] else None
+        grad_W = (a_low.T @ g).float() if ctx.needs_input_grad[1] else None
+        return grad_a, grad_W, None
+
+
 class CLTTrainee(nn.Module):
     """A CLT while training, in normalised units (see the module docstring for the parameters)."""
 
@@ -125,6 +149,7 @@ class CLTTrainee(nn.Module):
         self.register_buffer("in_scale", torch.ones(n_layers))
         self.register_buffer("out_scale", torch.ones(n_layers))
         self.register_buffer("last_fired", torch.zeros(n_layers, F_))
+        self._low: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (W_dec version, rounded copy)
 
     @torch.no_grad()
     def initialize(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
@@ -178,7 +203,7 @@ class CLTTrainee(nn.Module):
         if self.jumprelu:  # dense codes [n, F] (many fire early in training)
             codes = [JumpReLUSTE.apply(pre, t.exp(), self.cfg.bandwidth) for pre, t in zip(pres, self.log_threshold)]
             for l, a in enumerate(codes):
-                decoded[:, l:] += (a @ self.W_dec[l].flatten(1)).view(n, self.n_layers - l, d)
+                decoded[:, l:] += self._decode(l, a).view(n, self.n_layers - l, d)
         else:
             codes = [self._top(pre, self.cfg.k) for pre in pres]
             for l, (idx, vals) in enumerate(codes):
@@ -188,6 +213,20 @@ class CLTTrainee(nn.Module):
         if self.W_skip is not None:
             recon = recon + torch.stack([x @ w.T for x, w in zip(xs_n, self.W_skip)], dim=1)
         return codes, recon, pres
+
+    def _decode(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """``a [n, F] @ W_dec[layer]`` flattened to ``[n, (n_layers - layer) d_model]``, in
+        ``cfg.decoder_dtype``; the rounded decoder is made once per optimizer step (it is reused
+        until the parameter's version changes)."""
+        W = self.W_dec[layer].flatten(1)
+        if self.cfg.decoder_dtype == "float32":
+            return a @ W
+        version = self.W_dec[layer]._version
+        cached = self._low.get(layer)
+        if cached is None or cached[0] != version:
+            cached = (version, W.detach().to(getattr(torch, self.cfg.decoder_dtype)))
+            self._low[layer] = cached
+        return _LowPrecisionProduct.apply(a, W, cached[1])
 
     def aux_losses(self, pres: list[torch.Tensor], recon: torch.Tensor, ys_n: list[torch.Tensor], mean
                    ) -> list[torch.Tensor]:
