@@ -70,12 +70,16 @@ def test_blocked_pruning_and_scores_equal_the_dense_ones(graph, monkeypatch, blo
     import mechscope.graph.prune as prune
 
     monkeypatch.setattr(prune, "_BLOCK_ROWS", block_rows)
-    for node_threshold, edge_threshold in ((0.8, 0.98), (0.5, 0.9)):
+    for node_threshold, edge_threshold in ((0.8, 0.98), (0.5, 0.9), (0.8, 1.0)):
         node_mask, edge_mask = _dense_prune(graph, node_threshold, edge_threshold)
         pruned = prune_graph(graph, node_threshold, edge_threshold)
         assert torch.equal(pruned.node_mask, pruned.node_mask & node_mask)  # clean-up only removes
         kept = pruned.node_mask
         assert torch.equal(pruned.edge_mask, edge_mask & kept[:, None] & kept[None, :])
+        # the mask is held over the node threshold's candidates only; row blocks rebuild it
+        assert len(pruned.candidates) < graph.n_nodes and pruned.candidate_edges.shape == (len(pruned.candidates),) * 2
+        blocks = [pruned.edge_mask_rows(start, start + 5) for start in range(0, graph.n_nodes, 5)]
+        assert torch.equal(torch.cat(blocks), pruned.edge_mask)
     normalized = normalize_matrix(graph.adjacency)
     influence = compute_influence(normalized, graph.logit_weights())
     errors = slice(graph.error_offset, graph.token_offset)

@@ -103,7 +103,6 @@ def to_neuronpedia(
 
     n = graph.n_nodes
     node_mask = pruned.node_mask if pruned is not None else None
-    edge_mask = pruned.edge_mask if pruned is not None else None  # None: every non-zero edge
     influence = pruned.cumulative_scores if pruned is not None else None
     kept = [i for i in range(n) if node_mask is None or bool(node_mask[i])]
     labels = labels or {}
@@ -116,8 +115,8 @@ def to_neuronpedia(
     for start in range(0, n, block_rows):
         block = graph.adjacency[start : start + block_rows]
         mask = block != 0
-        if edge_mask is not None:
-            mask &= edge_mask[start : start + block_rows]
+        if pruned is not None:  # else every non-zero edge
+            mask &= pruned.edge_mask_rows(start, start + block_rows)
         targets, sources = mask.nonzero(as_tuple=True)
         weights = block[targets, sources].tolist()
         links += [

@@ -34,15 +34,15 @@ _TENSORS = ("input_ids", "active_features", "activation_values", "selected_featu
             "logit_token_ids", "logit_probabilities")
 
 
-def _edge_coordinates(adjacency: torch.Tensor, edge_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(edge_index [2, n] int32, edge_weight [n] float32)`` of the non-zero (and kept) entries,
-    gathered in row blocks so no N x N index tensor is made."""
+def _edge_coordinates(adjacency: torch.Tensor, pruned=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(edge_index [2, n] int32, edge_weight [n] float32)`` of the non-zero entries (those ``pruned``
+    keeps, when given), gathered in row blocks so no N x N index tensor is made."""
     indices, weights = [], []
     for start in range(0, adjacency.shape[0], 1024):
         block = adjacency[start : start + 1024]
         mask = block != 0
-        if edge_mask is not None:
-            mask &= edge_mask[start : start + 1024]
+        if pruned is not None:
+            mask &= pruned.edge_mask_rows(start, start + 1024)
         rows, cols = mask.nonzero(as_tuple=True)
         indices.append(torch.stack([rows + start, cols]).to(torch.int32))
         weights.append(block[rows, cols].float())
@@ -59,8 +59,7 @@ def save_graph(graph: Graph, directory: str | os.PathLike, pruned=None, threshol
     """
     directory = Path(directory)
     tensors = {name: getattr(graph, name).contiguous() for name in _TENSORS}
-    edge_mask = None if pruned is None else pruned.edge_mask
-    tensors["edge_index"], tensors["edge_weight"] = _edge_coordinates(graph.adjacency, edge_mask)
+    tensors["edge_index"], tensors["edge_weight"] = _edge_coordinates(graph.adjacency, pruned)
     if pruned is not None:
         tensors["node_mask"] = pruned.node_mask.contiguous()
     edges = {"kept": "all"} if pruned is None else {"kept": "pruned", "node_threshold": thresholds and thresholds[0],
