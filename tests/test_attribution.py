@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import TINY_PROMPT
@@ -211,6 +213,24 @@ def test_grouped_backward_passes_equal_one_target_at_a_time(tiny_adapter, make_t
     assert torch.equal(grouped.selected_features, alone.selected_features)
     assert float((grouped.adjacency - alone.adjacency).abs().max()) <= 1e-5 * float(alone.adjacency.abs().max())
     assert grouped.config["edge_rows_mb"] < alone.config["edge_rows_mb"]  # later columns of early targets not stored
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_float16_edge_rows_past_the_budget_give_the_graph_to_their_rounding(tiny_adapter, make_tiny_transcoders, family):
+    """A prompt whose rows outgrow the budget keeps them in float16: the graph says so, selects
+    the same features here (no near-ties), and its edges are the float32 graph's to 11-bit rounding."""
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, skip=True)
+    prompt = "a cat sat on the mat and the dog ran far away"
+    config = AttributionConfig(max_feature_nodes=40, batch_size=8)
+    exact = attribute(rm, prompt, config)
+    compact = attribute(rm, prompt, replace(config, edge_rows_gb=1e-9))
+    assert exact.config["edge_rows_dtype"] == "float32" and compact.config["edge_rows_dtype"] == "float16"
+    assert torch.equal(compact.selected_features, exact.selected_features)
+    diff = float((compact.adjacency - exact.adjacency).abs().max())
+    assert 0 < diff <= 2**-11 * float(exact.adjacency.abs().max())
+    assert compact.config["edge_rows_mb"] < exact.config["edge_rows_mb"]
+    with pytest.raises(BadInputError, match="edge_rows_gb"):
+        AttributionConfig(edge_rows_gb=0)
 
 
 def test_plan_groups_is_the_cheapest_cut_of_the_queue():

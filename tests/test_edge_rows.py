@@ -10,7 +10,7 @@ from mechscope.graph.prune import partial_influences
 
 
 def _random_rows(n_layers=4, n_pos=6, n_logits=3, spans=((5, (0, 3)), (7, (2, 6)), (4, (4, 2)), (6, (1, 6)), (3, (4, 6))),
-                 seed=0):
+                 seed=0, budget_bytes=None):
     """Dense rows (logits first, then feature rows with zeros outside each chunk's span of layers
     and positions) and the same rows in an EdgeRows."""
     gen = torch.Generator().manual_seed(seed)
@@ -20,7 +20,7 @@ def _random_rows(n_layers=4, n_pos=6, n_logits=3, spans=((5, (0, 3)), (7, (2, 6)
     positions = torch.repeat_interleave(torch.arange(n_pos).repeat(n_layers), per_cell.flatten())
     layout = ActiveLayout(layers, positions, n_layers, n_pos)
     n_active, n_other = len(layers), (n_layers + 1) * n_pos
-    rows = EdgeRows(layout)
+    rows = EdgeRows(layout, budget_bytes)
     logit = torch.randn(n_logits, n_active + n_other, generator=gen)
     rows.add(torch.full((n_logits,), -1), logit[:, :n_active], logit[:, n_active:].view(n_logits, n_layers + 1, n_pos))
     dense, nodes = [logit], [torch.arange(n_logits) + n_active + n_other]
@@ -81,3 +81,32 @@ def test_assemble_equals_dense_packaging():
     expected[-n_logits:, : len(columns)] = dense[:n_logits][:, columns]
     assert torch.equal(adjacency, expected)
     assert rows.chunks == [] and rows.nbytes() == 0
+
+
+def test_compact_rows_are_float16_within_their_rounding():
+    """Past the memory budget every stored and later row goes to float16 with a power-of-two row
+    scale: half the bytes of the feature columns, influence and the assembled adjacency within
+    11-bit rounding of the float32 rows, row sums exact."""
+    exact, dense, row_to_node = _random_rows()
+    compact, _, _ = _random_rows(budget_bytes=500)  # the logit rows alone pass it
+    assert compact.compact
+    stored = [c for c in compact.chunks if c.features.numel()]  # (a span of no layers has no feature columns)
+    assert len(stored) == 5 and all(c.features.dtype == torch.float16 for c in stored)
+    assert all(torch.equal(c.row_sums, e.row_sums) for c, e in zip(compact.chunks, exact.chunks))
+    feature_bytes = sum(c.features.nbytes for c in exact.chunks)
+    assert sum(c.features.nbytes for c in compact.chunks) == feature_bytes // 2
+    for c in stored:  # the scale is a power of two putting the row's peak in (2^13, 2^14]
+        peak = c.features.float().abs().amax(1)
+        assert ((peak > 2**13) & (peak <= 2**14)).all() and torch.equal(torch.log2(c.scale), torch.log2(c.scale).round())
+    probs = torch.tensor([0.5, 0.3, 0.1])
+    torch.testing.assert_close(compact.feature_influence(probs), exact.feature_influence(probs), rtol=2**-10, atol=1e-7)
+    selected = row_to_node[3:].sort().values
+    a, b = compact.assemble(selected, 3), exact.assemble(selected, 3)
+    assert float((a - b).abs().max()) <= 2**-11 * float(b.abs().max())
+    assert float((a - b).abs().max()) > 0  # rounded, not copied
+    assert ((a - b).abs() <= 2**-11 * b.abs() + 1e-30).all()  # each edge within its own 11-bit rounding
+
+
+def test_rows_under_the_budget_stay_float32():
+    rows, _, _ = _random_rows(budget_bytes=1e9)
+    assert not rows.compact and all(c.features.dtype == torch.float32 for c in rows.chunks)

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import psutil
 import torch
 from jaxtyping import Int
 
@@ -61,6 +62,11 @@ class AttributionConfig:
             back-propagated through a frozen replacement model of that prefix only. Attention is
             causal, so the gradients at earlier positions are the same (tested to float rounding)
             and the backward passes of a long prompt cost what their prefixes cost.
+        edge_rows_gb: gigabytes the stored edge rows may take in float32; past it they are held in
+            float16 (:class:`~mechscope.attribution.edge_rows.EdgeRows`: half the memory, each edge
+            rounded to 11 significant bits; the graph's ``config["edge_rows_dtype"]`` says which).
+            ``None``: 60 % of the memory available when attribution starts, so only a prompt whose
+            float32 rows would crowd out the rest of memory is affected.
 
     Each queue of ``update_interval * batch_size`` features (the unit of circuit-tracer's visiting
     order, kept as it is) is split into groups of at most ``batch_size`` targets that share a tight
@@ -76,6 +82,7 @@ class AttributionConfig:
     max_feature_nodes: int | None = 8192
     update_interval: int = 4
     prefix_blocks: int = 8
+    edge_rows_gb: float | None = None
 
     def __post_init__(self):
         if self.max_n_logits < 1:
@@ -88,6 +95,8 @@ class AttributionConfig:
             raise BadInputError(f"max_feature_nodes must be >= 0, got {self.max_feature_nodes}")
         if self.update_interval < 1:
             raise BadInputError(f"update_interval must be >= 1, got {self.update_interval}")
+        if self.edge_rows_gb is not None and not self.edge_rows_gb > 0:
+            raise BadInputError(f"edge_rows_gb must be > 0, got {self.edge_rows_gb}")
         if self.prefix_blocks < 1:
             raise BadInputError(f"prefix_blocks must be >= 1, got {self.prefix_blocks}")
         if self.logit_diff is not None:
@@ -329,7 +338,8 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     frozen = FrozenReplacement(rm, trace, batch)
     prefixes = _Prefixes(rm, trace, frozen, config.prefix_blocks)
     sources = SourceVectors.build(rm, trace)
-    rows = EdgeRows(sources.layout)
+    budget = 0.6 * psutil.virtual_memory().available if config.edge_rows_gb is None else config.edge_rows_gb * 1e9
+    rows = EdgeRows(sources.layout, budget)
     # phase 4: logit rows
     for i in range(0, n_logits, batch):
         chunk = vectors[i : i + batch]
@@ -370,6 +380,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
             bar.update(len(idx))
     bar.close()
     stored_mb = rows.nbytes() / 2**20
+    rows_dtype = "float16" if rows.compact else "float32"
     # phase 6: assemble the node set [selected features, errors, tokens, logits]; the backward
     # passes are done, so the frozen models and source vectors go, and the kernel may reclaim the
     # weights' pages (values kept: read back from the file if the model runs again) rather than
@@ -399,6 +410,6 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
         config={**asdict(config), "targets": list(config.targets),
                 "logit_diff": list(config.logit_diff) if config.logit_diff else None, "attribution_seconds": seconds,
                 "transcoder_kind": rm.transcoders.kind,
-                "first_pos": trace.first_pos, "edge_rows_mb": stored_mb,
+                "first_pos": trace.first_pos, "edge_rows_mb": stored_mb, "edge_rows_dtype": rows_dtype,
                 "dtype": str(rm.model.dtype).removeprefix("torch."), "device": str(rm.model.device)},
     )

@@ -18,10 +18,17 @@ its own target can reach, not those of its batch's highest and latest target; th
 ``[rows, all active features]`` matrix of circuit-tracer is never built, nor an ``N x N`` matrix of
 all active features. Influence on the logits, which orders the features to visit, is computed from
 the same rows (see :meth:`EdgeRows.feature_influence`).
+
+Rows are float32. When they outgrow a memory budget (a long prompt: at 2,047 tokens the 8,192
+visited rows reach about two million columns each), every stored and later row's feature columns
+go to float16 scaled per row by a power of two (its largest magnitude maps into ``(2^13, 2^14]``):
+half the memory, each edge rounded to 11 significant bits (relative error at most 2^-11), row
+sums kept exact. Only graphs that would not fit otherwise are affected, and the graph records it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +36,8 @@ import torch
 from jaxtyping import Float, Int
 
 from mechscope.memory import release_free_memory
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ActiveLayout", "EdgeRows"]
 
@@ -103,13 +112,40 @@ class _Chunk:
     """Rows of one group of targets: ``nodes [k]`` (active-feature index, or ``-1`` for a logit
     row), ``features [k, width]`` edges from the active features of the chunk's span, ``others [k,
     n_layers + 1, n_positions]`` edges from error nodes (per layer) and token nodes (last) at the
-    span's positions, ``row_sums [k]`` the rows' absolute sums, ``span`` ``(n_source_layers, n_positions)``."""
+    span's positions, ``row_sums [k]`` the rows' absolute sums, ``span`` ``(n_source_layers, n_positions)``.
+    A compact chunk holds ``features`` in float16 and ``scale [k]``: the edges are ``features * scale``."""
 
     nodes: torch.Tensor
     features: torch.Tensor
     others: torch.Tensor
     row_sums: torch.Tensor
     span: tuple[int, int]
+    scale: torch.Tensor | None = None
+
+    def compress(self) -> None:
+        """Feature columns to float16, each row scaled by a power of two (exact) so its largest
+        magnitude lies in ``(2^13, 2^14]``, well inside float16's range (max 65,504)."""
+        if self.scale is not None or self.features.numel() == 0:
+            return
+        peak = self.features.abs().amax(1).clamp(min=1e-30)
+        self.scale = torch.exp2(torch.ceil(torch.log2(peak)) - 14)
+        self.features = (self.features / self.scale[:, None]).half()
+
+    def feature_values(self, columns: torch.Tensor | None = None) -> Float[torch.Tensor, "k m"]:
+        """The feature edges (of the local ``columns``, or all) in float32."""
+        values = self.features if columns is None else self.features[:, columns]
+        return values if self.scale is None else values.float() * self.scale[:, None]
+
+    def weighted_abs_sum(self, weights: Float[torch.Tensor, "k"]) -> Float[torch.Tensor, "width"]:
+        """``weights @ |features|`` (float32; a compact chunk in blocks of 16 rows, so at most 16
+        rows are float32 at once)."""
+        if self.scale is None:
+            return weights @ self.features.abs()
+        weights = weights * self.scale
+        total = torch.zeros(self.features.shape[1])
+        for start in range(0, len(weights), 16):
+            total += weights[start : start + 16] @ self.features[start : start + 16].float().abs_()
+        return total
 
 
 class EdgeRows:
@@ -117,14 +153,21 @@ class EdgeRows:
 
     Args:
         layout: the active features' layers and positions (:class:`ActiveLayout`).
+        budget_bytes: when the stored rows exceed this, they and every later row are held compact
+            (float16 feature columns, see the module docstring); ``None``: always float32.
+
+    Attributes:
+        compact: whether the rows are held compact.
     """
 
-    def __init__(self, layout: ActiveLayout):
+    def __init__(self, layout: ActiveLayout, budget_bytes: float | None = None):
         self.layout = layout
         self.n_active = layout.n_active
         self.n_other = (layout.n_layers + 1) * layout.n_pos  # error then token columns of a full row
         self.chunks: list[_Chunk] = []
         self.n_rows = 0
+        self.budget_bytes = budget_bytes
+        self.compact = False
 
     def add(
         self,
@@ -150,8 +193,19 @@ class EdgeRows:
                              f"do not fit span {span} ({width} feature columns, "
                              f"others [{len(nodes)}, {layout.n_layers + 1}, {span[1]}])")
         row_sums = features.abs().sum(1) + others.abs().sum((1, 2))
-        self.chunks.append(_Chunk(nodes.long(), features, others, row_sums, span))
+        chunk = _Chunk(nodes.long(), features, others, row_sums, span)
+        self.chunks.append(chunk)
         self.n_rows += len(nodes)
+        if self.compact:
+            chunk.compress()
+        elif self.budget_bytes is not None and self.nbytes() > self.budget_bytes:
+            logger.warning("the edge rows passed %.1f GB after %d rows: holding them in float16 from now on "
+                           "(each edge rounded to 11 significant bits; more memory keeps them float32)",
+                           self.budget_bytes / 1e9, self.n_rows)
+            self.compact = True
+            for stored in self.chunks:
+                stored.compress()
+            release_free_memory()
 
     def nbytes(self) -> int:
         """Bytes held by the stored rows."""
@@ -185,7 +239,7 @@ class EdgeRows:
             inside, local = self.layout.locate(visited, *chunk.span, where=where)
             k = len(chunk.nodes)
             block[start : start + k, row_of[visited[inside]]] = (
-                chunk.features[:, local[inside]].abs() / chunk.row_sums.clamp(min=1e-10)[:, None])
+                chunk.feature_values(local[inside]).abs() / chunk.row_sums.clamp(min=1e-10)[:, None])
             start += k
         n_logits = len(logit_probabilities)
         x = torch.zeros(n_rows)
@@ -203,7 +257,7 @@ class EdgeRows:
         for chunk in self.chunks:
             k = len(chunk.nodes)
             weights = total[start : start + k] / chunk.row_sums.clamp(min=1e-10)
-            self.layout.scatter_add(influence, weights @ chunk.features.abs(), *chunk.span)
+            self.layout.scatter_add(influence, chunk.weighted_abs_sum(weights), *chunk.span)
             start += k
         return influence
 
@@ -236,7 +290,7 @@ class EdgeRows:
             logit_row += int(is_logit.sum())
             inside, local = layout.locate(selected, *chunk.span, where=where)
             block = torch.zeros(len(rows), n_nodes)
-            block[:, :n_selected][:, inside] = chunk.features[:, local[inside]]
+            block[:, :n_selected][:, inside] = chunk.feature_values(local[inside])
             others = block[:, n_selected : n_selected + self.n_other].view(len(rows), layout.n_layers + 1, layout.n_pos)
             others[:, :, : chunk.span[1]] = chunk.others
             freed += chunk.features.nbytes + chunk.others.nbytes

@@ -48,6 +48,9 @@ __all__ = ["trace"]
 @placement_options("Model weights and the frozen backward passes; bfloat16 is faster and lighter but not exact "
                    "(edges, influence and pruning stay float32).")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True)
+@click.option("--edge-rows-gb", type=float, default=None,
+              help="Gigabytes the edge rows may take in float32; past it they are held in float16 (half the "
+                   "memory, edges rounded to 11 significant bits). Default: 60 percent of the memory available.")
 @click.option("--no-prune", is_flag=True, help="Export every node and every non-zero edge.")
 @click.option("--full-graph", is_flag=True,
               help="Keep every non-zero edge in DIR/<slug>/graph.safetensors (default: the pruned graph's edges).")
@@ -60,7 +63,7 @@ __all__ = ["trace"]
 @chat_options
 def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targets, logit_diff, max_feature_nodes,
           node_threshold, edge_threshold, batch_size, max_n_logits, desired_logit_prob, placement, max_prompt_tokens,
-          no_prune, full_graph, store, out_dir, as_json):
+          edge_rows_gb, no_prune, full_graph, store, out_dir, as_json):
     """Trace PROMPT: build, prune and export its attribution graph (or one graph per line of --prompts)."""
     started = time.perf_counter()
     jobs = None
@@ -77,7 +80,7 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
     config = AttributionConfig(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
                                targets=tuple(targets), batch_size=batch_size,
                                logit_diff=tuple(logit_diff) if logit_diff else None,
-                               max_feature_nodes=max_feature_nodes)
+                               max_feature_nodes=max_feature_nodes, edge_rows_gb=edge_rows_gb)
     if max_prompt_tokens < 1:
         raise BadInputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
 
