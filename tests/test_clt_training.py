@@ -100,24 +100,42 @@ def _trainee_and_batch(llama, **overrides):  # noqa: F811
     return trainee, xs, ys
 
 
-def test_the_clt_reconstruction_sums_each_earlier_layers_decoder_block(llama):  # noqa: F811
-    """The batched decode (each source layer decoded once into all its output layers) is the CLT's
-    definition written pair by pair: output layer m = b_dec[m] + sum_{l <= m} a_l W_dec[l][:, m - l]
-    + W_skip[m] x_m, in normalised units."""
+@pytest.mark.parametrize("method", ["topk", "jumprelu"])
+def test_the_clt_reconstruction_sums_each_earlier_layers_decoder_block(llama, method):  # noqa: F811
+    """The batched decode (each source layer decoded once into all its output layers, summed by
+    one autograd function) is the CLT's definition written pair by pair: output layer m = b_dec[m]
+    + sum_{l <= m} a_l W_dec[l][:, m - l] + W_skip[m] x_m, in normalised units; so are the gradients
+    it passes to every parameter."""
     import torch.nn.functional as F
 
-    trainee, xs, _ = _trainee_and_batch(llama)
+    trainee, xs, _ = _trainee_and_batch(llama, method=method)
     xs_n = [x / trainee.in_scale[m] for m, x in enumerate(xs)]
     codes, recon, _ = trainee.forward_topk(xs_n)
     assert recon.shape == (xs[0].shape[0], llama.n_layers, llama.d_model)
+    upstream = torch.randn(recon.shape, generator=torch.Generator().manual_seed(3))
+    (recon * upstream).sum().backward()
+    batched = {name: p.grad.clone() for name, p in trainee.named_parameters() if p.grad is not None}
+    trainee.zero_grad()
+    codes, _, _ = trainee.forward_topk(xs_n)  # the same codes, a fresh graph
+    by_hand_all = []
     for m in range(llama.n_layers):
         by_hand = trainee.b_dec[m] + xs_n[m] @ trainee.W_skip[m].T
         for l in range(m + 1):
-            idx, vals = codes[l]
-            by_hand = by_hand + F.embedding_bag(idx, trainee.W_dec[l][:, m - l].contiguous(), per_sample_weights=vals,
-                                                mode="sum")
+            if method == "topk":
+                idx, vals = codes[l]
+                by_hand = by_hand + F.embedding_bag(idx, trainee.W_dec[l][:, m - l].contiguous(),
+                                                    per_sample_weights=vals, mode="sum")
+            else:
+                by_hand = by_hand + codes[l] @ trainee.W_dec[l][:, m - l]
         torch.testing.assert_close(recon[:, m], by_hand, rtol=1e-5, atol=1e-5)
-    assert any(float(v.detach().abs().sum()) > 0 for _, v in codes)
+        by_hand_all.append(by_hand)
+    (torch.stack(by_hand_all, 1) * upstream).sum().backward()
+    assert batched.keys() >= {"W_dec.0", "W_enc.0", "b_enc.0"}
+    for name, p in trainee.named_parameters():
+        if name in batched:
+            torch.testing.assert_close(batched[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    fired = [v for _, v in codes] if method == "topk" else codes
+    assert any(float(v.detach().abs().sum()) > 0 for v in fired)
 
 
 def test_clt_resampling_reinitialises_dead_features_only(llama):  # noqa: F811
