@@ -96,13 +96,15 @@ def test_trace_summary_and_no_prune(tiny_dirs, tmp_path, capsys):
         (lambda d, o: trace_args(d, o, "--target", "ca"), "not a single token"),
         (lambda d, o: trace_args(d, o, "--node-threshold", "2"), "--node-threshold"),
         (lambda d, o: trace_args(d, o, "--batch-size", "0"), "batch_size"),
+        (lambda d, o: trace_args(d, o, "--edge-rows-gb", "0"), "--edge-rows-gb must be > 0"),
         (lambda d, o: ["trace", "x", "--model", str(d / "model"), "--transcoders", "no-such-set", "--out", str(o)],
          "unknown transcoder set 'no-such-set'"),
         (lambda d, o: ["trace", "x", "--model", str(d / "model"), "--transcoders", str(d / "tcs-gemma3"),
                        "--out", str(o)], "3 layers"),
         (lambda d, o: ["trace", "x", "--model", "./no/such/dir", "--out", str(o)], "does not exist"),
     ],
-    ids=["empty", "too-long", "multi-token-target", "threshold", "batch", "unknown-set", "mismatch", "bad-path"],
+    ids=["empty", "too-long", "multi-token-target", "threshold", "batch", "edge-rows-gb", "unknown-set", "mismatch",
+         "bad-path"],
 )
 def test_bad_input_exits_2_without_output(tiny_dirs, tmp_path, capsys, argv_fn, message):
     out_dir = tmp_path / "out"

@@ -110,3 +110,24 @@ def test_compact_rows_are_float16_within_their_rounding():
 def test_rows_under_the_budget_stay_float32():
     rows, _, _ = _random_rows(budget_bytes=1e9)
     assert not rows.compact and all(c.features.dtype == torch.float32 for c in rows.chunks)
+
+
+def test_compact_rows_keep_tiny_zero_and_non_finite_edges_honest():
+    """Edges far below their row's largest fall among float16's subnormals: each edge is within
+    max(2^-11 of itself, 2^-38 of the row's largest); an all-zero row stays zero; a chunk with a
+    non-finite edge stays float32."""
+    from mechscope.attribution.edge_rows import _Chunk
+
+    row = torch.tensor([1.0, -3e-12, 1e-9, 2.5e-6, 0.3, -0.7])
+    chunk = _Chunk(torch.tensor([0, 1]), torch.stack([row, torch.zeros(6)]), torch.zeros(2, 1, 1),
+                   torch.zeros(2), (1, 1))
+    chunk.compress()
+    back = chunk.feature_values()
+    assert chunk.features.dtype == torch.float16
+    err = (back[0] - row).abs()
+    assert (err <= torch.maximum(2**-11 * row.abs(), torch.full_like(row, 2**-38))).all()
+    assert float(err[1]) > 2**-11 * 3e-12  # a subnormal: worse than 11 bits of itself, within the row bound
+    assert torch.equal(back[1], torch.zeros(6))
+    broken = _Chunk(torch.tensor([0]), torch.tensor([[1.0, float("inf")]]), torch.zeros(1, 1, 1), torch.zeros(1), (1, 1))
+    broken.compress()
+    assert broken.features.dtype == torch.float32 and broken.scale is None

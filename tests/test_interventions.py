@@ -140,6 +140,9 @@ def test_a_given_clean_trace_is_reused_unchanged(tiny_adapter, make_tiny_transco
             torch.testing.assert_close(reused.clean_logits, fresh.clean_logits, atol=0, rtol=0)
     for kept, was in zip(clean.activations + clean.errors, before[0] + before[1]):
         assert torch.equal(kept, was)
+    other = rm.trace(graph.input_ids[:-1])
+    with pytest.raises(BadInputError, match="another prompt"):
+        run_interventions(rm, graph.input_ids, [], InterventionConfig(), trace=other)
 
 
 def test_injection_and_supernode_readout(tiny_adapter, make_tiny_transcoders):

@@ -388,6 +388,13 @@ def test_released_tokenizer_is_loaded_again_on_use(tmp_path, tiny_adapter):
     assert loaded.token_strings(ids) == strings
     assert not original.release_tokenizer()  # built in memory: no loader, so it is kept
     assert original.tokenizer is not None
+    kept = original.tokenizer
+    original.tokenizer = None  # (the fixture's adapter is shared: restored below)
+    try:
+        with pytest.raises(RuntimeError, match="no loader"):
+            original.tokenizer
+    finally:
+        original.tokenizer = kept
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
@@ -405,10 +412,23 @@ def test_clean_run_releasing_mlp_pages_changes_nothing(tmp_path, tiny_adapter, f
     torch.testing.assert_close(released.logits, plain.logits, atol=0, rtol=0)
     for a, b in zip(released.mlp_outputs + released.mlp_inputs, plain.mlp_outputs + plain.mlp_inputs):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert loaded.release_mlp_weights() >= 0
     for name, p in loaded.hf.named_parameters():
         assert torch.equal(p, weights[name]), name
     torch.testing.assert_close(loaded.clean_run(ids).logits, plain.logits, atol=0, rtol=0)
+
+
+def test_clean_run_releases_exactly_the_mlp_weights(tiny_adapter, monkeypatch):
+    import mechscope.models.adapter as adapter_module
+
+    adapter = tiny_adapter("gemma3")
+    advised = []
+    monkeypatch.setattr(adapter_module, "release_pages", lambda t: advised.append(t.data_ptr()) or 0)
+    adapter.clean_run(adapter.tokenize(TINY_PROMPT), release_mlps=True)
+    mlp = {p.data_ptr() for layer in range(adapter.n_layers) for p in adapter.mlp(layer).parameters()}
+    assert set(advised) == mlp and len(advised) == len(mlp)
+    advised.clear()
+    adapter.clean_run(adapter.tokenize(TINY_PROMPT))
+    assert advised == []
 
 
 def test_load_model_missing_relative_path(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import ctypes.util
 import functools
 import mmap
 
-__all__ = ["release_free_memory", "release_pages", "peak_rss_mb"]
+__all__ = ["available_memory_bytes", "release_free_memory", "release_pages", "peak_rss_mb"]
 
 _MADV_PAGEOUT = 21  # linux/mman.h
 _PAGE = mmap.PAGESIZE
@@ -78,3 +78,20 @@ def peak_rss_mb() -> float:
     import resource  # POSIX only
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still take: the system's available memory (psutil), and inside a
+    container with a cgroup v2 memory limit (``/sys/fs/cgroup/memory.max``) no more than that
+    limit minus the cgroup's current usage."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+    except (OSError, ValueError):
+        return available
+    if limit != "max":
+        available = min(available, max(int(limit) - used, 0))
+    return available

@@ -26,7 +26,6 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import psutil
 import torch
 from jaxtyping import Int
 
@@ -35,7 +34,7 @@ from mechscope.attribution.targets import select_logit_targets
 from mechscope.progress import Progress
 from mechscope.errors import BadInputError
 from mechscope.graph.graph import Graph
-from mechscope.memory import release_free_memory
+from mechscope.memory import available_memory_bytes, release_free_memory
 from mechscope.replacement.replacement_model import FrozenReplacement, ReplacementModel, Trace
 
 __all__ = ["AttributionConfig", "attribute", "SourceVectors", "plan_groups"]
@@ -65,7 +64,7 @@ class AttributionConfig:
         edge_rows_gb: gigabytes the stored edge rows may take in float32; past it they are held in
             float16 (:class:`~mechscope.attribution.edge_rows.EdgeRows`: half the memory, each edge
             rounded to 11 significant bits; the graph's ``config["edge_rows_dtype"]`` says which).
-            ``None``: 60 % of the memory available when attribution starts, so only a prompt whose
+            ``None``: 60 % of the memory available when attribution starts (:func:`~mechscope.memory.available_memory_bytes`), so only a prompt whose
             float32 rows would crowd out the rest of memory is affected.
 
     Each queue of ``update_interval * batch_size`` features (the unit of circuit-tracer's visiting
@@ -338,7 +337,7 @@ def attribute(rm: ReplacementModel, prompt: str, config: AttributionConfig = Att
     frozen = FrozenReplacement(rm, trace, batch)
     prefixes = _Prefixes(rm, trace, frozen, config.prefix_blocks)
     sources = SourceVectors.build(rm, trace)
-    budget = 0.6 * psutil.virtual_memory().available if config.edge_rows_gb is None else config.edge_rows_gb * 1e9
+    budget = 0.6 * available_memory_bytes() if config.edge_rows_gb is None else config.edge_rows_gb * 1e9
     rows = EdgeRows(sources.layout, budget)
     # phase 4: logit rows
     for i in range(0, n_logits, batch):

@@ -22,8 +22,10 @@ the same rows (see :meth:`EdgeRows.feature_influence`).
 Rows are float32. When they outgrow a memory budget (a long prompt: at 2,047 tokens the 8,192
 visited rows reach about two million columns each), every stored and later row's feature columns
 go to float16 scaled per row by a power of two (its largest magnitude maps into ``(2^13, 2^14]``):
-half the memory, each edge rounded to 11 significant bits (relative error at most 2^-11), row
-sums kept exact. Only graphs that would not fit otherwise are affected, and the graph records it.
+half the memory, each edge rounded to 11 significant bits (error at most 2^-11 of itself; edges
+below 2^-27 of their row's largest fall among float16's subnormals, error at most 2^-38 of that
+largest), row sums kept exact. Only graphs that would not fit otherwise are affected, and the
+graph records it.
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ class _Chunk:
 
     def compress(self) -> None:
         """Feature columns to float16, each row scaled by a power of two (exact) so its largest
-        magnitude lies in ``(2^13, 2^14]``, well inside float16's range (max 65,504)."""
-        if self.scale is not None or self.features.numel() == 0:
+        magnitude lies in ``(2^13, 2^14]``, well inside float16's range (max 65,504). A chunk with
+        a non-finite edge stays float32 (a scale cannot represent it)."""
+        if self.scale is not None or self.features.numel() == 0 or not bool(self.features.isfinite().all()):
             return
         peak = self.features.abs().amax(1).clamp(min=1e-30)
         self.scale = torch.exp2(torch.ceil(torch.log2(peak)) - 14)

@@ -77,6 +77,8 @@ def trace(prompt, prompts_file, chat_request, model_name, transcoders_name, targ
     for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise BadInputError(f"{name} must be between 0 and 1, got {value}")
+    if edge_rows_gb is not None and not edge_rows_gb > 0:
+        raise BadInputError(f"--edge-rows-gb must be > 0 (gigabytes), got {edge_rows_gb}")
     config = AttributionConfig(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
                                targets=tuple(targets), batch_size=batch_size,
                                logit_diff=tuple(logit_diff) if logit_diff else None,
@@ -152,8 +154,8 @@ class _GraphOptions:
 def _trace_one(rm, text: str, chat, config: AttributionConfig, options: _GraphOptions, slug: str | None,
                progress, started: float, release_tokenizer: bool = False) -> tuple[dict, object, object]:
     """Build, prune, score and write one graph (atomically): ``(summary, graph, pruned graph or None)``;
-    ``release_tokenizer``: the last graph of the command, whose tokenizer can go once its strings are
-    decoded."""
+    ``release_tokenizer``: a one-prompt command, whose tokenizer can go once the prompt's strings
+    are decoded."""
     import torch
 
     from mechscope.attribution.attribute import attribute

@@ -80,9 +80,6 @@ def train(model_name, corpus_path, name, out_dir, checkpoint_dir, kind, no_skip,
     cfg = TrainConfig(skip_connection=not no_skip, **fields)
     if shard_features and kind != "clt":
         raise BadInputError("--shard-features splits a cross-layer transcoder's features; use it with --kind clt")
-    if cfg.decoder_dtype != "float32" and cfg.method != "jumprelu":
-        raise BadInputError(f"--decoder-dtype {cfg.decoder_dtype} applies to --method jumprelu (a CLT's dense "
-                            "decoder products); leave it at float32 here")
     if cfg.method != "topk" and kind != "clt":
         raise BadInputError(f"--method {cfg.method} trains cross-layer transcoders only; use it with --kind clt "
                             "(per-layer sets train with --method topk)")

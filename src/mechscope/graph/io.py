@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.errors import CorruptFileError
 from mechscope.graph.graph import Graph
+from mechscope.graph.prune import PruneResult
 from mechscope.paths import atomic_file, atomic_write_text
 
 __all__ = ["save_graph", "load_graph", "saved_edges", "SCHEMA_VERSION"]
@@ -34,7 +35,7 @@ _TENSORS = ("input_ids", "active_features", "activation_values", "selected_featu
             "logit_token_ids", "logit_probabilities")
 
 
-def _edge_coordinates(adjacency: torch.Tensor, pruned=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _edge_coordinates(adjacency: torch.Tensor, pruned: PruneResult | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(edge_index [2, n] int32, edge_weight [n] float32)`` of the non-zero entries (those ``pruned``
     keeps, when given), gathered in row blocks so no N x N index tensor is made."""
     indices, weights = [], []
@@ -49,7 +50,7 @@ def _edge_coordinates(adjacency: torch.Tensor, pruned=None) -> tuple[torch.Tenso
     return torch.cat(indices, 1).contiguous(), torch.cat(weights).contiguous()
 
 
-def save_graph(graph: Graph, directory: str | os.PathLike, pruned=None, thresholds: tuple[float, float] | None = None) -> Path:
+def save_graph(graph: Graph, directory: str | os.PathLike, pruned: PruneResult | None = None, thresholds: tuple[float, float] | None = None) -> Path:
     """Write ``graph`` into ``directory`` (created). Returns the directory.
 
     Args:

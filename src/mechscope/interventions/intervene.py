@@ -280,7 +280,8 @@ def run_interventions(
             interventions on one prompt need it once); it is not changed.
 
     Raises:
-        BadInputError: a layer, feature or position out of range, or a bad layer range.
+        BadInputError: a layer, feature or position out of range, a bad layer range, or a trace of
+            another prompt.
     """
     readouts = readouts or {}
     layers = config.constrained_layers
@@ -288,7 +289,11 @@ def run_interventions(
         raise BadInputError(
             f"constrained layers {layers.start}:{layers.stop} must be a non-empty range within 0:{rm.model.n_layers}"
         )
-    trace = rm.trace(input_ids) if trace is None else trace
+    if trace is None:
+        trace = rm.trace(input_ids)
+    elif not torch.equal(trace.run.input_ids.cpu(), input_ids.cpu()):
+        raise BadInputError(f"the trace given is of another prompt ({len(trace.run.input_ids)} tokens) than "
+                            f"input_ids ({len(input_ids)} tokens); pass rm.trace(input_ids)")
     _check_targets(rm, trace, interventions, readouts)
     run = trace.run
     all_layers = layers is not None and set(range(rm.model.n_layers)) <= set(layers)

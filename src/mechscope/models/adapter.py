@@ -107,6 +107,8 @@ class ModelAdapter:
     def tokenizer(self):
         """The model's tokenizer (loaded again on first use after :meth:`release_tokenizer`)."""
         if self._tokenizer is None:
+            if self.tokenizer_loader is None:
+                raise RuntimeError(f"{self.name}: the tokenizer was dropped and there is no loader to load it again")
             self._tokenizer = self.tokenizer_loader()
         return self._tokenizer
 
@@ -194,13 +196,6 @@ class ModelAdapter:
         weights. Returns the bytes released."""
         weights = {w.untyped_storage().data_ptr(): w for w in (self.W_U, self.hf.get_input_embeddings().weight)}
         return sum(release_pages(w) for w in weights.values())
-
-    def release_mlp_weights(self) -> int:
-        """Let the kernel reclaim the pages of every MLP's weights (values kept, as for
-        :meth:`release_weights`). Attribution reads them only in the clean run: its frozen passes
-        put the transcoders in the MLPs' place. On Gemma 3 270M they are 283 MB of float32, most of
-        the layers' weights. Returns the bytes released."""
-        return sum(release_pages(p) for layer in range(self.n_layers) for p in self.mlp(layer).parameters())
 
     def release_weights(self) -> int:
         """Let the kernel reclaim the pages of every weight (values kept; they are read back from the
@@ -351,7 +346,9 @@ class ModelAdapter:
                   release_mlps: bool = False) -> CleanRun:
         """Real forward pass of one prompt, recording every site and the frozen state
         (``release_vocabulary``: see :meth:`output_logits`; ``release_mlps``: each MLP's weight pages
-        are released as soon as it has run, see :meth:`release_mlp_weights`)."""
+        are released as soon as it has run, values kept as for :meth:`release_weights`; attribution
+        reads them only here, since its frozen passes put the transcoders in the MLPs' place, and on
+        Gemma 3 270M they are 283 MB of float32)."""
         frozen = FrozenState()
         ins: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}

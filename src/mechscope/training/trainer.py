@@ -163,6 +163,9 @@ class TrainConfig:
         for name in ("model_dtype", "decoder_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise BadInputError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        if self.decoder_dtype != "float32" and self.method != "jumprelu":
+            raise BadInputError(f"decoder_dtype {self.decoder_dtype!r} applies to method 'jumprelu' (a CLT's dense "
+                                f"decoder products), not {self.method!r}; leave it at 'float32'")
 
     @property
     def tokens_per_step(self) -> int:
