@@ -1,7 +1,7 @@
 """Make a trained transcoder set a package of its own under ``sets/<name>/`` (issue "shipped sets are their
 own distributions"): ``pyproject.toml`` with the ``mechscope.transcoder_sets`` entry point, the package
 ``mechscope_set_<name>`` holding the set's files under ``files/``, and a README with the set's held-out
-figures from its ``config.yaml``. The wheel must stay within PyPI's 100 MB: the files are deflated once
+figures from its ``config.yaml``. The wheel must stay within PyPI's 100 MiB: the files are deflated once
 here to check (safetensors of bfloat16 weights compress little).
 
     .venv/bin/python scripts/package_set.py qwen2.5-coder-0.5b-instruct-plt-v1 \\
@@ -9,7 +9,7 @@ here to check (safetensors of bfloat16 weights compress little).
     .venv/bin/pip install --no-deps -e sets/qwen2.5-coder-0.5b-instruct-plt-v1   # scripts/setup.sh does this
 
 Exit 2 with one line (nothing written) for a set directory without ``config.yaml``, a package that
-exists already, or files that would not fit a 100 MB wheel.
+exists already, or files that would not fit a 100 MiB wheel.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL_LIMIT = 100 * 10**6
+#: PyPI's limit for one file: warehouse/constants.py, MAX_FILESIZE = 100 * ONE_MIB (104,857,600 bytes)
+WHEEL_LIMIT = 100 * 1024**2
 
 PYPROJECT = '''[build-system]
 requires = ["setuptools>=68"]
@@ -83,7 +84,7 @@ def package(set_name: str, source: Path, sets_root: Path, description: str, vers
 
     Raises:
         SystemExit(2): no ``config.yaml`` in ``source``, the package exists, or the files exceed a
-            100 MB wheel.
+            100 MiB wheel.
     """
     config_file = source / "config.yaml"
     if not config_file.is_file():
@@ -94,7 +95,7 @@ def package(set_name: str, source: Path, sets_root: Path, description: str, vers
     files = sorted(p for p in source.iterdir() if p.is_file())
     size = deflated_size(files)
     if size > WHEEL_LIMIT:
-        raise SystemExit(f"error: the files of {set_name} deflate to {size / 1e6:.1f} MB, over the 100 MB a PyPI "
+        raise SystemExit(f"error: the files of {set_name} deflate to {size / 2**20:.1f} MiB, over the 100 MiB a PyPI "
                          "wheel may hold; store them in bfloat16 or train a narrower set")
     dist, package_name = names(set_name)
     config = yaml.safe_load(config_file.read_text()) or {}
@@ -113,7 +114,7 @@ def package(set_name: str, source: Path, sets_root: Path, description: str, vers
         (root / "README.md").write_text(
             f"# {set_name}\n\n{description}\n\nA mechscope transcoder set (model `{config.get('model_name', '?')}`), "
             f"installed with `pip install ./sets/{set_name}`; mechscope finds it by name through the entry point "
-            f"group `mechscope.transcoder_sets`. Wheel: {size / 1e6:.1f} MB.\n\n## Held-out figures\n\n"
+            f"group `mechscope.transcoder_sets`. Wheel: {size / 2**20:.1f} MiB.\n\n## Held-out figures\n\n"
             + figures(config))
         root.rename(target)
     return target
