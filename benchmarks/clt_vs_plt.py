@@ -54,7 +54,7 @@ from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.errors import BadInputError, IncompatibleTranscodersError, MechscopeError, UnknownNameError
 from mechscope.graph.effects import signed_effects
 from mechscope.graph.graph import Graph
-from mechscope.graph.prune import compute_influence, graph_scores, normalize_matrix
+from mechscope.graph.prune import graph_scores, logit_influence, node_influence
 from mechscope.interventions.intervene import InterventionConfig, run_interventions
 from mechscope.interventions.records import FeatureTarget, Intervention
 from mechscope.models.adapter import ModelAdapter
@@ -158,12 +158,9 @@ def feature_influences(graph: Graph) -> tuple[Float[torch.Tensor, "n_features"],
     """``(on all logits, on the top logit)``: each feature node's indirect influence on the logit
     targets weighted by probability (what pruning ranks nodes by), and on the top target alone
     (:func:`mechscope.logit_influence`); both on the row-normalised ``|A|`` ("Circuit Tracing",
-    appendix "Graph pruning"), unitless."""
-    normalized = normalize_matrix(graph.adjacency.float())  # (n_nodes, n_nodes)
-    top = torch.zeros(graph.n_nodes)
-    top[graph.logit_offset] = 1.0
+    appendix "Graph pruning"), unitless, computed on row blocks (:func:`mechscope.node_influence`)."""
     n = graph.n_features
-    return compute_influence(normalized, graph.logit_weights())[:n], compute_influence(normalized, top)[:n]
+    return node_influence(graph)[:n], logit_influence(graph, 0)[:n]
 
 
 def _demeaned(logits: Float[torch.Tensor, "vocab"]) -> Float[torch.Tensor, "vocab"]:

@@ -13,7 +13,14 @@ from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.errors import BadInputError, CorruptFileError
 from mechscope.export.neuronpedia import cantor_pair, slugify, to_neuronpedia, validate_neuronpedia
 from mechscope.graph.io import load_graph, save_graph
-from mechscope.graph.prune import compute_influence, graph_scores, logit_influence, normalize_matrix, prune_graph
+from mechscope.graph.prune import (
+    compute_influence,
+    graph_scores,
+    logit_influence,
+    node_influence,
+    normalize_matrix,
+    prune_graph,
+)
 from mechscope.replacement.replacement_model import ReplacementModel
 
 
@@ -41,6 +48,8 @@ def test_logit_influence_splits_the_total_influence_by_logit(graph):
     assert (per_logit[0] >= direct - 1e-7).all() and float(per_logit[0].sum()) > 0
     with pytest.raises(BadInputError, match="logit index 99"):
         logit_influence(graph, 99)
+    # the blocked computation pruning ranks nodes by, public as node_influence
+    torch.testing.assert_close(node_influence(graph), total, rtol=1e-5, atol=1e-7)
 
 
 def _dense_prune(graph, node_threshold, edge_threshold):

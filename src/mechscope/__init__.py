@@ -38,6 +38,7 @@ _API = {
     "PruneResult": "mechscope.graph.prune",
     "graph_scores": "mechscope.graph.prune",
     "logit_influence": "mechscope.graph.prune",
+    "node_influence": "mechscope.graph.prune",
     "signed_effects": "mechscope.graph.effects",
     "Supernode": "mechscope.graph.supernodes",
     "suggest_supernodes": "mechscope.graph.supernodes",

@@ -30,6 +30,7 @@ __all__ = [
     "compute_influence",
     "partial_influences",
     "logit_influence",
+    "node_influence",
     "prune_graph",
     "PruneResult",
     "graph_scores",
@@ -64,10 +65,25 @@ def compute_influence(
     raise RuntimeError(f"influence did not converge in {max_iter} iterations; is the graph acyclic?")
 
 
+def node_influence(graph: Graph, weights: Float[torch.Tensor, "n_nodes"] | None = None) -> Float[torch.Tensor, "n_nodes"]:
+    """Direct plus indirect influence of every node on the logit targets, as pruning ranks nodes:
+    ``weights @ (A + A^2 + ...)`` on the row-normalised ``|A|`` ("Circuit Tracing", appendix "Graph
+    pruning"), unitless; computed on row blocks of the adjacency, without a normalised ``N x N`` copy.
+
+    Args:
+        weights: ``[n_nodes]`` weight of each logit node (default: the targets' probabilities,
+            :meth:`Graph.logit_weights`).
+    """
+    A = graph.adjacency.float()
+    weights = graph.logit_weights() if weights is None else weights
+    return _normalized_influence(A, weights, _inverse(_abs_row_sums(A)))
+
+
 def logit_influence(graph: Graph, logit: int) -> Float[torch.Tensor, "n_nodes"]:
     """Direct plus indirect influence of every node on one logit target (``logit`` indexes the
-    graph's logit targets): row ``logit`` of ``(A + A^2 + ...)`` on the normalised adjacency. Finds
-    the features behind one answer (which nodes to group, suppress or inject).
+    graph's logit targets): row ``logit`` of ``(A + A^2 + ...)`` on the normalised adjacency
+    (:func:`node_influence` with that target alone). Finds the features behind one answer (which
+    nodes to group, suppress or inject).
 
     Raises:
         BadInputError: ``logit`` is not a logit target index.
@@ -76,7 +92,7 @@ def logit_influence(graph: Graph, logit: int) -> Float[torch.Tensor, "n_nodes"]:
         raise BadInputError(f"logit index {logit} out of range; the graph has {graph.n_logits} logit targets")
     weights = torch.zeros(graph.n_nodes)
     weights[graph.logit_offset + logit] = 1.0
-    return compute_influence(normalize_matrix(graph.adjacency.float()), weights)
+    return node_influence(graph, weights)
 
 
 def partial_influences(
@@ -232,8 +248,8 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     A = graph.adjacency.float()
     weights = graph.logit_weights()
     n_features, keep_from = graph.n_features, graph.token_offset
-    node_influence = _normalized_influence(A, weights, _inverse(_abs_row_sums(A)))
-    node_mask = node_influence >= _find_threshold([node_influence], node_threshold, len(node_influence))
+    influence = node_influence(graph, weights)
+    node_mask = influence >= _find_threshold([influence], node_threshold, len(influence))
     node_mask[keep_from:] = True  # tokens and logits
     # edge score [t, s] = |A[t, s]| / (row sum of t over kept s) * (influence of t + its logit weight),
     # on kept nodes only: |A[t, s]| * kept[s] * edge_weight[t]
@@ -268,9 +284,9 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
             break
     node_mask = torch.zeros_like(node_mask)
     node_mask[candidates] = mask
-    order = node_influence.argsort(descending=True)
-    cumulative = torch.zeros_like(node_influence)
-    cumulative[order] = node_influence[order].cumsum(0) / node_influence.sum().clamp(min=1e-30)
+    order = influence.argsort(descending=True)
+    cumulative = torch.zeros_like(influence)
+    cumulative[order] = influence[order].cumsum(0) / influence.sum().clamp(min=1e-30)
     release_free_memory()  # the row blocks and sorted scores, freed but still resident in the heap
     return PruneResult(node_mask, candidates, edges, cumulative)
 
