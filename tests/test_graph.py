@@ -16,6 +16,7 @@ from mechscope.graph.io import load_graph, save_graph
 from mechscope.graph.prune import (
     compute_influence,
     graph_scores,
+    kept_edges,
     logit_influence,
     node_influence,
     normalize_matrix,
@@ -89,6 +90,13 @@ def test_blocked_pruning_and_scores_equal_the_dense_ones(graph, monkeypatch, blo
         assert len(pruned.candidates) < graph.n_nodes and pruned.candidate_edges.shape == (len(pruned.candidates),) * 2
         blocks = [pruned.edge_mask_rows(start, start + 5) for start in range(0, graph.n_nodes, 5)]
         assert torch.equal(torch.cat(blocks), pruned.edge_mask)
+        # what save_graph and the Neuronpedia export write: the kept non-zero edges in row-major order
+        expected = (graph.adjacency != 0) & pruned.edge_mask
+        for edges in (pruned, None):
+            mask = expected if edges is not None else graph.adjacency != 0
+            targets, sources, weights = (torch.cat(parts) for parts in zip(*kept_edges(graph.adjacency, edges, block_rows=3)))
+            assert torch.equal(torch.stack([targets, sources]), torch.stack(mask.nonzero(as_tuple=True)))
+            assert torch.equal(weights, graph.adjacency[mask])
     normalized = normalize_matrix(graph.adjacency)
     influence = compute_influence(normalized, graph.logit_weights())
     errors = slice(graph.error_offset, graph.token_offset)

@@ -17,7 +17,7 @@ import time
 from mechscope.export.schema import read_neuronpedia, validate_neuronpedia, write_neuronpedia
 from mechscope.graph.effects import signed_effects
 from mechscope.graph.graph import Graph, NodeKind
-from mechscope.graph.prune import PruneResult
+from mechscope.graph.prune import PruneResult, kept_edges
 from mechscope.node_ids import cantor_pair
 
 __all__ = ["to_neuronpedia", "write_neuronpedia", "read_neuronpedia", "validate_neuronpedia", "cantor_pair", "slugify"]
@@ -111,17 +111,11 @@ def to_neuronpedia(
              for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
     kept_set = set(kept)
-    links, block_rows = [], 1024  # row blocks: no N x N boolean copies
-    for start in range(0, n, block_rows):
-        block = graph.adjacency[start : start + block_rows]
-        mask = block != 0
-        if pruned is not None:  # else every non-zero edge
-            mask &= pruned.edge_mask_rows(start, start + block_rows)
-        targets, sources = mask.nonzero(as_tuple=True)
-        weights = block[targets, sources].tolist()
+    links = []
+    for targets, sources, weights in kept_edges(graph.adjacency, pruned):  # row blocks, no N x N copies
         links += [
             {"source": ids[s], "target": ids[t], "weight": w}
-            for t, s, w in zip((targets + start).tolist(), sources.tolist(), weights)
+            for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist())
             if t in kept_set and s in kept_set
         ]
     config = graph.config

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.errors import CorruptFileError
 from mechscope.graph.graph import Graph
-from mechscope.graph.prune import PruneResult
+from mechscope.graph.prune import PruneResult, kept_edges
 from mechscope.paths import atomic_file, atomic_write_text
 
 __all__ = ["save_graph", "load_graph", "saved_edges", "SCHEMA_VERSION"]
@@ -38,15 +38,10 @@ _TENSORS = ("input_ids", "active_features", "activation_values", "selected_featu
 def _edge_coordinates(adjacency: torch.Tensor, pruned: PruneResult | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(edge_index [2, n] int32, edge_weight [n] float32)`` of the non-zero entries (those ``pruned``
     keeps, when given), gathered in row blocks so no N x N index tensor is made."""
-    indices, weights = [], []
-    for start in range(0, adjacency.shape[0], 1024):
-        block = adjacency[start : start + 1024]
-        mask = block != 0
-        if pruned is not None:
-            mask &= pruned.edge_mask_rows(start, start + 1024)
-        rows, cols = mask.nonzero(as_tuple=True)
-        indices.append(torch.stack([rows + start, cols]).to(torch.int32))
-        weights.append(block[rows, cols].float())
+    indices, weights = [torch.zeros(2, 0, dtype=torch.int32)], [torch.zeros(0)]
+    for targets, sources, block_weights in kept_edges(adjacency, pruned):
+        indices.append(torch.stack([targets, sources]).to(torch.int32))
+        weights.append(block_weights.float())
     return torch.cat(indices, 1).contiguous(), torch.cat(weights).contiguous()
 
 

@@ -15,7 +15,7 @@ appendix "Graph pruning"; the same definitions as circuit-tracer's ``graph.py``)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "node_influence",
     "prune_graph",
     "PruneResult",
+    "kept_edges",
     "graph_scores",
 ]
 
@@ -230,6 +231,30 @@ class PruneResult:
         inside = (self.candidates >= start) & (self.candidates < stop)
         block[(self.candidates[inside] - start)[:, None], self.candidates[None, :]] = self.candidate_edges[inside]
         return block
+
+
+def kept_edges(adjacency: Float[torch.Tensor, "n_nodes n_nodes"], pruned: PruneResult | None = None,
+               block_rows: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The non-zero edges of ``adjacency`` that ``pruned`` keeps (every non-zero edge when ``None``).
+
+    Yields ``(targets [m] int64, sources [m] int64, weights [m])`` blocks in row-major order (target
+    ascending, then source), each from at most ``block_rows`` rows, so no ``N x N`` mask or index
+    tensor is made. With ``pruned`` only the candidates' rows and columns are read
+    (:class:`PruneResult`), ``[block_rows, k]`` at a time.
+    """
+    n = adjacency.shape[0]
+    if pruned is None:
+        for start in range(0, n, block_rows):
+            block = adjacency[start : start + block_rows]
+            rows, cols = (block != 0).nonzero(as_tuple=True)
+            yield rows + start, cols, block[rows, cols]
+        return
+    candidates = pruned.candidates
+    for start in range(0, len(candidates), block_rows):
+        block_targets = candidates[start : start + block_rows]
+        block = adjacency[block_targets][:, candidates]
+        rows, cols = ((block != 0) & pruned.candidate_edges[start : start + block_rows]).nonzero(as_tuple=True)
+        yield block_targets[rows], candidates[cols], block[rows, cols]
 
 
 def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
