@@ -18,12 +18,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 MS=".venv/bin/mechscope"
 home=${MECHSCOPE_HOME:-$HOME/.cache/mechscope}
 state="$home/training/gemma-3-270m-clt-v1/checkpoint/state.json"
-# bfloat16 model forward and decoder products where the CPU computes bfloat16 natively (AMX or
-# AVX512-BF16), float32 elsewhere (emulated bfloat16 is slower); a resumed run keeps what it started with
-if [ -f "$state" ]; then
-    read -r MODEL_DTYPE DECODER_DTYPE < <(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1]))['config']; print(c['model_dtype'], c.get('decoder_dtype', 'float32'))" "$state")
-elif grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo; then MODEL_DTYPE=bfloat16; DECODER_DTYPE=bfloat16
-else MODEL_DTYPE=float32; DECODER_DTYPE=float32; fi
+# bfloat16 model forward and decoder products where the CPU computes bfloat16 natively, float32
+# elsewhere; a resumed run keeps what it started with (scripts/precision.sh)
+source scripts/precision.sh
+MODEL_DTYPE=$(training_dtype "$state" model_dtype)
+DECODER_DTYPE=$(training_dtype "$state" decoder_dtype)
 echo "model forward in $MODEL_DTYPE, decoder products in $DECODER_DTYPE"
 [ -f "$home/corpus/default/manifest.json" ] || nice -n 10 $MS corpus build
 nice -n 10 $MS -v train --kind clt --method jumprelu --sparsity-coef 5e-4 --model gemma-3-270m \

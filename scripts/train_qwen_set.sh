@@ -25,9 +25,8 @@ MODEL=qwen2.5-coder-0.5b-instruct
 NAME=qwen2.5-coder-0.5b-instruct-plt-v1
 home=${MECHSCOPE_HOME:-$HOME/.cache/mechscope}
 state="$home/training/$NAME/checkpoint/state.json"
-if [ -f "$state" ]; then
-    DTYPE=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['model_dtype'])" "$state")
-elif grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo; then DTYPE=bfloat16; else DTYPE=float32; fi
+source scripts/precision.sh  # bfloat16 where the CPU computes it natively; a resumed run keeps its own
+DTYPE=$(training_dtype "$state" model_dtype)
 echo "model forward in $DTYPE"
 [ -f "$home/corpus/default/manifest.json" ] || nice -n 19 $MS corpus build
 if ! grep -q '"name": "chat"' "$home/corpus/chat-$MODEL/manifest.json" 2>/dev/null; then
