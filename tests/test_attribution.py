@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import TINY_PROMPT
+from conftest import SLIDING_WINDOW, TINY_PROMPT
 
 from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.errors import BadInputError
@@ -213,6 +213,24 @@ def test_grouped_backward_passes_equal_one_target_at_a_time(tiny_adapter, make_t
     assert torch.equal(grouped.selected_features, alone.selected_features)
     assert float((grouped.adjacency - alone.adjacency).abs().max()) <= 1e-5 * float(alone.adjacency.abs().max())
     assert grouped.config["edge_rows_mb"] < alone.config["edge_rows_mb"]  # later columns of early targets not stored
+
+
+def test_banded_sliding_window_attention_gives_the_dense_graph(tiny_adapter, make_tiny_transcoders, monkeypatch):
+    """Sliding-window layers replay their frozen patterns banded (models.attention.banded_matmul) once
+    a prefix is three windows long; the graph equals the one the dense products give."""
+    import mechscope.models.attention as attention
+
+    rm = _setup(tiny_adapter, make_tiny_transcoders, "gemma3", skip=True)
+    prompt = "a cat sat on the mat and the dog ran far away"
+    widths, band_width = [], attention.band_width
+    monkeypatch.setattr(attention, "band_width", lambda pattern: widths.append(band_width(pattern)) or widths[-1])
+    config = AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=4)
+    banded = attribute(rm, prompt, config)
+    assert SLIDING_WINDOW in widths  # the sliding layers were banded
+    monkeypatch.setattr(attention, "band_width", lambda pattern: None)
+    dense = attribute(rm, prompt, config)
+    assert torch.equal(banded.selected_features, dense.selected_features)
+    assert float((banded.adjacency - dense.adjacency).abs().max()) <= 1e-5 * float(dense.adjacency.abs().max())
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])

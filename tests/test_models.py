@@ -141,6 +141,42 @@ def test_gemma3_sliding_window_masks_distant_keys(tiny_adapter):
             assert (beyond > 0).all()
 
 
+@pytest.mark.parametrize(("q", "window"), [(12, 4), (61, 20), (100, 33), (97, 1), (200, 7)])
+def test_banded_pattern_product_equals_the_dense_one(q, window):
+    """A frozen sliding-window pattern is multiplied in query blocks against overlapping key windows:
+    the product and its batched backward pass (what attribution runs) equal the dense ones, and
+    band_width reads the window off the pattern (None where banding would not pay)."""
+    from mechscope.models.attention import band_width, banded_matmul
+
+    gen = torch.Generator().manual_seed(q)
+    t = torch.arange(q)
+    mask = (t[None] <= t[:, None]) & (t[None] > t[:, None] - window)
+    pattern = torch.softmax(torch.randn(3, q, q, generator=gen, dtype=torch.float64).masked_fill(~mask, float("-inf")), -1)
+    assert band_width(pattern[None]) == window
+    assert band_width(pattern[None, :, :, :-1]) is None  # rectangular
+    full = torch.softmax(torch.randn(3, q, q, generator=gen).masked_fill(t[None] > t[:, None], float("-inf")), -1)
+    assert band_width(full[None]) is None
+    values = torch.randn(3, q, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    banded, dense = banded_matmul(pattern, values, window), pattern @ values
+    torch.testing.assert_close(banded, dense, rtol=0, atol=1e-12)
+    grads = torch.randn(4, 3, q, 5, generator=gen, dtype=torch.float64)
+    (banded_grad,) = torch.autograd.grad(banded, values, grads, is_grads_batched=True)
+    (dense_grad,) = torch.autograd.grad(dense, values, grads, is_grads_batched=True)
+    torch.testing.assert_close(banded_grad, dense_grad, rtol=0, atol=1e-12)
+
+
+def test_band_width_reads_gemma3_sliding_layers(tiny_adapter):
+    """On a prompt three windows long, the tiny Gemma 3's sliding layers are banded with their
+    configured window and its full-attention layer is not."""
+    from mechscope.models.attention import band_width
+
+    adapter = tiny_adapter("gemma3")
+    run = adapter.clean_run(adapter.tokenize("a cat sat on the mat"))
+    assert run.input_ids.shape[0] >= 3 * SLIDING_WINDOW
+    for layer, kind in enumerate(adapter.config.layer_types):
+        assert band_width(run.frozen.patterns[layer]) == (SLIDING_WINDOW if kind == "sliding_attention" else None)
+
+
 def test_gemma2_softcapping_is_active():
     """The softcaps of the tiny Gemma 2 change its logits, so the logit test above covers them."""
     adapter = make_tiny_adapter("gemma2")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["mechscope_attention", "use_mechscope_attention", "PatternState"]
+__all__ = ["mechscope_attention", "use_mechscope_attention", "PatternState", "band_width", "banded_matmul"]
 
 NAME = "mechscope"
 _registered = False
@@ -66,15 +66,68 @@ def mechscope_attention(
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if state is not None and state.record is not None:
             state.record[state.layer] = pattern[:1].detach()
-    if pattern.shape[0] == 1 and value.shape[0] > 1:
+    window = band_width(pattern) if state is not None and state.frozen is not None else None
+    if pattern.shape[0] == 1 and (value.shape[0] > 1 or window is not None):
         # one frozen pattern for the whole batch: fold the batch into the value columns, so
         # autograd keeps the [heads, q, k] pattern once instead of a [batch, heads, q, k] copy
         b, h, k, d = value.shape
         folded = value.permute(1, 2, 0, 3).reshape(h, k, b * d)
-        out = torch.matmul(pattern[0], folded).reshape(h, -1, b, d).permute(2, 0, 1, 3)
+        out = banded_matmul(pattern[0], folded, window) if window is not None else torch.matmul(pattern[0], folded)
+        out = out.reshape(h, -1, b, d).permute(2, 0, 1, 3)
     else:
         out = torch.matmul(pattern, value)  # (B, nh, q, hs)
     return out.transpose(1, 2).contiguous(), pattern
+
+
+def band_width(pattern: torch.Tensor) -> int | None:
+    """The sliding window ``w`` of a frozen ``[1, heads, q, q]`` pattern when replaying it banded pays.
+
+    ``w`` is one more than the largest distance ``t - s`` of a non-zero entry (query ``t``, key
+    ``s``), read from the pattern itself, so it holds for whatever mask made it (a sliding-window
+    layer's entries further back are exact zeros: softmax of -inf). Returns ``None`` (multiply
+    densely) for a rectangular pattern or one whose band is wider than a third of its length,
+    where the banded product (``q x 1.5 w`` multiply-adds per column instead of ``q x q``) would
+    not pay for its padding.
+    """
+    q, k = pattern.shape[-2:]
+    if q != k:
+        return None
+    rows = pattern[0].ne(0).any(0)  # [q, k]: any head attends
+    first = torch.where(rows.any(-1), rows.int().argmax(-1), torch.arange(q, device=rows.device))
+    window = int((torch.arange(q, device=rows.device) - first).max()) + 1
+    return window if 3 * window <= q else None
+
+
+def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int) -> torch.Tensor:
+    """``pattern @ values`` for a pattern that is zero outside a band of ``window`` keys up to and
+    including each query: entry ``[h, t, s]`` is zero unless ``t - window < s <= t``.
+
+    Queries go in blocks of ``b = ceil(window / 2)``; block ``i`` reads the ``b + window - 1`` keys
+    ending at its last query, taken from ``values`` as overlapping windows (``Tensor.unfold``), so the
+    product costs ``q (b + window - 1)`` multiply-adds per column instead of ``q^2``, and its backward
+    pass (the gradient at the values, summed over overlapping windows by unfold's backward) the same.
+    Equal to the dense product up to float summation order (only exact zeros are skipped).
+
+    Args:
+        pattern: ``[heads, q, q]``, no gradient (a frozen pattern).
+        values: ``[heads, q, n]``.
+        window: the band's width (:func:`band_width`).
+
+    Returns:
+        ``[heads, q, n]``.
+    """
+    h, q, _ = pattern.shape
+    block = (window + 1) // 2
+    n_blocks = -(-q // block)
+    span, pad_right = block + window - 1, n_blocks * block - q
+    padded = torch.nn.functional.pad(values, (0, 0, window - 1, pad_right))  # [h, window - 1 + q + pad_right, n]
+    windows = padded.unfold(1, span, block).transpose(-1, -2)  # [h, n_blocks, span, n]
+    bands = torch.nn.functional.pad(pattern, (window - 1, pad_right, 0, pad_right)).contiguous()
+    width = bands.shape[-1]
+    # block i, row r, column c = padded pattern [i b + r, i b + c]; compact (h q 1.5 w entries, fewer than
+    # the pattern's h q^2) so that autograd does not keep the padded copy
+    bands = bands.as_strided((h, n_blocks, block, span), (bands.stride(0), block * width + block, width, 1)).contiguous()
+    return torch.matmul(bands, windows).reshape(h, n_blocks * block, -1)[:, :q]
 
 
 def _register() -> None:
