@@ -141,7 +141,7 @@ def test_gemma3_sliding_window_masks_distant_keys(tiny_adapter):
             assert (beyond > 0).all()
 
 
-@pytest.mark.parametrize(("q", "window"), [(12, 4), (61, 20), (100, 33), (97, 1), (200, 7)])
+@pytest.mark.parametrize(("q", "window"), [(12, 4), (61, 20), (100, 33), (97, 1), (200, 7), (7, 7), (9, 2)])
 def test_banded_pattern_product_equals_the_dense_one(q, window):
     """A frozen sliding-window pattern is multiplied in query blocks against overlapping key windows:
     the product and its batched backward pass (what attribution runs) equal the dense ones, and
@@ -152,12 +152,18 @@ def test_banded_pattern_product_equals_the_dense_one(q, window):
     t = torch.arange(q)
     mask = (t[None] <= t[:, None]) & (t[None] > t[:, None] - window)
     pattern = torch.softmax(torch.randn(3, q, q, generator=gen, dtype=torch.float64).masked_fill(~mask, float("-inf")), -1)
-    assert band_width(pattern[None]) == window
+    assert band_width(pattern[None]) == (window if 3 * window <= q else None)
     assert band_width(pattern[None, :, :, :-1]) is None  # rectangular
+    if q > 5:  # a key after its query (bidirectional attention) is not a band
+        assert band_width(pattern.index_put((torch.tensor(0), torch.tensor(1), torch.tensor(5)), torch.tensor(0.1, dtype=torch.float64))[None]) is None
     full = torch.softmax(torch.randn(3, q, q, generator=gen).masked_fill(t[None] > t[:, None], float("-inf")), -1)
     assert band_width(full[None]) is None
     values = torch.randn(3, q, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    banded, dense = banded_matmul(pattern, values, window), pattern @ values
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        banded = banded_matmul(pattern, values, window)
+    assert [x.untyped_storage().data_ptr() for x in saved] == [pattern.untyped_storage().data_ptr()]  # no copy kept
+    dense = pattern @ values
     torch.testing.assert_close(banded, dense, rtol=0, atol=1e-12)
     grads = torch.randn(4, 3, q, 5, generator=gen, dtype=torch.float64)
     (banded_grad,) = torch.autograd.grad(banded, values, grads, is_grads_batched=True)

@@ -38,7 +38,7 @@ _TENSORS = ("input_ids", "active_features", "activation_values", "selected_featu
 def _edge_coordinates(adjacency: torch.Tensor, pruned: PruneResult | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(edge_index [2, n] int32, edge_weight [n] float32)`` of the non-zero entries (those ``pruned``
     keeps, when given), gathered in row blocks so no N x N index tensor is made."""
-    indices, weights = [torch.zeros(2, 0, dtype=torch.int32)], [torch.zeros(0)]
+    indices, weights = [torch.zeros(2, 0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.float32)]
     for targets, sources, block_weights in kept_edges(adjacency, pruned):
         indices.append(torch.stack([targets, sources]).to(torch.int32))
         weights.append(block_weights.float())

@@ -249,10 +249,10 @@ def kept_edges(adjacency: Float[torch.Tensor, "n_nodes n_nodes"], pruned: PruneR
             rows, cols = (block != 0).nonzero(as_tuple=True)
             yield rows + start, cols, block[rows, cols]
         return
-    candidates = pruned.candidates
+    candidates = pruned.candidates.long()
     for start in range(0, len(candidates), block_rows):
         block_targets = candidates[start : start + block_rows]
-        block = adjacency[block_targets][:, candidates]
+        block = adjacency[block_targets[:, None], candidates[None, :]]  # [rows, k], never [rows, N]
         rows, cols = ((block != 0) & pruned.candidate_edges[start : start + block_rows]).nonzero(as_tuple=True)
         yield block_targets[rows], candidates[cols], block[rows, cols]
 

@@ -85,14 +85,17 @@ def band_width(pattern: torch.Tensor) -> int | None:
     ``w`` is one more than the largest distance ``t - s`` of a non-zero entry (query ``t``, key
     ``s``), read from the pattern itself, so it holds for whatever mask made it (a sliding-window
     layer's entries further back are exact zeros: softmax of -inf). Returns ``None`` (multiply
-    densely) for a rectangular pattern or one whose band is wider than a third of its length,
-    where the banded product (``q x 1.5 w`` multiply-adds per column instead of ``q x q``) would
-    not pay for its padding.
+    densely) for a rectangular pattern, one with an entry above the diagonal (a key after its
+    query, as bidirectional image-token attention has), or one whose band is wider than a third of
+    its length, where the banded product (``q x 1.5 w`` multiply-adds per column instead of
+    ``q x q``) would not pay for its smaller blocks.
     """
     q, k = pattern.shape[-2:]
     if q != k:
         return None
     rows = pattern[0].ne(0).any(0)  # [q, k]: any head attends
+    if bool(rows.triu(1).any()):
+        return None
     first = torch.where(rows.any(-1), rows.int().argmax(-1), torch.arange(q, device=rows.device))
     window = int((torch.arange(q, device=rows.device) - first).max()) + 1
     return window if 3 * window <= q else None
@@ -102,11 +105,13 @@ def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int) -> t
     """``pattern @ values`` for a pattern that is zero outside a band of ``window`` keys up to and
     including each query: entry ``[h, t, s]`` is zero unless ``t - window < s <= t``.
 
-    Queries go in blocks of ``b = ceil(window / 2)``; block ``i`` reads the ``b + window - 1`` keys
-    ending at its last query, taken from ``values`` as overlapping windows (``Tensor.unfold``), so the
-    product costs ``q (b + window - 1)`` multiply-adds per column instead of ``q^2``, and its backward
-    pass (the gradient at the values, summed over overlapping windows by unfold's backward) the same.
-    Equal to the dense product up to float summation order (only exact zeros are skipped).
+    Queries go in blocks of ``b = ceil(window / 2)``, each multiplied with the ``b + window - 1``
+    keys it can see; the backward pass (the gradient at the values, ``pattern^T @ grad``) goes in
+    blocks of keys, each with the queries that see it. Both cost ``q (b + window - 1)``
+    multiply-adds per column instead of ``q^2``, read slices of their operands without copying
+    them, and write disjoint blocks; autograd keeps only the pattern (which the caller holds anyway),
+    and the function works under ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap). Equal
+    to the dense product up to float summation order (only exact zeros are skipped).
 
     Args:
         pattern: ``[heads, q, q]``, no gradient (a frozen pattern).
@@ -116,18 +121,55 @@ def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int) -> t
     Returns:
         ``[heads, q, n]``.
     """
-    h, q, _ = pattern.shape
-    block = (window + 1) // 2
-    n_blocks = -(-q // block)
-    span, pad_right = block + window - 1, n_blocks * block - q
-    padded = torch.nn.functional.pad(values, (0, 0, window - 1, pad_right))  # [h, window - 1 + q + pad_right, n]
-    windows = padded.unfold(1, span, block).transpose(-1, -2)  # [h, n_blocks, span, n]
-    bands = torch.nn.functional.pad(pattern, (window - 1, pad_right, 0, pad_right)).contiguous()
-    width = bands.shape[-1]
-    # block i, row r, column c = padded pattern [i b + r, i b + c]; compact (h q 1.5 w entries, fewer than
-    # the pattern's h q^2) so that autograd does not keep the padded copy
-    bands = bands.as_strided((h, n_blocks, block, span), (bands.stride(0), block * width + block, width, 1)).contiguous()
-    return torch.matmul(bands, windows).reshape(h, n_blocks * block, -1)[:, :q]
+    return _BandedProduct.apply(pattern.detach(), values, window)
+
+
+def _lower_band_product(pattern: torch.Tensor, values: torch.Tensor, window: int) -> torch.Tensor:
+    """``pattern @ values`` by blocks of queries (``pattern`` zero outside ``t - window < s <= t``)."""
+    q, block = pattern.shape[-1], (window + 1) // 2
+    blocks = []
+    for start in range(0, q, block):
+        stop, first_key = min(start + block, q), max(0, start - window + 1)
+        blocks.append(torch.matmul(pattern[..., start:stop, first_key:stop], _rows(values, first_key, stop)))
+    return torch.cat(blocks, dim=-2)
+
+
+def _upper_band_product(pattern: torch.Tensor, grad: torch.Tensor, window: int) -> torch.Tensor:
+    """``pattern^T @ grad`` by blocks of keys (``pattern`` zero outside ``t - window < s <= t``)."""
+    q, block = pattern.shape[-1], (window + 1) // 2
+    blocks = []
+    for start in range(0, q, block):
+        stop = min(start + block, q)
+        last_query = min(q, stop + window - 1)
+        blocks.append(torch.matmul(pattern[..., start:last_query, start:stop].transpose(-1, -2), _rows(grad, start, last_query)))
+    return torch.cat(blocks, dim=-2)
+
+
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``x[..., start:stop, :]``; ``x`` itself for all of its rows (a whole-tensor slice is an
+    ``alias``, which the batched gradients of ``is_grads_batched`` cannot take)."""
+    return x if start == 0 and stop == x.shape[-2] else x[..., start:stop, :]
+
+
+class _BandedProduct(torch.autograd.Function):
+    """:func:`banded_matmul` with its banded backward pass; gradient for ``values`` only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pattern, values, window):
+        return _lower_band_product(pattern, values, window)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pattern, _, window = inputs
+        ctx.save_for_backward(pattern)
+        ctx.window = window
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pattern,) = ctx.saved_tensors
+        return None, _upper_band_product(pattern, grad, ctx.window), None
 
 
 def _register() -> None:
