@@ -115,6 +115,19 @@ def check_preactivation_is_sum_of_edges_plus_bias(rm: ReplacementModel, prompt: 
     assert checked > 10
 
 
+def test_edges_sum_to_preactivations_and_predict_doubling_where_patterns_are_banded(tiny_adapter, make_tiny_transcoders, family):
+    """On a prompt longer than one block (models.attention.band_block) the frozen patterns are
+    multiplied banded (causal layers and Gemma's sliding-window layers); edges still sum to every
+    pre-activation of the real model and predict doubling a source."""
+    from mechscope.models.attention import band_block
+
+    rm = _setup(tiny_adapter, make_tiny_transcoders, family, True)
+    prompt = "the dog ran far away, the cat sat"
+    assert len(rm.tokenize(prompt)) > band_block(len(rm.tokenize(prompt)), SLIDING_WINDOW)
+    check_preactivation_is_sum_of_edges_plus_bias(rm, prompt)
+    check_edges_predict_doubling_a_source(rm, prompt)
+
+
 def _target_value(rm, graph, node, inputs, final):
     kind = graph.node_kind(node)
     if kind == NodeKind.FEATURE:
@@ -216,8 +229,9 @@ def test_grouped_backward_passes_equal_one_target_at_a_time(tiny_adapter, make_t
 
 
 def test_banded_sliding_window_attention_gives_the_dense_graph(tiny_adapter, make_tiny_transcoders, monkeypatch):
-    """Sliding-window layers replay their frozen patterns banded (models.attention.banded_matmul) once
-    a prefix is three windows long; the graph equals the one the dense products give."""
+    """Frozen patterns are replayed banded (models.attention.banded_matmul: causal layers skip the
+    upper triangle, sliding-window layers everything outside their window) once a prefix is longer
+    than one block; the graph equals the one the dense products give."""
     import mechscope.models.attention as attention
 
     rm = _setup(tiny_adapter, make_tiny_transcoders, "gemma3", skip=True)
@@ -226,7 +240,7 @@ def test_banded_sliding_window_attention_gives_the_dense_graph(tiny_adapter, mak
     monkeypatch.setattr(attention, "band_width", lambda pattern: widths.append(band_width(pattern)) or widths[-1])
     config = AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=4)
     banded = attribute(rm, prompt, config)
-    assert SLIDING_WINDOW in widths  # the sliding layers were banded
+    assert SLIDING_WINDOW in widths and max(w or 0 for w in widths) > SLIDING_WINDOW  # sliding and causal layers banded
     monkeypatch.setattr(attention, "band_width", lambda pattern: None)
     dense = attribute(rm, prompt, config)
     assert torch.equal(banded.selected_features, dense.selected_features)

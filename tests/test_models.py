@@ -141,46 +141,47 @@ def test_gemma3_sliding_window_masks_distant_keys(tiny_adapter):
             assert (beyond > 0).all()
 
 
-@pytest.mark.parametrize(("q", "window"), [(12, 4), (61, 20), (100, 33), (97, 1), (200, 7), (7, 7), (9, 2)])
+@pytest.mark.parametrize(("q", "window"), [(12, 4), (61, 20), (100, 33), (97, 1), (200, 7), (7, 7), (9, 2), (40, 40), (53, 53)])
 def test_banded_pattern_product_equals_the_dense_one(q, window):
-    """A frozen sliding-window pattern is multiplied in query blocks against overlapping key windows:
-    the product and its batched backward pass (what attribution runs) equal the dense ones, and
-    band_width reads the window off the pattern (None where banding would not pay)."""
-    from mechscope.models.attention import band_width, banded_matmul
+    """A frozen causal or sliding-window pattern is multiplied by blocks of queries (forward) and of
+    keys (backward) over the keys each can see: the product and its batched backward pass (what
+    attribution runs) equal the dense ones for every block size, autograd keeps no copy, and
+    band_width reads the band off the pattern (None for a key after its query, a rectangle, or a
+    prompt of one block)."""
+    from mechscope.models.attention import band_block, band_width, banded_matmul
 
     gen = torch.Generator().manual_seed(q)
     t = torch.arange(q)
     mask = (t[None] <= t[:, None]) & (t[None] > t[:, None] - window)
     pattern = torch.softmax(torch.randn(3, q, q, generator=gen, dtype=torch.float64).masked_fill(~mask, float("-inf")), -1)
-    assert band_width(pattern[None]) == (window if 3 * window <= q else None)
+    assert band_width(pattern[None]) == (window if q > band_block(q, window) else None)
     assert band_width(pattern[None, :, :, :-1]) is None  # rectangular
     if q > 5:  # a key after its query (bidirectional attention) is not a band
         assert band_width(pattern.index_put((torch.tensor(0), torch.tensor(1), torch.tensor(5)), torch.tensor(0.1, dtype=torch.float64))[None]) is None
-    full = torch.softmax(torch.randn(3, q, q, generator=gen).masked_fill(t[None] > t[:, None], float("-inf")), -1)
-    assert band_width(full[None]) is None
     values = torch.randn(3, q, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        banded = banded_matmul(pattern, values, window)
-    assert [x.untyped_storage().data_ptr() for x in saved] == [pattern.untyped_storage().data_ptr()]  # no copy kept
     dense = pattern @ values
-    torch.testing.assert_close(banded, dense, rtol=0, atol=1e-12)
     grads = torch.randn(4, 3, q, 5, generator=gen, dtype=torch.float64)
-    (banded_grad,) = torch.autograd.grad(banded, values, grads, is_grads_batched=True)
     (dense_grad,) = torch.autograd.grad(dense, values, grads, is_grads_batched=True)
-    torch.testing.assert_close(banded_grad, dense_grad, rtol=0, atol=1e-12)
+    for block in (1, 3, (window + 1) // 2, None):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            banded = banded_matmul(pattern, values, window, block)
+        assert [x.untyped_storage().data_ptr() for x in saved] == [pattern.untyped_storage().data_ptr()]  # no copy kept
+        torch.testing.assert_close(banded, dense, rtol=0, atol=1e-12)
+        (banded_grad,) = torch.autograd.grad(banded, values, grads, is_grads_batched=True)
+        torch.testing.assert_close(banded_grad, dense_grad, rtol=0, atol=1e-12)
 
 
-def test_band_width_reads_gemma3_sliding_layers(tiny_adapter):
-    """On a prompt three windows long, the tiny Gemma 3's sliding layers are banded with their
-    configured window and its full-attention layer is not."""
+def test_band_width_reads_gemma3_layers(tiny_adapter):
+    """On a prompt longer than one block, the tiny Gemma 3's sliding layers have their configured
+    window as band and its full-attention layer the whole prompt (causal)."""
     from mechscope.models.attention import band_width
 
     adapter = tiny_adapter("gemma3")
-    run = adapter.clean_run(adapter.tokenize("a cat sat on the mat"))
-    assert run.input_ids.shape[0] >= 3 * SLIDING_WINDOW
+    run = adapter.clean_run(adapter.tokenize("a cat sat on the mat and the dog ran far away"))
+    pos = run.input_ids.shape[0]
     for layer, kind in enumerate(adapter.config.layer_types):
-        assert band_width(run.frozen.patterns[layer]) == (SLIDING_WINDOW if kind == "sliding_attention" else None)
+        assert band_width(run.frozen.patterns[layer]) == (SLIDING_WINDOW if kind == "sliding_attention" else pos)
 
 
 def test_gemma2_softcapping_is_active():

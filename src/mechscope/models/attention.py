@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["mechscope_attention", "use_mechscope_attention", "PatternState", "band_width", "banded_matmul"]
+__all__ = ["mechscope_attention", "use_mechscope_attention", "PatternState", "band_width", "band_block", "banded_matmul"]
 
 NAME = "mechscope"
 _registered = False
@@ -80,15 +80,14 @@ def mechscope_attention(
 
 
 def band_width(pattern: torch.Tensor) -> int | None:
-    """The sliding window ``w`` of a frozen ``[1, heads, q, q]`` pattern when replaying it banded pays.
+    """The band of a frozen ``[1, heads, q, q]`` pattern: one more than the largest distance
+    ``t - s`` of a non-zero entry (query ``t``, key ``s``), read from the pattern itself, so it holds
+    for whatever mask made it — ``q`` (or less) for causal attention, the window for a
+    sliding-window layer (entries further back are exact zeros: softmax of -inf).
 
-    ``w`` is one more than the largest distance ``t - s`` of a non-zero entry (query ``t``, key
-    ``s``), read from the pattern itself, so it holds for whatever mask made it (a sliding-window
-    layer's entries further back are exact zeros: softmax of -inf). Returns ``None`` (multiply
-    densely) for a rectangular pattern, one with an entry above the diagonal (a key after its
-    query, as bidirectional image-token attention has), or one whose band is wider than a third of
-    its length, where the banded product (``q x 1.5 w`` multiply-adds per column instead of
-    ``q x q``) would not pay for its smaller blocks.
+    Returns ``None`` (multiply densely) for a rectangular pattern, one with an entry above the
+    diagonal (a key after its query, as bidirectional image-token attention has), or one too short
+    to split into two blocks (:func:`band_block`).
     """
     q, k = pattern.shape[-2:]
     if q != k:
@@ -98,20 +97,29 @@ def band_width(pattern: torch.Tensor) -> int | None:
         return None
     first = torch.where(rows.any(-1), rows.int().argmax(-1), torch.arange(q, device=rows.device))
     window = int((torch.arange(q, device=rows.device) - first).max()) + 1
-    return window if 3 * window <= q else None
+    return window if q > band_block(q, window) else None
 
 
-def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int) -> torch.Tensor:
+def band_block(q: int, window: int) -> int:
+    """Queries per block of :func:`banded_matmul`: half the window, at most an eighth of the prompt
+    (so a causal pattern costs about ``0.56 q^2`` multiply-adds per column instead of ``q^2``), at
+    least 16 (smaller products lose more to overhead than the zeros they skip)."""
+    return max(16, min((window + 1) // 2, -(-q // 8)))
+
+
+def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int, block: int | None = None) -> torch.Tensor:
     """``pattern @ values`` for a pattern that is zero outside a band of ``window`` keys up to and
-    including each query: entry ``[h, t, s]`` is zero unless ``t - window < s <= t``.
+    including each query: entry ``[h, t, s]`` is zero unless ``t - window < s <= t`` (causal
+    attention: ``window = q``; a sliding-window layer: its window).
 
-    Queries go in blocks of ``b = ceil(window / 2)``, each multiplied with the ``b + window - 1``
-    keys it can see; the backward pass (the gradient at the values, ``pattern^T @ grad``) goes in
-    blocks of keys, each with the queries that see it. Both cost ``q (b + window - 1)``
-    multiply-adds per column instead of ``q^2``, read slices of their operands without copying
-    them, and write disjoint blocks; autograd keeps only the pattern (which the caller holds anyway),
-    and the function works under ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap). Equal
-    to the dense product up to float summation order (only exact zeros are skipped).
+    Queries go in blocks of ``block`` (default :func:`band_block`), each multiplied with the keys it
+    can see; the backward pass (the gradient at the values, ``pattern^T @ grad``) goes in blocks of
+    keys, each with the queries that see it. Both cost about ``q (block + window)`` multiply-adds per
+    column where ``window << q`` and ``q (q + block) / 2`` for causal attention, instead of ``q^2``;
+    they read slices of their operands without copying them and write disjoint blocks; autograd
+    keeps only the pattern (which the caller holds anyway), and the function works under
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap). Equal to the dense product up to
+    float summation order (only exact zeros are skipped).
 
     Args:
         pattern: ``[heads, q, q]``, no gradient (a frozen pattern).
@@ -121,12 +129,13 @@ def banded_matmul(pattern: torch.Tensor, values: torch.Tensor, window: int) -> t
     Returns:
         ``[heads, q, n]``.
     """
-    return _BandedProduct.apply(pattern.detach(), values, window)
+    q = pattern.shape[-1]
+    return _BandedProduct.apply(pattern.detach(), values, window, block or band_block(q, window))
 
 
-def _lower_band_product(pattern: torch.Tensor, values: torch.Tensor, window: int) -> torch.Tensor:
+def _lower_band_product(pattern: torch.Tensor, values: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """``pattern @ values`` by blocks of queries (``pattern`` zero outside ``t - window < s <= t``)."""
-    q, block = pattern.shape[-1], (window + 1) // 2
+    q = pattern.shape[-1]
     blocks = []
     for start in range(0, q, block):
         stop, first_key = min(start + block, q), max(0, start - window + 1)
@@ -134,9 +143,9 @@ def _lower_band_product(pattern: torch.Tensor, values: torch.Tensor, window: int
     return torch.cat(blocks, dim=-2)
 
 
-def _upper_band_product(pattern: torch.Tensor, grad: torch.Tensor, window: int) -> torch.Tensor:
+def _upper_band_product(pattern: torch.Tensor, grad: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """``pattern^T @ grad`` by blocks of keys (``pattern`` zero outside ``t - window < s <= t``)."""
-    q, block = pattern.shape[-1], (window + 1) // 2
+    q = pattern.shape[-1]
     blocks = []
     for start in range(0, q, block):
         stop = min(start + block, q)
@@ -157,19 +166,19 @@ class _BandedProduct(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(pattern, values, window):
-        return _lower_band_product(pattern, values, window)
+    def forward(pattern, values, window, block):
+        return _lower_band_product(pattern, values, window, block)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pattern, _, window = inputs
+        pattern, _, window, block = inputs
         ctx.save_for_backward(pattern)
-        ctx.window = window
+        ctx.window, ctx.block = window, block
 
     @staticmethod
     def backward(ctx, grad):
         (pattern,) = ctx.saved_tensors
-        return None, _upper_band_product(pattern, grad, ctx.window), None
+        return None, _upper_band_product(pattern, grad, ctx.window, ctx.block), None, None
 
 
 def _register() -> None:
