@@ -172,6 +172,26 @@ def test_banded_pattern_product_equals_the_dense_one(q, window):
         torch.testing.assert_close(banded_grad, dense_grad, rtol=0, atol=1e-12)
 
 
+def test_scale_frozen_is_the_plain_product_with_one_multiplication_backward():
+    """A frozen norm's x * scale * gain: value and batched gradient equal the plain expression's; with
+    a factor that needs a gradient it is the plain expression (gradients reach the factor)."""
+    from mechscope.models.adapter import scale_frozen
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows, columns = torch.rand(1, 7, 1, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    grads = torch.randn(3, 1, 7, 5, generator=gen, dtype=torch.float64)
+    fused, plain = scale_frozen(x, rows, columns), x * rows * columns
+    torch.testing.assert_close(fused, plain, rtol=1e-15, atol=0)
+    assert fused.grad_fn.name().startswith("_ScaleFrozen")
+    (fused_grad,) = torch.autograd.grad(fused, x, grads, is_grads_batched=True)
+    (plain_grad,) = torch.autograd.grad(plain, x, grads, is_grads_batched=True)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-15, atol=0)
+    gain = columns.clone().requires_grad_(True)
+    (gain_grad,) = torch.autograd.grad(scale_frozen(x, rows, gain).sum(), gain)
+    torch.testing.assert_close(gain_grad, (x * rows).sum((0, 1)))
+
+
 def test_band_width_reads_gemma3_layers(tiny_adapter):
     """On a prompt longer than one block, the tiny Gemma 3's sliding layers have their configured
     window as band and its full-attention layer the whole prompt (causal)."""

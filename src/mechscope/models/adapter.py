@@ -513,6 +513,37 @@ class ModelAdapter:
         return self.patched_forward(input_ids, embeddings, mlp_replacements, frozen, on_mlp_input)
 
 
+def scale_frozen(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``x * rows * columns``: a frozen norm's linear map (``rows [..., pos, 1]`` the recorded scale,
+    ``columns [d_model]`` the gain), float32.
+
+    Its backward pass multiplies the gradient once, by ``rows * columns`` formed from the two small
+    factors (the plain expression multiplies a ``[batch, pos, d_model]`` gradient twice: a sixth of a
+    batched backward pass of Gemma 3 270M at 516 tokens). Where a factor needs a gradient (not in a
+    frozen pass) it is the plain expression.
+    """
+    if rows.requires_grad or columns.requires_grad:
+        return x * rows * columns
+    return _ScaleFrozen.apply(x, rows, columns)
+
+
+class _ScaleFrozen(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, rows, columns):
+        return x * rows * columns
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, columns = ctx.saved_tensors
+        return grad * (rows * columns), None, None
+
+
 class _Replacement(nn.Module):
     """Stands in for a layer's MLP block during :meth:`ModelAdapter.patched_forward`."""
 

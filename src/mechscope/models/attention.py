@@ -139,7 +139,7 @@ def _lower_band_product(pattern: torch.Tensor, values: torch.Tensor, window: int
     blocks = []
     for start in range(0, q, block):
         stop, first_key = min(start + block, q), max(0, start - window + 1)
-        blocks.append(torch.matmul(pattern[..., start:stop, first_key:stop], _rows(values, first_key, stop)))
+        blocks.append(torch.bmm(pattern[:, start:stop, first_key:stop], _rows(values, first_key, stop)))
     return torch.cat(blocks, dim=-2)
 
 
@@ -150,7 +150,11 @@ def _upper_band_product(pattern: torch.Tensor, grad: torch.Tensor, window: int, 
     for start in range(0, q, block):
         stop = min(start + block, q)
         last_query = min(q, stop + window - 1)
-        blocks.append(torch.matmul(pattern[..., start:last_query, start:stop].transpose(-1, -2), _rows(grad, start, last_query)))
+        # torch.matmul, not bmm: under is_grads_batched (legacy vmap) matmul has no batching rule and
+        # runs one [heads, b, keys] x [heads, keys, n] product per sample, which measured faster than
+        # bmm's rule (it copies the unbatched pattern per sample) and than per-head mm on transposes:
+        # 516 causal / 2,047 window 512 at batch 64, one layer: 0.37 / 2.76 s vs 0.39 / 4.04 and 0.57 / 2.97
+        blocks.append(torch.matmul(pattern[:, start:last_query, start:stop].transpose(1, 2), _rows(grad, start, last_query)))
     return torch.cat(blocks, dim=-2)
 
 

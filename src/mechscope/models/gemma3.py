@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mechscope.models.adapter import ModelAdapter
+from mechscope.models.adapter import ModelAdapter, scale_frozen
 
 __all__ = ["Gemma3Adapter"]
 
@@ -26,4 +26,4 @@ class Gemma3Adapter(ModelAdapter):
         return ["mlp", "post_feedforward_layernorm"]
 
     def normalize(self, module: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return (x.float() * scale * (1.0 + module.weight.float())).type_as(x)
+        return scale_frozen(x.float(), scale.float(), 1.0 + module.weight.float()).type_as(x)

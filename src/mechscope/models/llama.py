@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mechscope.models.adapter import ModelAdapter
+from mechscope.models.adapter import ModelAdapter, scale_frozen
 
 __all__ = ["LlamaAdapter"]
 
@@ -22,4 +22,6 @@ class LlamaAdapter(ModelAdapter):
         return [block.input_layernorm, block.post_attention_layernorm]
 
     def normalize(self, module: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return module.weight * (x.float() * scale).to(x.dtype)
+        if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+            return scale_frozen(x, scale.float(), module.weight)
+        return module.weight * (x.float() * scale).to(x.dtype)  # rounded to the model's dtype first, as Llama does
