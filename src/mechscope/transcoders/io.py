@@ -59,6 +59,7 @@ IN_TRAINING = {"qwen2.5-coder-0.5b-instruct-plt-v1": "bash scripts/train_qwen_se
 #: the sets mechscope's repository ships, each its own distribution under ``sets/<name>/``
 KNOWN_SETS = {
     "gemma-3-270m-plt-v1": "mechscope-set-gemma-3-270m-plt-v1",
+    "gemma-3-270m-clt-v1": "mechscope-set-gemma-3-270m-clt-v1",
     "qwen2.5-coder-0.5b-instruct-plt-v1": "mechscope-set-qwen2-5-coder-0-5b-instruct-plt-v1",
 }
 #: the set used when a model is traced without ``--transcoders``
