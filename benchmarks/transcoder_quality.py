@@ -25,7 +25,9 @@ def main(name: str = "gemma-3-270m-plt-v1") -> None:
     size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     print(f"set {name}: {config['n_layers']} layers x {config['d_transcoder']} features, "
           f"skip={config['skip_connection']}, {size_mb:.1f} MB on disk")
-    print(f"trained on {training['tokens_trained']:,} tokens ({training['method']}, k={training['k']}); "
+    # a JumpReLU + tanh run has a sparsity weight; TopK runs (and their calibrated sets) have k
+    sparsity = f"lambda={training['sparsity_coef']:g}" if "tanh" in training["method"] else f"k={training['k']}"
+    print(f"trained on {training['tokens_trained']:,} tokens ({training['method']}, {sparsity}); "
           f"held-out tokens per layer: {metrics[0]['n_tokens']:,}")
     if "refit_gain" in training:
         print("decoders refit by least squares: share of the squared error removed on the fitting text, mean "
