@@ -90,3 +90,30 @@ def test_suppressing_say_basketball_features_lowers_basketball(replacement_model
     assert (readout.intervened <= 0).all() and readout.percent_of_clean < -100
     unchanged = run_interventions(rm, graph.input_ids, [Intervention(say, "scale", 1.0)], config)
     assert torch.allclose(unchanged.intervened_logits, unchanged.clean_logits, atol=1e-4)
+
+
+@pytest.mark.skipif("gemma-3-270m-clt-v1" not in shipped_sets(), reason="the shipped CLT is not installed")
+def test_shipped_clt_reproduces_the_model_and_traces_the_readme_prompt(tmp_path, capsys):
+    """The shipped cross-layer set: the replacement model gives the real logits, its features explain
+    most of every MLP output on the README's prompt (each layer's reconstruction sums every earlier
+    layer's features), and `trace --transcoders gemma-3-270m-clt-v1` gives " basketball" with a
+    valid, cross-layer graph."""
+    from mechscope.cli.main import main
+    from mechscope.models.loading import load_model
+    from mechscope.replacement.replacement_model import ReplacementModel
+    from mechscope.transcoders.io import load_transcoder_set
+
+    rm = ReplacementModel(load_model("gemma-3-270m"), load_transcoder_set("gemma-3-270m-clt-v1"))
+    assert rm.transcoders.kind == "cross-layer"
+    trace = rm.trace(rm.tokenize(PROMPT))
+    assert torch.allclose(rm.replacement_logits(trace), trace.run.logits, atol=1e-3, rtol=1e-4)
+    unexplained = [(trace.errors[layer][1:].pow(2).sum() / trace.run.mlp_outputs[layer][1:].pow(2).sum()).item()
+                   for layer in range(rm.model.n_layers)]
+    assert max(unexplained) < 0.6 and sum(unexplained) / len(unexplained) < 0.3, unexplained
+    main(["trace", PROMPT, "--transcoders", "gemma-3-270m-clt-v1", "--out", str(tmp_path), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["logit_targets"][0]["token"] == " basketball"
+    assert summary["transcoders"] == "gemma-3-270m-clt-v1"
+    graph = json.loads((tmp_path / f"{summary['slug']}.json").read_text())
+    validate_neuronpedia(graph)
+    assert graph["metadata"]["transcoder_kind"] == "cross-layer"
