@@ -59,6 +59,8 @@ def _dense_prune(graph, node_threshold, edge_threshold):
 
     def cutoff(scores, threshold):
         ordered = scores.flatten().sort(descending=True).values
+        if threshold >= 1.0:  # keep every positive score (a cumulative sum can reach 1 a rounding early)
+            return ordered[ordered > 0].min()
         cumulative = ordered.cumsum(0) / ordered.sum()
         return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(threshold))), len(ordered) - 1)]
 

@@ -174,7 +174,8 @@ def _inverse(sums: torch.Tensor) -> torch.Tensor:
 
 
 def _find_threshold(scores: Iterable[torch.Tensor], threshold: float, n_scores: int) -> torch.Tensor:
-    """The smallest score among the highest scores that together hold ``threshold`` of the total.
+    """The smallest score among the highest scores that together hold ``threshold`` of the total
+    (threshold 1: the smallest positive score, so that every positive score is kept).
 
     Args:
         scores: the non-negative scores, in pieces (row blocks of an edge-score matrix); only their
@@ -185,6 +186,8 @@ def _find_threshold(scores: Iterable[torch.Tensor], threshold: float, n_scores: 
     if positive.numel() == 0:
         return torch.tensor(0.0)
     positive.numpy().sort()  # ascending, in place
+    if threshold >= 1.0:  # every positive score: the cumulative share can reach 1 a rounding early
+        return positive[0].clone()
     descending = positive.flip(0)
     del positive
     cumulative = descending.cumsum(0).div_(descending.sum().clamp(min=1e-30))
