@@ -99,6 +99,8 @@ def test_blocked_pruning_and_scores_equal_the_dense_ones(graph, monkeypatch, blo
             targets, sources, weights = (torch.cat(parts) for parts in zip(*kept_edges(graph.adjacency, edges, block_rows=3)))
             assert torch.equal(torch.stack([targets, sources]), torch.stack(mask.nonzero(as_tuple=True)))
             assert torch.equal(weights, graph.adjacency[mask])
+            if edges is not None:  # pruned: only edges between kept nodes
+                assert bool(kept[targets].all() and kept[sources].all())
     normalized = normalize_matrix(graph.adjacency)
     influence = compute_influence(normalized, graph.logit_weights())
     errors = slice(graph.error_offset, graph.token_offset)

@@ -110,14 +110,10 @@ def to_neuronpedia(
     nodes = [_node(graph, i, None if influence is None else float(influence[i]), labels, densities, effects)
              for i in kept]
     ids = [graph.node_id(i) for i in range(n)]
-    kept_set = set(kept)
-    links = []
-    for targets, sources, weights in kept_edges(graph.adjacency, pruned):  # row blocks, no N x N copies
-        links += [
-            {"source": ids[s], "target": ids[t], "weight": w}
-            for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist())
-            if t in kept_set and s in kept_set
-        ]
+    links = []  # between kept nodes only (kept_edges), in row blocks: no N x N copies
+    for targets, sources, weights in kept_edges(graph.adjacency, pruned):
+        links += [{"source": ids[s], "target": ids[t], "weight": w}
+                  for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist())]
     config = graph.config
     chat = {"chat": config["chat"]} if config.get("chat") else {}
     return {

@@ -194,7 +194,7 @@ def _find_threshold(scores: Iterable[torch.Tensor], threshold: float, n_scores: 
     index = int(torch.searchsorted(cumulative, torch.tensor(threshold)))
     if index < len(descending):
         return descending[index].clone()
-    # the threshold lies past the last positive score (rounding, or threshold 1): keep everything
+    # the threshold lies past the last positive score (rounding): keep everything
     return torch.tensor(0.0) if descending.numel() < n_scores else descending[-1].clone()
 
 
@@ -243,7 +243,8 @@ def kept_edges(adjacency: Float[torch.Tensor, "n_nodes n_nodes"], pruned: PruneR
     Yields ``(targets [m] int64, sources [m] int64, weights [m])`` blocks in row-major order (target
     ascending, then source), each from at most ``block_rows`` rows, so no ``N x N`` mask or index
     tensor is made. With ``pruned`` only the candidates' rows and columns are read
-    (:class:`PruneResult`), ``[block_rows, k]`` at a time.
+    (:class:`PruneResult`), ``[block_rows, k]`` at a time; every edge it yields joins two nodes of
+    ``pruned.node_mask`` (pruning clears the edges of the candidates it drops).
     """
     n = adjacency.shape[0]
     if pruned is None:
@@ -290,7 +291,8 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         for rows, block in _abs_blocks(A):
             yield rows, block[:, candidates].mul_(edge_weight[rows, None])
 
-    # the zero scores of the other columns count towards A.numel() (a threshold of 1 keeps them all)
+    # the zero scores of the other columns count towards A.numel(): a threshold the positive scores fall
+    # short of by rounding then keeps them all
     cutoff = _find_threshold((block for _, block in edge_scores()), edge_threshold, A.numel())
     position = torch.full((len(node_mask),), -1, dtype=torch.long)
     position[candidates] = torch.arange(len(candidates))
