@@ -20,6 +20,12 @@ and peak RSS of each, and the ratios; then the same for a sweep of ``max_feature
 prompt. circuit-tracer is not started where its two dense float32 edge matrices alone exceed the
 machine's memory (the reason is recorded). Results go to ``benchmarks/results/vs_circuit_tracer.json``
 and a plot of time and memory against prompt length and feature nodes to ``docs/vs_circuit_tracer.png``.
+
+The README's long-prompt table (9 to 2,047 tokens, mechscope alone; the 2,047-token prompt takes
+about 47 minutes and 18 GiB on 2 cores):
+
+    .venv/bin/python benchmarks/vs_circuit_tracer.py --prompts short,medium,long,xl,xxl --sweep-nodes "" \
+        --mechscope-only --results benchmarks/results/long_prompts.json --plot docs/long_prompts.png
 """
 
 from __future__ import annotations
@@ -169,16 +175,18 @@ def dense_bytes_circuit_tracer(mine: dict, settings: dict) -> int:
     return 2 * 4 * rows * (n_active + graph.n_errors + graph.n_pos + graph.n_logits)
 
 
-def run_pair(name: str, prompt: str, settings: dict) -> dict:
+def run_pair(name: str, prompt: str, settings: dict, circuit_tracer: bool = True) -> dict:
     """Both tools on one prompt; circuit-tracer is skipped (with the reason) when its dense edge
-    matrices alone would not fit in this machine's memory."""
+    matrices alone would not fit in this machine's memory, or when ``circuit_tracer`` is false."""
     with tempfile.TemporaryDirectory() as tmp:
         mine = run_mechscope(prompt, settings, Path(tmp) / "mechscope")
         row = {"prompt": name, "max_feature_nodes": settings["max_feature_nodes"],
                "n_tokens": len(mine["prompt_tokens"]) if "prompt_tokens" in mine else None}
-        theirs = {"error": "not run: mechscope failed"} if "error" in mine else None
-        if theirs is None:
+        theirs = ({"error": "not run: mechscope failed"} if "error" in mine
+                  else None if circuit_tracer else {"error": "not run: --mechscope-only"})
+        if "graph" in mine:
             row["n_active"] = len(mine["graph"].active_features)
+        if theirs is None:
             need, total = dense_bytes_circuit_tracer(mine, settings), psutil.virtual_memory().total
             if need > total:
                 theirs = {"error": f"not run: its two dense float32 edge matrices need {need / 2**30:.1f} GiB, "
@@ -212,9 +220,10 @@ def plot(results: list[dict], path: Path) -> None:
 
     lengths = [r for r in results if r["kind"] == "length"]
     sweep = [r for r in results if r["kind"] == "nodes"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
-    for column, (rows, key, label) in enumerate(((lengths, "n_tokens", "prompt length (tokens)"),
-                                                 (sweep, "n_selected", "feature nodes (max_feature_nodes)"))):
+    panels = [(lengths, "n_tokens", "prompt length (tokens)")]
+    panels += [(sweep, "n_selected", "feature nodes (max_feature_nodes)")] if sweep else []
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7.5), squeeze=False)
+    for column, (rows, key, label) in enumerate(panels):
         for tool, style in (("mechscope", "o-"), ("circuit_tracer", "s--")):
             points = [(r[key], r[tool]) for r in rows if r[tool].get("attribution_seconds") is not None]
             if not points:
@@ -230,17 +239,40 @@ def plot(results: list[dict], path: Path) -> None:
             ax.set_ylabel(unit)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    sweep_prompt = sweep[0]["prompt"] if sweep else ""
     axes[0, 0].set_title("default settings (8192 feature nodes)")
-    axes[0, 1].set_title(f"{sweep_prompt!r} prompt ({sweep[0]['n_tokens']} tokens)" if sweep else "")
-    fig.suptitle("mechscope vs circuit-tracer 0.5.0: Gemma 3 270M, float32, 2 CPU threads")
+    if sweep:
+        axes[0, 1].set_title(f"{sweep[0]['prompt']!r} prompt ({sweep[0]['n_tokens']} tokens)")
+    tools = "mechscope vs circuit-tracer 0.5.0" if any(r["circuit_tracer"].get("attribution_seconds") for r in results) \
+        else "mechscope"
+    fig.suptitle(f"{tools}: Gemma 3 270M, float32, 2 CPU threads")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
+def mechscope_table(rows: list[dict]) -> str:
+    """The README's long-prompt table (rows without circuit-tracer figures): one line per row."""
+    lines = ["| prompt | tokens | active features | attribution | peak RSS of the whole `trace` | edge rows | "
+             "replacement / completeness |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["mechscope"]
+        if ms.get("attribution_seconds") is None:
+            lines.append(f"| {r['prompt']} | {r['n_tokens']} | - | failed: {ms.get('error')} | - | - | - |")
+            continue
+        seconds = ms["attribution_seconds"]
+        minutes = f" ({seconds / 60:.1f} min)" if seconds >= 120 else ""
+        nodes = "" if r["max_feature_nodes"] == 8192 else f", max_feature_nodes {r['max_feature_nodes'] or 'all'}"
+        lines.append(f"| {r['prompt']}{nodes} | {r['n_tokens']:,} | {r.get('n_active') or 0:,} | {seconds:,.1f} s{minutes} | "
+                     f"{ms['peak_rss_mb'] / 1024:.2f} GiB | {ms.get('edge_rows_dtype', 'float32')} | "
+                     f"{ms['scores'][0]:.4f} / {ms['scores'][1]:.4f} |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table: one line per row of results."""
+    """The README's table against circuit-tracer: one line per row of results (rows where
+    circuit-tracer did not run at all: :func:`mechscope_table`)."""
+    if not any(r["circuit_tracer"].get("attribution_seconds") is not None for r in rows):
+        return mechscope_table(rows)
     def pair(tool_a, tool_b, fmt):
         return " / ".join("-" if v is None else fmt(v) for v in (tool_a, tool_b))
 
@@ -280,17 +312,21 @@ def main() -> None:
                         help="replace the measured rows in the last results file and keep the others")
     parser.add_argument("--report", action="store_true",
                         help="print the table and redraw the plot from the last results file, running nothing")
+    parser.add_argument("--mechscope-only", action="store_true",
+                        help="do not start circuit-tracer even where it is installed (the long-prompt table)")
+    parser.add_argument("--results", default=str(ROOT / "results" / "vs_circuit_tracer.json"),
+                        help="the results file (--update and --report read it)")
     parser.add_argument("--plot", default=str(ROOT.parent / "docs" / "vs_circuit_tracer.png"),
                         help="where the plot goes ('' for none)")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads((ROOT / "results" / "vs_circuit_tracer.json").read_text())
+        saved = json.loads(Path(args.results).read_text())
         print(json.dumps(saved["machine"]))
         print(markdown_table(saved["results"]))
         if args.plot:
             plot(saved["results"], Path(args.plot))
         return
-    if not CT_PYTHON.exists():
+    if not CT_PYTHON.exists() and not args.mechscope_only:
         print("circuit-tracer is not installed (bash benchmarks/setup_circuit_tracer.sh): measuring mechscope alone",
               file=sys.stderr)
 
@@ -300,7 +336,7 @@ def main() -> None:
                 "max_feature_nodes": None if nodes == "all" else int(nodes), "dtype": "float32", "threads": 2}
 
     settings = settings_for(args.max_feature_nodes)
-    out = ROOT / "results" / "vs_circuit_tracer.json"
+    out = Path(args.results)
     out.parent.mkdir(exist_ok=True)
     results = json.loads(out.read_text())["results"] if args.update and out.exists() else []
 
@@ -315,11 +351,12 @@ def main() -> None:
         out.write_text(json.dumps({"settings": settings, "machine": machine(), "results": results}, indent=2))
 
     for name in filter(None, args.prompts.split(",")):
-        record({"kind": "length"} | run_pair(name, PROMPTS[name], settings))
+        record({"kind": "length"} | run_pair(name, PROMPTS[name], settings, not args.mechscope_only))
     for nodes in filter(None, args.sweep_nodes.split(",")):
         done = [r for r in results if r["kind"] == "length" and r["prompt"] == args.sweep_prompt
                 and r["max_feature_nodes"] == settings_for(nodes)["max_feature_nodes"]]
-        row = dict(done[0]) if done else run_pair(args.sweep_prompt, PROMPTS[args.sweep_prompt], settings_for(nodes))
+        row = dict(done[0]) if done else run_pair(args.sweep_prompt, PROMPTS[args.sweep_prompt], settings_for(nodes),
+                                                  not args.mechscope_only)
         row["kind"] = "nodes"
         record(row)
     for row in results:  # feature nodes actually kept (max_feature_nodes caps at the active count)

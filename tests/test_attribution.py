@@ -115,12 +115,16 @@ def check_preactivation_is_sum_of_edges_plus_bias(rm: ReplacementModel, prompt: 
     assert checked > 10
 
 
-def test_edges_sum_to_preactivations_and_predict_doubling_where_patterns_are_banded(tiny_adapter, make_tiny_transcoders, family):
+def test_edges_sum_to_preactivations_and_predict_doubling_where_patterns_are_banded(tiny_adapter, make_tiny_transcoders,
+                                                                                   family, monkeypatch):
     """On a prompt longer than one block (models.attention.band_block) the frozen patterns are
-    multiplied banded (causal layers and Gemma's sliding-window layers); edges still sum to every
+    multiplied banded (causal layers and Gemma's sliding-window layers; banding starts at
+    MIN_BANDED_QUERIES, set to 0 for this short prompt); edges still sum to every
     pre-activation of the real model and predict doubling a source."""
+    import mechscope.models.attention as attention
     from mechscope.models.attention import band_block
 
+    monkeypatch.setattr(attention, "MIN_BANDED_QUERIES", 0)
     rm = _setup(tiny_adapter, make_tiny_transcoders, family, True)
     prompt = "the dog ran far away, the cat sat"
     assert len(rm.tokenize(prompt)) > band_block(len(rm.tokenize(prompt)), SLIDING_WINDOW)
@@ -231,8 +235,11 @@ def test_grouped_backward_passes_equal_one_target_at_a_time(tiny_adapter, make_t
 def test_banded_sliding_window_attention_gives_the_dense_graph(tiny_adapter, make_tiny_transcoders, monkeypatch):
     """Frozen patterns are replayed banded (models.attention.banded_matmul: causal layers skip the
     upper triangle, sliding-window layers everything outside their window) once a prefix is longer
-    than one block; the graph equals the one the dense products give."""
+    than one block (from MIN_BANDED_QUERIES queries, set to 0 for this short prompt; at its default
+    the prompt is multiplied densely); the graph equals the one the dense products give."""
     import mechscope.models.attention as attention
+
+    monkeypatch.setattr(attention, "MIN_BANDED_QUERIES", 0)
 
     rm = _setup(tiny_adapter, make_tiny_transcoders, "gemma3", skip=True)
     prompt = "a cat sat on the mat and the dog ran far away"
@@ -241,8 +248,10 @@ def test_banded_sliding_window_attention_gives_the_dense_graph(tiny_adapter, mak
     config = AttributionConfig(max_feature_nodes=None, batch_size=16, prefix_blocks=4)
     banded = attribute(rm, prompt, config)
     assert SLIDING_WINDOW in widths and max(w or 0 for w in widths) > SLIDING_WINDOW  # sliding and causal layers banded
-    monkeypatch.setattr(attention, "band_width", lambda pattern: None)
+    monkeypatch.setattr(attention, "MIN_BANDED_QUERIES", len(rm.tokenize(prompt)) + 1)
+    widths.clear()
     dense = attribute(rm, prompt, config)
+    assert widths == []  # below MIN_BANDED_QUERIES nothing is banded
     assert torch.equal(banded.selected_features, dense.selected_features)
     assert float((banded.adjacency - dense.adjacency).abs().max()) <= 1e-5 * float(dense.adjacency.abs().max())
 
