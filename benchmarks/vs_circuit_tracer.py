@@ -182,8 +182,11 @@ def run_pair(name: str, prompt: str, settings: dict, circuit_tracer: bool = True
         mine = run_mechscope(prompt, settings, Path(tmp) / "mechscope")
         row = {"prompt": name, "max_feature_nodes": settings["max_feature_nodes"],
                "n_tokens": len(mine["prompt_tokens"]) if "prompt_tokens" in mine else None}
-        theirs = ({"error": "not run: mechscope failed"} if "error" in mine
-                  else None if circuit_tracer else {"error": "not run: --mechscope-only"})
+        theirs = None
+        if "error" in mine:
+            theirs = {"error": "not run: mechscope failed"}
+        elif not circuit_tracer:
+            theirs = {"error": "not run: --mechscope-only"}
         if "graph" in mine:
             row["n_active"] = len(mine["graph"].active_features)
         if theirs is None:
@@ -242,12 +245,16 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0, 0].set_title("default settings (8192 feature nodes)")
     if sweep:
         axes[0, 1].set_title(f"{sweep[0]['prompt']!r} prompt ({sweep[0]['n_tokens']} tokens)")
-    tools = "mechscope vs circuit-tracer 0.5.0" if any(r["circuit_tracer"].get("attribution_seconds") for r in results) \
-        else "mechscope"
+    tools = "mechscope vs circuit-tracer 0.5.0" if circuit_tracer_ran(results) else "mechscope"
     fig.suptitle(f"{tools}: Gemma 3 270M, float32, 2 CPU threads")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def circuit_tracer_ran(rows: list[dict]) -> bool:
+    """Whether any row has circuit-tracer's figures (else the rows are mechscope's alone)."""
+    return any(r["circuit_tracer"].get("attribution_seconds") is not None for r in rows)
 
 
 def mechscope_table(rows: list[dict]) -> str:
@@ -271,7 +278,7 @@ def mechscope_table(rows: list[dict]) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The README's table against circuit-tracer: one line per row of results (rows where
     circuit-tracer did not run at all: :func:`mechscope_table`)."""
-    if not any(r["circuit_tracer"].get("attribution_seconds") is not None for r in rows):
+    if not circuit_tracer_ran(rows):
         return mechscope_table(rows)
     def pair(tool_a, tool_b, fmt):
         return " / ".join("-" if v is None else fmt(v) for v in (tool_a, tool_b))

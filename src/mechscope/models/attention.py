@@ -55,7 +55,8 @@ def mechscope_attention(
     state: PatternState | None = getattr(module, "_mechscope_state", None)
     groups = query.shape[1] // value.shape[1]
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    if state is not None and state.frozen is not None:
+    frozen = state is not None and state.frozen is not None
+    if frozen:
         pattern = state.frozen[state.layer].to(value.dtype).detach()
     else:
         key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
@@ -73,7 +74,6 @@ def mechscope_attention(
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if state is not None and state.record is not None:
             state.record[state.layer] = pattern[:1].detach()
-    frozen = state is not None and state.frozen is not None
     window = band_width(pattern) if frozen and pattern.shape[-2] >= MIN_BANDED_QUERIES else None
     if pattern.shape[0] == 1 and (value.shape[0] > 1 or window is not None):
         # one frozen pattern for the whole batch: fold the batch into the value columns, so
