@@ -3,13 +3,17 @@
 Everything is built from configs in memory (no downloads, no network): a character-level tokenizer,
 a 2-3 layer float32 causal LM per family with randomised norm weights and biases (Hugging Face
 initialises RMSNorm weights to 1 or 0 and biases to 0, which would hide bugs in the norm and bias
-handling), and per-layer transcoders with JumpReLU / ReLU / TopK features that actually fire.
+handling), and per-layer transcoders with JumpReLU / ReLU / TopK features that actually fire, or a
+cross-layer transcoder (CLT) of JumpReLU features.
 
 Use them as::
 
     def test_something(tiny_adapter, make_tiny_transcoders):
         adapter = tiny_adapter("gemma3")
         transcoders = make_tiny_transcoders(adapter, d_transcoder=64, skip=True)
+
+A science test that must hold for either kind of set takes a ``set_kind`` (one of
+:data:`SET_KINDS`) and builds its set with ``make_tiny_set(adapter, set_kind)``.
 """
 
 from __future__ import annotations
@@ -23,10 +27,18 @@ import torch
 from mechscope.models.adapter import ModelAdapter
 from mechscope.models.loading import adapter_class_for
 from mechscope.transcoders.activations import make_activation
-from mechscope.transcoders.transcoder import PerLayerTranscoder, PerLayerTranscoderSet
+from mechscope.transcoders.transcoder import (
+    CrossLayerTranscoderSet,
+    PerLayerTranscoder,
+    PerLayerTranscoderSet,
+    TranscoderSet,
+)
 
 #: every family the adapters cover, in the order tests are parametrised
 FAMILIES = ("gemma3", "gemma2", "llama", "qwen2", "qwen3", "gpt2")
+
+#: the kinds of transcoder set (``TranscoderSet.kind``) the science tests run on
+SET_KINDS = ("per-layer", "cross-layer")
 
 #: a prompt of 9 characters: 10 tokens with BOS, longer than the Gemma 3 sliding window of 4
 TINY_PROMPT = "a cat sat"
@@ -241,6 +253,45 @@ def make_tiny_transcoders(
         transcoders.append(tc)
     scan = f"{adapter.name}-tiny-plt"
     return PerLayerTranscoderSet(transcoders, model_name=adapter.name, scan=scan)
+
+
+def make_tiny_clt(adapter: ModelAdapter, d_transcoder: int = 32, skip: bool = False,
+                  seed: int = 0) -> CrossLayerTranscoderSet:
+    """A random JumpReLU CLT sized for ``adapter``: pre-activations about standard normal, a third of
+    the features firing, each feature writing to every later layer (``W_dec[layer]``:
+    ``(d_transcoder, n_layers - layer, d_model)``)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layers, d_model = adapter.n_layers, adapter.d_model
+    ins, outs = adapter.run_with_mlp_sites(adapter.tokenize(TINY_PROMPT)[None])
+    clt = CrossLayerTranscoderSet(n_layers, d_model, d_transcoder, "jumprelu", skip_connection=skip,
+                                  model_name=adapter.name, scan=f"{adapter.name}-tiny-clt")
+    with torch.no_grad():
+        for layer in range(n_layers):
+            in_rms = ins[layer][0, 1:].pow(2).mean().sqrt()
+            out_rms = outs[layer][0, 1:].pow(2).mean().sqrt()
+            clt.W_enc[layer].copy_(torch.randn(d_transcoder, d_model, generator=gen) / (d_model**0.5 * in_rms))
+            clt.b_enc[layer].copy_(0.1 * torch.randn(d_transcoder, generator=gen))
+            clt.b_dec[layer].copy_(0.1 * out_rms * torch.randn(d_model, generator=gen))
+            n_out = n_layers - layer
+            clt.W_dec[layer].copy_(torch.randn(d_transcoder, n_out, d_model, generator=gen) * out_rms
+                                   / (d_transcoder * n_out) ** 0.5)
+            if skip:
+                W_skip = torch.randn(d_model, d_model, generator=gen)
+                clt.W_skip[layer].copy_(W_skip * 0.3 * out_rms / (d_model**0.5 * in_rms))
+            thresholds = 0.5 * (0.5 + 0.5 * torch.rand(d_transcoder, generator=gen))
+            clt.activation_functions[layer] = make_activation("jumprelu", d_transcoder, threshold=thresholds)
+    return clt.requires_grad_(False)
+
+
+def make_tiny_set(adapter: ModelAdapter, kind: str, d_transcoder: int = 48, skip: bool = False,
+                  seed: int = 0) -> TranscoderSet:
+    """A random JumpReLU set of ``kind`` (one of :data:`SET_KINDS`) sized for ``adapter``:
+    :func:`make_tiny_transcoders` or :func:`make_tiny_clt`, ``d_transcoder`` features per layer."""
+    if kind == "per-layer":
+        return make_tiny_transcoders(adapter, d_transcoder, skip=skip, seed=seed)
+    if kind == "cross-layer":
+        return make_tiny_clt(adapter, d_transcoder, skip=skip, seed=seed)
+    raise ValueError(f"unknown transcoder set kind {kind!r}; choose one of {SET_KINDS}")
 
 
 def random_set(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_adapter, make_tiny_transcoders
+from conftest import make_tiny_adapter, make_tiny_set, make_tiny_transcoders
 
 from mechscope.cli.main import main
 from mechscope.export.neuronpedia import validate_neuronpedia
@@ -20,13 +20,18 @@ JSON_KEYS = {"graph_path", "slug", "model", "transcoders", "prompt_tokens", "log
              "seconds", "attribution_seconds", "peak_rss_mb"}
 
 
+#: the folder of ``tiny_dirs`` holding the llama's set of each kind, ``make_tiny_set(llama, kind, skip=True)``
+SET_DIRS = {"per-layer": "tcs", "cross-layer": "clt"}
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     adapter = make_tiny_adapter("llama")
     adapter.hf.save_pretrained(root / "model")
     adapter.tokenizer.save_pretrained(root / "model")
-    save_transcoder_set(make_tiny_transcoders(adapter, skip=True), root / "tcs")
+    for kind, name in SET_DIRS.items():
+        save_transcoder_set(make_tiny_set(adapter, kind, skip=True), root / name)
     other = make_tiny_adapter("gemma3")  # 3 layers: does not fit the 2-layer llama
     save_transcoder_set(make_tiny_transcoders(other), root / "tcs-gemma3")
     return root
@@ -43,8 +48,8 @@ def run(argv, capsys):
     return code, out, err
 
 
-def trace_args(tiny_dirs, out, *extra, prompt="a cat sat"):
-    return ["trace", prompt, "--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / "tcs"),
+def trace_args(tiny_dirs, out, *extra, prompt="a cat sat", kind="per-layer"):
+    return ["trace", prompt, "--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / SET_DIRS[kind]),
             "--out", str(out), *extra]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_PROMPT
+from conftest import TINY_PROMPT, make_tiny_clt
 from test_attribution import (
     check_edges_predict_doubling_a_source,
     check_preactivation_is_sum_of_edges_plus_bias,
@@ -13,33 +13,7 @@ from test_attribution import (
 
 from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.replacement.replacement_model import ReplacementModel
-from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
-
-
-def make_tiny_clt(adapter, d_transcoder: int = 32, skip: bool = False, seed: int = 0) -> CrossLayerTranscoderSet:
-    """A random JumpReLU CLT sized for ``adapter``: pre-activations about standard normal, a third of
-    the features firing, each feature writing to every later layer."""
-    gen = torch.Generator().manual_seed(seed)
-    n_layers, d_model = adapter.n_layers, adapter.d_model
-    ins, outs = adapter.run_with_mlp_sites(adapter.tokenize(TINY_PROMPT)[None])
-    clt = CrossLayerTranscoderSet(n_layers, d_model, d_transcoder, "jumprelu", skip_connection=skip,
-                                  model_name=adapter.name, scan=f"{adapter.name}-tiny-clt")
-    with torch.no_grad():
-        for layer in range(n_layers):
-            in_rms = ins[layer][0, 1:].pow(2).mean().sqrt()
-            out_rms = outs[layer][0, 1:].pow(2).mean().sqrt()
-            clt.W_enc[layer].copy_(torch.randn(d_transcoder, d_model, generator=gen) / (d_model**0.5 * in_rms))
-            clt.b_enc[layer].copy_(0.1 * torch.randn(d_transcoder, generator=gen))
-            clt.b_dec[layer].copy_(0.1 * out_rms * torch.randn(d_model, generator=gen))
-            n_out = n_layers - layer
-            clt.W_dec[layer].copy_(torch.randn(d_transcoder, n_out, d_model, generator=gen) * out_rms
-                                   / (d_transcoder * n_out) ** 0.5)
-            if skip:
-                clt.W_skip[layer].copy_(torch.randn(d_model, d_model, generator=gen) * 0.3 * out_rms / (d_model**0.5 * in_rms))
-            thresholds = 0.5 * (0.5 + 0.5 * torch.rand(d_transcoder, generator=gen))
-            clt.activation_functions[layer] = make_activation("jumprelu", d_transcoder, threshold=thresholds)
-    return clt.requires_grad_(False)
 
 
 @pytest.fixture(params=["gemma3", "llama", "qwen2"])

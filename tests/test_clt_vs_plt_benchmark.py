@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PROMPT
-from test_clt import make_tiny_clt
+from conftest import TINY_PROMPT, make_tiny_clt
 from test_training import write_sources
 
 from mechscope.attribution.attribute import AttributionConfig, attribute

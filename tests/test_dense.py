@@ -1,22 +1,27 @@
-"""Decoder geometry: direct logit effects through the final norm, decoder cosines, antipodal pairs."""
+"""Decoder geometry: direct logit effects through the final norm, decoder cosines, antipodal pairs,
+for per-layer sets and cross-layer transcoders (whose features write to every later layer)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_set
+from conftest import SET_KINDS, make_tiny_clt, make_tiny_set, random_set
 
 from mechscope.errors import BadInputError
 from mechscope.features.dense import antipodal_pairs, decoder_cosines, logit_effects
 
 
+@pytest.mark.parametrize("set_kind", SET_KINDS)
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
-def test_logit_effects_apply_the_final_norm_gain(tiny_adapter, make_tiny_transcoders, family):
+def test_logit_effects_apply_the_final_norm_gain(tiny_adapter, family, set_kind):
     model = tiny_adapter(family)
-    tcs = make_tiny_transcoders(model)
+    tcs = make_tiny_set(model, set_kind)
     features = torch.tensor([0, 5, 7])
     effects = logit_effects(model, tcs, 1, features)
-    d = tcs[1].W_dec[features].float()
+    if set_kind == "per-layer":
+        d = tcs[1].W_dec[features].float()
+    else:  # a layer-1 CLT feature writes to every output layer 1..n_layers-1: its writes add up in the residual
+        d = tcs.W_dec[1][features].float().sum(1)
     norm = model.final_norm()
     if family == "gemma3":  # RMSNorm with (1 + w)
         expected = (d * (1 + norm.weight.float())) @ model.W_U.float().T
@@ -48,3 +53,17 @@ def test_cosines_and_antipodal_pairs_on_constructed_decoders():
         antipodal_pairs(cos, never, threshold=0.5)
     with pytest.raises(BadInputError, match="layer 5"):
         decoder_cosines(tcs, [(5, 0)])
+
+
+def test_cosines_of_a_clt_concatenate_its_output_layers(tiny_adapter):
+    """A CLT feature's decoder vector is its writes to every output layer laid end to end, zero
+    before its own layer: features of different layers share the layers both write to."""
+    clt = make_tiny_clt(tiny_adapter("gemma3"))  # 3 layers
+    features = [(0, 1), (1, 2), (2, 3), (0, 4)]
+    by_hand = torch.zeros(4, 3, clt.d_model)  # [feature, output layer, d_model]
+    for i, (layer, feature) in enumerate(features):
+        by_hand[i, layer:] = clt.W_dec[layer][feature]
+    by_hand = by_hand.flatten(1) / by_hand.flatten(1).norm(dim=1, keepdim=True)
+    cos = decoder_cosines(clt, features)
+    torch.testing.assert_close(cos, by_hand @ by_hand.T)
+    assert cos[0, 2] != 0 and cos[1, 2] != 0  # a per-layer set's would be 0

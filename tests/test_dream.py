@@ -1,7 +1,7 @@
-"""Fluent dreaming (EPO) on tiny models: it raises the feature's activation over its start, its
-frontier is Pareto optimal and sorted, a seed reproduces it, its token scores are the first-order
-change of the objective through the embedding module's real (scaled) vectors, and bad input is a
-clear error (exit code 2 on the command line)."""
+"""Fluent dreaming (EPO) on tiny models, with per-layer sets and cross-layer transcoders: it raises
+the feature's activation over its start, its frontier is Pareto optimal and sorted, a seed
+reproduces it, its token scores are the first-order change of the objective through the embedding
+module's real (scaled) vectors, and bad input is a clear error (exit code 2 on the command line)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_adapter, make_tiny_transcoders
-from test_cli import run, tiny_dirs  # noqa: F401  (module fixture)
+from conftest import SET_KINDS, make_tiny_adapter, make_tiny_set, make_tiny_transcoders
+from test_cli import SET_DIRS, run, tiny_dirs  # noqa: F401  (module fixture)
 
 from mechscope.errors import BadInputError
 from mechscope.features.dream import DreamConfig, _forward, _token_scores, dream_feature, embedding_scale
@@ -22,10 +22,12 @@ from mechscope.replacement.replacement_model import ReplacementModel
 LAYER, FEATURE = 1, 3  # fires on some random prompts of every tiny model, not on most
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+@pytest.fixture(scope="module", params=[(family, kind) for kind in SET_KINDS for family in ("llama", "gemma3")],
+                ids="-".join)
 def rm(request):
-    adapter = make_tiny_adapter(request.param)
-    return ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    family, kind = request.param
+    adapter = make_tiny_adapter(family)
+    return ReplacementModel(adapter, make_tiny_set(adapter, kind, skip=True))
 
 
 def brute_force(rm, layer, feature, ids) -> tuple[float, float]:
@@ -135,9 +137,10 @@ def _store_with_max(path, layer, feature, max_value):
                        {"pos": [[]], "neg": [[]]})
 
 
-def test_dream_cli(tiny_dirs, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("set_kind", SET_KINDS)
+def test_dream_cli(tiny_dirs, tmp_path, capsys, monkeypatch, set_kind):  # noqa: F811
     monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))  # no default store
-    tiny = ["--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / "tcs")]
+    tiny = ["--model", str(tiny_dirs / "model"), "--transcoders", str(tiny_dirs / SET_DIRS[set_kind])]
     code, out, err = run(["dream", "1/3", "--iters", "3", "--length", "6", *tiny, "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
@@ -146,6 +149,9 @@ def test_dream_cli(tiny_dirs, tmp_path, capsys, monkeypatch):  # noqa: F811
     row = data["frontier"][0]
     assert {"text", "tokens", "activation", "percent_of_max", "xent", "exceeds_dashboard_max"} <= set(row)
     assert row["percent_of_max"] is None and row["exceeds_dashboard_max"] is False and len(row["tokens"]) == 6
+    adapter = make_tiny_adapter("llama")  # what tiny_dirs saved: the reported prompt's activation, recomputed
+    rm = ReplacementModel(adapter, make_tiny_set(adapter, set_kind, skip=True))
+    assert brute_force(rm, 1, 3, row["token_ids"]) == pytest.approx((row["activation"], row["xent"]), rel=1e-4)
 
     code, out, err = run(["dream", "1/3", "--iters", "3", *tiny], capsys)
     assert code == 0, err

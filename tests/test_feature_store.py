@@ -1,4 +1,6 @@
-"""The feature store on a tiny model: maxima and top contexts equal a brute-force pass; resume; reader."""
+"""The feature store on a tiny model, built from a per-layer set and from a cross-layer transcoder:
+maxima and top contexts equal a brute-force pass of the set's encoder; resume; reader; probe,
+dashboards and the explorer's cards on the same store."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_adapter, make_tiny_transcoders
-from test_cli import tiny_dirs  # noqa: F401  (module fixture)
+from conftest import SET_KINDS, make_tiny_adapter, make_tiny_set
+from test_cli import SET_DIRS, tiny_dirs  # noqa: F401  (module fixture)
 from test_training import CTX_LEN, write_sources
 
 from mechscope.data.corpus import CorpusConfig, TokenStream, build_corpus
@@ -27,16 +29,23 @@ BUILD = dict(batch_sequences=6, top_k=4, window=8, n_logit_tokens=3, quantile_to
              n_intervals=4, per_interval=3, progress=False)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=SET_KINDS)
+def setup(request, tmp_path_factory):
+    """``(rm, stream, store path, root)``: a store built from the llama's set of each kind, the set
+    ``tiny_dirs`` saves in ``SET_DIRS[kind]``."""
     root = tmp_path_factory.mktemp("store")
     txt, jsonl, _ = write_sources(root / "raw")
     corpus = build_corpus(CorpusConfig(sources=(str(txt), str(jsonl))), out=root / "corpus")
     adapter = make_tiny_adapter("llama")
-    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    rm = ReplacementModel(adapter, make_tiny_set(adapter, request.param, skip=True))
     stream = TokenStream(corpus, adapter.tokenizer, CTX_LEN, seed=5)
     path = build.build_feature_store(rm, stream, N_TOKENS, root / "store.sqlite", root / "ckpt", **BUILD)
     return rm, stream, path, root
+
+
+def _set_dir(tiny_dirs, rm) -> str:
+    """The saved copy of ``rm``'s set in ``tiny_dirs``, for the command line."""
+    return str(tiny_dirs / SET_DIRS[rm.transcoders.kind])
 
 
 def _brute_force(rm, stream, n_sequences):
@@ -46,6 +55,8 @@ def _brute_force(rm, stream, n_sequences):
 
 
 def test_store_matches_brute_force(setup):
+    from mechscope.features.dense import logit_effects
+
     rm, stream, path, _ = setup
     store = FeatureStore(path)
     assert store.meta["n_tokens"] == N_TOKENS and store.meta["quantile_tokens"] == QUANTILE_SEQUENCES * (CTX_LEN - 1)
@@ -53,6 +64,7 @@ def test_store_matches_brute_force(setup):
     decode = rm.model.tokenizer.decode
     checked = 0
     for layer in range(rm.model.n_layers):
+        effects = logit_effects(rm.model, rm.transcoders, layer, torch.arange(rm.transcoders.d_transcoder(layer)))
         for feature in range(0, rm.transcoders.d_transcoder(layer), 5):
             a = acts[layer][:, :, feature]
             dash = store.feature(layer, feature)
@@ -84,6 +96,7 @@ def test_store_matches_brute_force(setup):
                                                  ).sum())) for q in range(4)) or dash.max_value == 0
             assert len(dash.pos_tokens) == len(dash.neg_tokens) == 3
             assert dash.pos_tokens[0][1] >= dash.pos_tokens[-1][1] >= dash.neg_tokens[-1][1] >= dash.neg_tokens[0][1]
+            assert [v for _, v in dash.pos_tokens] == pytest.approx(effects[feature].topk(3).values.tolist(), abs=1e-4)
             checked += bool(dash.top)
     assert checked > 10
 
@@ -162,7 +175,8 @@ def test_probe_percentages_are_exact_against_the_store(setup, tiny_dirs, capsys)
 
     rm, _, path, _ = setup
     store = FeatureStore(path)
-    layer, feature = max(((lay, f) for lay in range(2) for f in range(48)), key=lambda k: store.feature(*k).density)
+    layer, feature = max(((lay, f) for lay in range(2) for f in range(rm.transcoders.d_transcoder(lay))),
+                         key=lambda k: store.feature(*k).density)
     dash_max = store.feature(layer, feature).max_value
     prompts = ["a cat sat on the mat", "the dog ran far away"]
     results = probe_feature(rm, layer, feature, prompts, dash_max)
@@ -175,7 +189,7 @@ def test_probe_percentages_are_exact_against_the_store(setup, tiny_dirs, capsys)
         assert result.position == int(acts.argmax()) + 1
     assert any(r.max_activation > 0 for r in results)
     argv = ["probe", f"{layer}/{feature}", *prompts, "--store", str(path), "--model", str(tiny_dirs / "model"),
-            "--transcoders", str(tiny_dirs / "tcs"), "--json"]
+            "--transcoders", _set_dir(tiny_dirs, rm), "--json"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
     rows = json.loads(out)
@@ -196,7 +210,8 @@ def test_probe_says_when_a_feature_does_not_fire(setup, tiny_dirs, capsys):  # n
     prompt = "a cat sat on the mat"
     ids = rm.tokenize(prompt)
     inputs, _ = rm.model.run_with_mlp_sites(ids[None])
-    silent = [(layer, f) for layer in range(2) for f in range(48) if store.feature(layer, f).max_value > 0
+    silent = [(layer, f) for layer in range(2) for f in range(rm.transcoders.d_transcoder(layer))
+              if store.feature(layer, f).max_value > 0
               and not (rm.transcoders.encode(layer, inputs[layer][0].float())[1:, f] > 0).any()]
     assert silent, "every feature fires on the prompt"
     layer, feature = silent[0]
@@ -205,7 +220,7 @@ def test_probe_says_when_a_feature_does_not_fire(setup, tiny_dirs, capsys):  # n
     assert not result.active and result.max_activation == 0.0 and str(result.percent_of_max) == "0.0"
     assert result.position == int(pre.argmax()) + 1 and result.pre_activation == pytest.approx(float(pre.max()))
     code, out, err = run(["probe", f"{layer}/{feature}", prompt, "--store", str(path), "--model", str(tiny_dirs / "model"),
-                          "--transcoders", str(tiny_dirs / "tcs")], capsys)
+                          "--transcoders", _set_dir(tiny_dirs, rm)], capsys)
     assert code == 0, err
     assert "inactive" in out and "closest at" in out and "-0.0" not in out
 
@@ -225,10 +240,10 @@ def test_coactivation_matches_brute_force(setup):
 def test_dense_cli_lists_densest_and_plots(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
     from test_cli import run
 
-    _, stream, path, _ = setup
+    rm, stream, path, _ = setup
     plot = tmp_path / "dense.png"
     argv = ["dense", "--top", "4", "--store", str(path), "--model", str(tiny_dirs / "model"), "--transcoders",
-            str(tiny_dirs / "tcs"), "--corpus", str(stream.corpus), "--coactivation-sequences", "8",
+            _set_dir(tiny_dirs, rm), "--corpus", str(stream.corpus), "--coactivation-sequences", "8",
             "--plot", str(plot), "--json"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
@@ -245,19 +260,23 @@ def test_dense_cli_lists_densest_and_plots(setup, tiny_dirs, capsys, tmp_path): 
 def test_trace_exports_store_labels_as_clerp_and_densities(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
     from test_cli import run, trace_args
 
-    _, _, path, _ = setup
+    rm, _, path, _ = setup
+    kind = rm.transcoders.kind
     labelled = tmp_path / "labelled.sqlite"
     labelled.write_bytes(path.read_bytes())
     store = FeatureStore(labelled)
     store.con.execute("UPDATE features SET label = ''")  # other tests label the shared store
     store.con.commit()
-    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json"), capsys)
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json", kind=kind),
+                         capsys)
     assert code == 0, err
     graph = json.loads(Path(json.loads(out)["graph_path"]).read_text())
+    assert (graph["metadata"]["scan"], graph["metadata"]["transcoder_kind"]) == (store.meta["transcoders"], kind)
     features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
     layer, index = (int(x) for x in features[0]["jsNodeId"].split("-")[0].split("_"))
     store.set_label(layer, index, "cat-ish")
-    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json"), capsys)
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(labelled), "--json", kind=kind),
+                         capsys)
     graph = json.loads(Path(json.loads(out)["graph_path"]).read_text())
     densities = store.density_table()
     for node in (n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"):
@@ -270,7 +289,7 @@ def test_trace_exports_store_labels_as_clerp_and_densities(setup, tiny_dirs, cap
     con.execute("UPDATE meta SET value = ? WHERE key = 'transcoders'", (json.dumps("another-set"),))
     con.commit()
     con.close()
-    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(mismatched)), capsys)
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--store", str(mismatched), kind=kind), capsys)
     assert code == 2 and "another-set" in err
 
 
@@ -318,6 +337,44 @@ def test_neuronpedia_feature_json_and_html_dashboard(setup, capsys, tmp_path):
     code, out, err = run(["features", "show", f"{layer}/{feature}", "--store", str(path), "--html", str(html_file)],
                          capsys)
     assert code == 0 and "interval" in out and html_file.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_the_explorer_serves_a_traced_graph_and_its_features_cards(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
+    """``trace`` then the explorer's server on the store's set: the listing names the graph and its
+    set, the graph comes back byte for byte, and every feature node's card is that feature's
+    dashboard in the store (whose values the brute-force test recomputes with the set's encoder)."""
+    pytest.importorskip("starlette", reason="the server extra: pip install 'mechscope[server]'")
+    from test_cli import run, trace_args
+    from test_server import LiveServer
+
+    rm, _, path, _ = setup
+    code, out, err = run(trace_args(tiny_dirs, tmp_path / "graphs", "--json", "--max-feature-nodes", "20",
+                                    "--no-prune", kind=rm.transcoders.kind), capsys)
+    assert code == 0, err
+    graph_path = Path(json.loads(out)["graph_path"])
+    data = json.loads(graph_path.read_text())
+    scan = data["metadata"]["scan"]
+    features = {tuple(int(x) for x in n["node_id"].split("_")[:2])
+                for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert scan == rm.transcoders.scan and len(features) > 10 and {layer for layer, _ in features} == {0, 1}
+    store = FeatureStore(path)
+    server = LiveServer({"directory": tmp_path / "graphs", "store": path})
+    try:
+        listing = json.loads(server.request("GET", "/api/graphs")[2])
+        assert [(g["name"], g["scan"]) for g in listing["graphs"]] == [(graph_path.name, scan)]
+        assert server.request("GET", f"/api/graphs/{graph_path.name}")[2] == graph_path.read_bytes()
+        with_examples = 0
+        for layer, feature in sorted(features):
+            status, _, body = server.request("GET", f"/api/features/{layer}/{feature}?scan={scan}")
+            card, dash = json.loads(body), store.feature(layer, feature)
+            assert status == 200 and (card["layer"], card["feature"]) == (layer, feature)
+            assert (card["max_value"], card["density"], card["hist"]) == (dash.max_value, dash.density, dash.hist)
+            assert [(e["tokens"], e["value"]) for e in card["examples"]] == [(e.tokens, e.value) for e in dash.top[:8]]
+            assert card["top_logits"] == [list(t) for t in dash.pos_tokens]
+            with_examples += bool(card["examples"])
+        assert with_examples > len(features) // 2
+    finally:
+        server.stop()
 
 
 def test_build_cli_rejects_empty_corpora(tiny_dirs, capsys, tmp_path):  # noqa: F811

@@ -1,4 +1,5 @@
-"""Graph pruning, scores, save/load and the Neuronpedia export, on tiny-model graphs."""
+"""Graph pruning, scores, save/load and the Neuronpedia export, on tiny-model graphs of a per-layer
+set and of a cross-layer transcoder."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_PROMPT
+from conftest import SET_KINDS, TINY_PROMPT, make_tiny_set
 
 from mechscope.attribution.attribute import AttributionConfig, attribute
 from mechscope.errors import BadInputError, CorruptFileError
@@ -25,10 +26,14 @@ from mechscope.graph.prune import (
 from mechscope.replacement.replacement_model import ReplacementModel
 
 
-@pytest.fixture(scope="module")
-def graph(tiny_adapter, make_tiny_transcoders):
+@pytest.fixture(scope="module", params=SET_KINDS)
+def rm(request, tiny_adapter):
     adapter = tiny_adapter("gemma3")
-    rm = ReplacementModel(adapter, make_tiny_transcoders(adapter, skip=True))
+    return ReplacementModel(adapter, make_tiny_set(adapter, request.param, skip=True))
+
+
+@pytest.fixture(scope="module")
+def graph(rm):
     return attribute(rm, TINY_PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=32))
 
 
@@ -208,7 +213,7 @@ def test_node_ids_follow_the_conventions(graph):
     assert cantor_pair(3, 5) == 41 and cantor_pair(0, 0) == 0
 
 
-def test_export_validates_and_matches_pruning(graph):
+def test_export_validates_and_matches_pruning(rm, graph):
     pruned = prune_graph(graph, 0.8, 0.98)
     data = to_neuronpedia(graph, pruned, slugify(TINY_PROMPT), 0.8, 0.98, labels={}, supernodes=[["grp", "E_2_0"]])
     validate_neuronpedia(data)
@@ -218,6 +223,15 @@ def test_export_validates_and_matches_pruning(graph):
     types = {n["feature_type"] for n in data["nodes"]}
     assert types <= {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
     assert {"cross layer transcoder", "embedding", "logit"} <= types
+    # feature nodes name the set's features (circuit-tracer's "cross layer transcoder" for either kind)
+    # with their activation by the set's encoder; the metadata names the set and its kind
+    assert (data["metadata"]["scan"], data["metadata"]["transcoder_kind"]) == (rm.transcoders.scan, rm.transcoders.kind)
+    mlp_inputs, _ = rm.model.run_with_mlp_sites(graph.input_ids[None])
+    for node in (n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"):
+        layer, feature, pos = (int(x) for x in node["node_id"].split("_"))
+        assert (node["layer"], node["ctx_idx"], node["feature"]) == (str(layer), pos, cantor_pair(layer, feature))
+        expected = rm.transcoders.encode(layer, mlp_inputs[layer][0, pos].float())[feature]
+        assert node["activation"] == pytest.approx(float(expected), rel=1e-5) and node["activation"] > 0
     assert data["qParams"]["supernodes"] == [["grp", "E_2_0"]]
     weight = {(l["source"], l["target"]): l["weight"] for l in data["links"]}
     index = graph.node_index()

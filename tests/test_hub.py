@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import TINY_PROMPT, make_tiny_adapter, make_tiny_transcoders
+from conftest import TINY_PROMPT, make_tiny_adapter, make_tiny_clt, make_tiny_transcoders
 from mechscope.errors import BadInputError
 from mechscope.transcoders.hub import looks_like_hub_id, parse_hub_ref
 from mechscope.transcoders.io import load_transcoder_set, save_transcoder_set
@@ -81,7 +81,6 @@ def test_a_circuit_tracer_config_with_hf_uris_loads_offline(hub, tmp_path):
 
 
 def test_a_clt_in_a_subfolder_and_a_gemma_scope_2_subfolder_load_offline(hub, tmp_path):
-    from test_clt import make_tiny_clt
     from test_transcoders import write_gemma_scope_2
 
     from mechscope.transcoders.clt_io import save_clt
