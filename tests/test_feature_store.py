@@ -377,6 +377,35 @@ def test_the_explorer_serves_a_traced_graph_and_its_features_cards(setup, tiny_d
         server.stop()
 
 
+def test_build_cli_gives_the_librarys_store(setup, tiny_dirs, capsys, tmp_path):  # noqa: F811
+    """``mechscope features build`` on the set saved to disk (a CLT's decoders then stay on disk,
+    read lazily) streams the same tokens as the library call of ``setup`` and records the same
+    maxima, densities and strongest activations for every feature of either kind of set."""
+    from test_cli import run
+
+    rm, stream, path, _ = setup
+    store_path = tmp_path / "cli.sqlite"
+    argv = ["features", "build", "--model", str(tiny_dirs / "model"), "--transcoders", _set_dir(tiny_dirs, rm),
+            "--corpus", str(stream.corpus), "--tokens", str(N_TOKENS), "--ctx-len", str(CTX_LEN),
+            "--batch-sequences", "6", "--quantile-tokens", str(BUILD["quantile_tokens"]), "--mix", stream.mix,
+            "--seed", str(stream.seed), "--store", str(store_path), "--no-progress"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "feature store written to" in out
+    cli, lib = FeatureStore(store_path), FeatureStore(path)
+    assert cli.meta["n_tokens"] == lib.meta["n_tokens"] == N_TOKENS
+    fired = 0
+    for layer in range(rm.model.n_layers):
+        for feature in range(rm.transcoders.d_transcoder(layer)):
+            a, b = cli.feature(layer, feature), lib.feature(layer, feature)
+            assert a.max_value == pytest.approx(b.max_value, rel=1e-5, abs=1e-6)
+            assert a.density == b.density
+            if b.top:  # the CLI keeps more, wider windows (top_k 20, window 32 against 4, 8)
+                assert [e.value for e in a.top[: len(b.top)]] == pytest.approx([e.value for e in b.top], rel=1e-5)
+                fired += 1
+    assert fired > 10
+
+
 def test_build_cli_rejects_empty_corpora(tiny_dirs, capsys, tmp_path):  # noqa: F811
     from test_cli import run
 
