@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_PROMPT, make_tiny_clt
+from test_cli import tiny_dirs  # noqa: F401  (module fixture)
 from test_attribution import (
     check_edges_predict_doubling_a_source,
     check_preactivation_is_sum_of_edges_plus_bias,
@@ -170,3 +171,64 @@ def test_iterative_error_zeroing_on_a_clt_replaces_the_output_by_its_reconstruct
                                InterventionConfig(freeze_attention=False))
     assert torch.allclose(result.intervened_logits, expected, atol=1e-5)
     assert float((result.intervened_logits - result.clean_logits).abs().max()) > 1e-4
+
+
+def _broken_clts(tiny_dirs, root):
+    """``(name, directory, words the error must contain)``: copies of the llama's saved CLT, each
+    broken in one way the issue names, and a CLT of the 3-layer Gemma 3 model."""
+    import shutil
+
+    from conftest import make_tiny_adapter
+    from safetensors.torch import load_file, save_file
+
+    from mechscope.transcoders.io import save_transcoder_set
+
+    def copy(name):
+        shutil.copytree(tiny_dirs / "clt", root / name)
+        return root / name
+
+    cases = []
+    short = copy("short-decoder")  # W_dec_0 writes to one output layer instead of two
+    tensors = load_file(short / "W_dec_0.safetensors")
+    save_file({"W_dec_0": tensors["W_dec_0"][:, :1].contiguous()}, short / "W_dec_0.safetensors")
+    cases.append(("short-decoder", short, ["W_dec_0", "(48, 2, 32)", "(48, 1, 32)"]))
+    missing = copy("missing-layer")
+    (missing / "W_dec_1.safetensors").unlink()
+    cases.append(("missing-layer", missing, ["W_dec_1.safetensors", "missing"]))
+    truncated = copy("truncated")
+    data = (truncated / "W_enc_1.safetensors").read_bytes()
+    (truncated / "W_enc_1.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append(("truncated", truncated, ["W_enc_1.safetensors", "truncated"]))
+    truncated_decoder = copy("truncated-decoder")  # read lazily by a trace: checked when opened
+    data = (truncated_decoder / "W_dec_1.safetensors").read_bytes()
+    (truncated_decoder / "W_dec_1.safetensors").write_bytes(data[:-100])
+    cases.append(("truncated-decoder", truncated_decoder, ["W_dec_1.safetensors", "truncated"]))
+    other = make_tiny_adapter("gemma3")
+    save_transcoder_set(make_tiny_clt(other), root / "other-model")
+    cases.append(("other-model", root / "other-model", ["3 layers", "2 layers"]))
+    return cases
+
+
+def test_a_broken_clt_is_one_clear_error_exit_2_and_nothing_written(tiny_dirs, tmp_path, capsys):  # noqa: F811
+    """The issue's bad input: a ``W_dec_{i}`` with the wrong number of output layers, a missing
+    layer file, a truncated file, a CLT whose layer count does not fit the model: reading the
+    directory raises ``CorruptFileError`` whether decoders are read eagerly or lazily, and ``trace``
+    exits 2 naming the problem, and writes nothing."""
+    from test_cli import run
+
+    from mechscope.errors import CorruptFileError
+    from mechscope.transcoders.clt_io import load_clt
+
+    for name, directory, words in _broken_clts(tiny_dirs, tmp_path):
+        if name != "other-model":  # the files themselves are broken: eager and lazy reads refuse them
+            for lazy in (False, True):
+                with pytest.raises(CorruptFileError) as error:
+                    load_clt(directory, lazy_decoder=lazy)
+                assert all(w in str(error.value) for w in words), (name, lazy, error.value)
+        out = tmp_path / f"graphs-{name}"
+        code, _, err = run(["trace", "a cat sat", "--model", str(tiny_dirs / "model"), "--transcoders",
+                            str(directory), "--out", str(out)], capsys)
+        assert code == 2, (name, err)
+        assert all(w in err for w in words), (name, err)
+        assert "Traceback" not in err
+        assert not out.exists() or not any(out.iterdir()), name

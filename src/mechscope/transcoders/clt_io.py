@@ -71,18 +71,33 @@ def save_clt(clt: CrossLayerTranscoderSet, path: str | Path, dtype: torch.dtype 
 class LazyDecoders:
     """Decoder rows read from ``W_dec_{i}.safetensors`` on demand (memory-mapped, only the rows asked
     for), so a CLT whose decoders, ``n_layers (n_layers + 1) / 2`` blocks of ``[F, d_model]``, do not
-    fit in memory still traces: attribution and reconstruction read the rows of active features."""
+    fit in memory still traces: attribution and reconstruction read the rows of active features.
 
-    def __init__(self, path: Path, n_layers: int):
+    Args:
+        d_transcoder, d_model: each file's ``W_dec_{i}`` must be ``[d_transcoder, n_layers - i, d_model]``.
+
+    Raises:
+        CorruptFileError: a missing, truncated or unreadable file, or a ``W_dec_{i}`` missing or of
+            another shape (checked from the headers when opened, not at the first read).
+    """
+
+    def __init__(self, path: Path, n_layers: int, d_transcoder: int, d_model: int):
         from safetensors import safe_open
 
         self.handles = []
         for i in range(n_layers):
-            file = path / f"W_dec_{i}.safetensors"
+            file, key = path / f"W_dec_{i}.safetensors", f"W_dec_{i}"
+            if not file.exists():
+                raise CorruptFileError(f"cross-layer transcoder file {file} is missing")
             try:
-                self.handles.append(safe_open(str(file), framework="pt"))
+                handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
                 raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
+            expected = (d_transcoder, n_layers - i, d_model)
+            got = tuple(handle.get_slice(key).get_shape()) if key in handle.keys() else "missing"
+            if got != expected:
+                raise CorruptFileError(f"{path}: {key} should be {expected}, got {got}")
+            self.handles.append(handle)
 
     def rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """``[n, n_layers - layer, d_model]`` float32 rows ``features`` of layer ``layer``'s decoder."""
@@ -125,10 +140,7 @@ def load_clt(path: str | Path, config: dict | None = None, lazy_decoder: bool = 
                                   model_name=config.get("model_name", ""), scan=config.get("scan", path.name),
                                   decoders=not lazy_decoder)
     if lazy_decoder:
-        for i in range(n_layers):
-            if not (path / f"W_dec_{i}.safetensors").exists():
-                raise CorruptFileError(f"cross-layer transcoder file {path / f'W_dec_{i}.safetensors'} is missing")
-        clt.lazy_decoder = LazyDecoders(path, n_layers)
+        clt.lazy_decoder = LazyDecoders(path, n_layers, d_transcoder, d_model)
     with torch.no_grad():
         for i in range(n_layers):
             dec = {} if lazy_decoder else read_safetensors(path / f"W_dec_{i}.safetensors")
