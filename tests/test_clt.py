@@ -232,3 +232,46 @@ def test_a_broken_clt_is_one_clear_error_exit_2_and_nothing_written(tiny_dirs, t
         assert all(w in err for w in words), (name, err)
         assert "Traceback" not in err
         assert not out.exists() or not any(out.iterdir()), name
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_iterative_zeroing_of_a_clt_feature_removes_it_from_every_layer_it_writes_to(tiny_adapter, family):
+    """Zeroing a CLT feature live (unfrozen attention) = subtracting, at its own layer and every
+    later one, its live activation times its decoder row for that output layer, by hand."""
+    from mechscope.interventions.intervene import InterventionConfig, run_interventions
+    from mechscope.interventions.records import FeatureTarget, Intervention
+
+    adapter = tiny_adapter(family)
+    rm = ReplacementModel(adapter, make_tiny_clt(adapter, skip=True))
+    ids = rm.tokenize(TINY_PROMPT)
+    layer, pos = 0, len(ids) - 1  # the last position: its later layers' outputs reach the logits directly
+    acts = rm.transcoders.encode(layer, adapter.run_with_mlp_sites(ids[None])[0][layer][0].float())[pos]
+    feature = int(acts.argmax())
+    assert acts[feature] > 0
+    live = {}
+
+    def edit(l, x, y):
+        if l == layer:
+            live["a"] = rm.transcoders.encode(layer, x[0].float())[pos, feature]
+        if l < layer:
+            return y
+        y = y.clone()
+        y[0, pos] -= (live["a"] * rm.transcoders.W_dec[layer][feature, l - layer]).to(y.dtype)
+        return y
+
+    expected = rm.model.output_logits(rm.model.edited_forward(ids[None], edit)[0, -1])
+    result = run_interventions(rm, ids, [Intervention(FeatureTarget(layer, feature, (pos,)), "zero")],
+                               InterventionConfig(freeze_attention=False))
+    assert torch.allclose(result.intervened_logits, expected, atol=1e-5)
+    only_own_layer = {}
+
+    def edit_own_layer(l, x, y):  # the per-layer reading of the same zeroing: a different result
+        if l != layer:
+            return y
+        only_own_layer["a"] = rm.transcoders.encode(layer, x[0].float())[pos, feature]
+        y = y.clone()
+        y[0, pos] -= only_own_layer["a"] * rm.transcoders.W_dec[layer][feature, 0]
+        return y
+
+    own = rm.model.output_logits(rm.model.edited_forward(ids[None], edit_own_layer)[0, -1])
+    assert float((result.intervened_logits - own).abs().max()) > 1e-4
