@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mechscope.errors import CorruptFileError
 from mechscope.paths import atomic_directory
-from mechscope.transcoders.files import read_safetensors
+from mechscope.transcoders.files import open_safetensors, read_safetensors
 from mechscope.transcoders.activations import make_activation
 from mechscope.transcoders.transcoder import CrossLayerTranscoderSet
 
@@ -82,17 +81,10 @@ class LazyDecoders:
     """
 
     def __init__(self, path: Path, n_layers: int, d_transcoder: int, d_model: int):
-        from safetensors import safe_open
-
         self.handles = []
         for i in range(n_layers):
-            file, key = path / f"W_dec_{i}.safetensors", f"W_dec_{i}"
-            if not file.exists():
-                raise CorruptFileError(f"cross-layer transcoder file {file} is missing")
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CorruptFileError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
+            key = f"W_dec_{i}"
+            handle = open_safetensors(path / f"{key}.safetensors")
             expected = (d_transcoder, n_layers - i, d_model)
             got = tuple(handle.get_slice(key).get_shape()) if key in handle.keys() else "missing"
             if got != expected:
